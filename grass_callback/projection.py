@@ -1,0 +1,526 @@
+"""Seeded compression plans: FactGraSS and the baselines it is compared with.
+
+A *plan* holds everything random about compressing one layer's per-example gradients: masks,
+sparse Johnson-Lindenstrauss (SJLT) tables, Gaussian matrices. Every random draw comes from a
+generator seeded by ``(seed, layer name, purpose)`` so a plan is rebuilt bit-identically from
+its config alone, and query gradients computed later use the projection the training gradients
+got. Plans also serialize to ``(config, tensors)`` for the gradient store.
+
+Shapes: a linear layer ``y = x W^T (+ b)`` with ``W`` of shape ``[d_out, d_in]``. With a bias the
+input gets a constant-1 column appended, so the layer's gradient is ``G`` of shape
+``[d_out, d_in + 1]`` (column ``d_in`` is the bias). The flat index of ``G[a, b]`` is
+``a * d_in_eff + b``.
+
+Plan kinds (all expose ``k``, ``project_gradient(G)``, ``compress(x, grad_out)``,
+``config()``, ``tensors()``):
+
+* :class:`FactGraSSPlan`: mask both factors, sketch the small outer product (the paper's method).
+* :class:`LoGraPlan`: dense Gaussian projections of both factors.
+* :class:`GaussianPlan`, :class:`SJLTPlan`, :class:`MaskPlan`, :class:`GraSSPlan`: flat-gradient
+  baselines (they materialize the per-example gradient; used for evaluation and benchmarks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor
+
+from grass_callback.errors import PlanError
+
+__all__ = [
+    "LayerShape",
+    "materialize",
+    "Plan",
+    "FactGraSSPlan",
+    "LoGraPlan",
+    "GaussianPlan",
+    "SJLTPlan",
+    "MaskPlan",
+    "GraSSPlan",
+    "PLAN_KINDS",
+    "make_plan",
+    "plan_from_state",
+    "derive_generator",
+    "random_mask",
+    "sjlt_tables",
+    "sjlt_apply",
+]
+
+
+# --------------------------------------------------------------------------- random pieces
+
+
+def derive_generator(seed: int, name: str, purpose: str) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, name, purpose)``; same inputs, same stream, anywhere."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{name}\x00{purpose}".encode()).digest()
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+def random_mask(n: int, size: int, gen: torch.Generator) -> Tensor:
+    """``size`` sorted indices drawn without replacement from ``range(n)`` (int64)."""
+    if not 0 < size <= n:
+        raise PlanError(f"a mask of size {size} cannot be drawn from {n} coordinates; use 1..{n}.")
+    return torch.randperm(n, generator=gen)[:size].sort().values
+
+
+def sjlt_tables(n: int, k: int, c: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """SJLT tables for a map ``R^n -> R^k`` with ``c`` non-zeros per input coordinate.
+
+    Returns ``bucket`` int32 ``[c, n]`` and ``sign`` int8 ``[c, n]`` (values ±1). Row ``j`` sends
+    coordinate ``e`` to ``bucket[j, e]``, inside block ``j`` of ``k / c`` buckets, so the ``c``
+    targets of one coordinate are distinct. The map is ``out[bucket[j,e]] += sign[j,e] v[e] /
+    sqrt(c)``.
+    """
+    if c < 1 or k % c:
+        raise PlanError(f"the SJLT needs c >= 1 dividing k; got c={c}, k={k}.")
+    block = k // c
+    offsets = (torch.arange(c, dtype=torch.int64) * block).unsqueeze(1)
+    bucket = (torch.randint(0, block, (c, n), generator=gen) + offsets).to(torch.int32)
+    sign = (torch.randint(0, 2, (c, n), generator=gen) * 2 - 1).to(torch.int8)
+    return bucket, sign
+
+
+def sjlt_apply(v: Tensor, bucket: Tensor, sign: Tensor, k: int) -> Tensor:
+    """Apply SJLT tables to rows of ``v`` (``[B, n] -> [B, k]``), in ``v``'s dtype."""
+    c = bucket.shape[0]
+    out = v.new_zeros(v.shape[0], k)
+    # the values are float32 numbers (as the kernels get them), whatever v's dtype
+    w = (sign.to(torch.float32) / math.sqrt(c)).to(v.dtype)
+    for j in range(c):
+        out.index_add_(1, bucket[j].to(device=v.device, dtype=torch.int64), v * w[j].to(v.device))
+    return out
+
+
+# --------------------------------------------------------------------------- shapes and base
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The weight-gradient shape of a linear layer: ``[d_out, d_in (+1 with bias)]``."""
+
+    d_in: int
+    d_out: int
+    bias: bool = False
+
+    @property
+    def d_in_eff(self) -> int:
+        return self.d_in + int(self.bias)
+
+    @property
+    def numel(self) -> int:
+        return self.d_out * self.d_in_eff
+
+
+def materialize(x: Tensor, grad_out: Tensor, bias: bool) -> Tensor:
+    """Per-example weight gradients ``G_i = Σ_t δ_t x_t^T`` (with the bias column): ``[B, d_out, d_in_eff]``.
+
+    Only for small layers, references and flat-gradient baselines: it allocates ``B d_in d_out``.
+    """
+    x, grad_out = _as_3d(x), _as_3d(grad_out)
+    if bias:
+        x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+    return torch.einsum("bto,bti->boi", grad_out, x)
+
+
+def _as_3d(t: Tensor) -> Tensor:
+    return t.unsqueeze(1) if t.dim() == 2 else t
+
+
+def _scaled(out: Tensor, scale: Tensor | float | None) -> Tensor:
+    if scale is None:
+        return out
+    if not isinstance(scale, Tensor):
+        return out * scale
+    return out * scale.to(device=out.device, dtype=out.dtype).reshape(-1, 1)
+
+
+class Plan:
+    """Common interface of compression plans (see the module docstring)."""
+
+    kind: ClassVar[str] = ""
+    k: int
+    seed: int
+    name: str
+
+    def config(self) -> dict[str, Any]:
+        """Plain values from which the plan is rebuilt (the tensors are derived from them)."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The plan's random tensors, for saving beside compressed gradients."""
+        raise NotImplementedError
+
+    def project_gradient(self, grad: Tensor) -> Tensor:
+        """Compress materialized per-example gradients ``[B, d_out, d_in_eff]`` (or flat ``[B, D]``)."""
+        raise NotImplementedError
+
+    def compress(self, x: Tensor, grad_out: Tensor, scale: Tensor | float | None = None) -> Tensor:
+        """Compress from the layer's factors: ``x [B, (T,) d_in]``, ``grad_out [B, (T,) d_out]``."""
+        shape = getattr(self, "shape", None)
+        if shape is None:
+            raise PlanError(f"a {self.kind} plan over flat gradients has no layer factors to compress.")
+        return _scaled(self.project_gradient(materialize(x, grad_out, shape.bias)), scale)
+
+    def to_state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        return {"kind": self.kind, **self.config()}, self.tensors()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Plan) or self.to_state()[0] != other.to_state()[0]:
+            return False
+        mine, theirs = self.tensors(), other.tensors()
+        return mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({fields})"
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise PlanError(f"{key} must be a positive integer, got {value!r}.")
+
+
+# --------------------------------------------------------------------------- FactGraSS
+
+
+class FactGraSSPlan(Plan):
+    """FactGraSS for one linear layer: mask both factors, sketch the ``k_out x k_in`` product.
+
+    Args:
+        d_in, d_out, bias: the layer (``bias=True`` adds the constant-1 input column).
+        k: output size per example. Default 1024.
+        k_in, k_out: mask sizes of the input and output factor. Default ``2 sqrt(k)`` each,
+            clipped to the layer's sizes; when the clipped product ``k' = k_in k_out`` is not
+            above ``k``, the plan keeps every masked coordinate exactly (``k = k'``, identity
+            sketch), so small layers are compressed without error.
+        c: non-zeros per coordinate in the SJLT (the paper uses 1).
+        seed, name: where the random draws come from.
+
+    Raises:
+        PlanError: explicit factor sizes above the layer's, or ``k' < k`` with explicit sizes.
+    """
+
+    kind = "factgrass"
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False, k: int = 1024,
+                 k_in: int | None = None, k_out: int | None = None, c: int = 1,
+                 seed: int = 0, name: str = "") -> None:
+        _check_positive(d_in=d_in, d_out=d_out, k=k, c=c)
+        self.shape = LayerShape(int(d_in), int(d_out), bool(bias))
+        self.seed, self.name, self.c = int(seed), str(name), int(c)
+        self.requested = {"k": k, "k_in": k_in, "k_out": k_out}
+        d_in_eff = self.shape.d_in_eff
+        default_side = 2 * math.isqrt(k) if math.isqrt(k) ** 2 == k else math.ceil(2 * math.sqrt(k))
+        explicit = k_in is not None or k_out is not None
+        if not explicit and self.shape.numel <= k:  # the whole gradient fits: keep it exactly
+            k_in, k_out = d_in_eff, d_out
+        elif not explicit:  # 2 sqrt(k) a side; a side clipped by the layer widens the other
+            k_out = min(default_side, d_out)
+            k_in = min(d_in_eff, max(default_side, math.ceil(default_side**2 / k_out)))
+            k_out = min(d_out, max(k_out, math.ceil(default_side**2 / k_in)))
+        else:
+            k_in = k_in if k_in is not None else min(default_side, d_in_eff)
+            k_out = k_out if k_out is not None else min(default_side, d_out)
+        _check_positive(k_in=k_in, k_out=k_out)
+        if k_in > d_in_eff or k_out > d_out:
+            raise PlanError(
+                f"layer {name!r} ({d_out}x{d_in_eff} gradient incl. bias={bias}) cannot give masks "
+                f"k_in={k_in}, k_out={k_out}; use k_in <= {d_in_eff} and k_out <= {d_out}.")
+        k_prime = k_in * k_out
+        if k_prime < k:
+            if explicit:
+                raise PlanError(
+                    f"layer {name!r}: k' = k_in*k_out = {k_prime} is below k = {k}; raise k_in/k_out "
+                    f"or lower k.")
+            k = k_prime  # small layer: keep every masked coordinate exactly
+        self.k, self.k_in, self.k_out = int(k), int(k_in), int(k_out)
+        self.identity_sketch = self.k == k_prime
+        if self.identity_sketch and self.c != 1:
+            self.c = 1
+        self._build()
+        self._tables: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def _build(self) -> None:
+        gen_in = derive_generator(self.seed, self.name, "factgrass/in")
+        gen_out = derive_generator(self.seed, self.name, "factgrass/out")
+        self.in_idx = random_mask(self.shape.d_in_eff, self.k_in, gen_in)
+        self.out_idx = random_mask(self.shape.d_out, self.k_out, gen_out)
+        k_prime = self.k_in * self.k_out
+        if self.identity_sketch:
+            self.bucket = torch.arange(k_prime, dtype=torch.int32).unsqueeze(0)
+            self.sign = torch.ones(1, k_prime, dtype=torch.int8)
+        else:
+            gen = derive_generator(self.seed, self.name, "factgrass/sjlt")
+            self.bucket, self.sign = sjlt_tables(k_prime, self.k, self.c, gen)
+
+    @property
+    def k_prime(self) -> int:
+        return self.k_in * self.k_out
+
+    def weight(self, device: torch.device | str = "cpu") -> Tensor:
+        """The SJLT values ``sign / sqrt(c)`` as float32 ``[c, k']`` on ``device``."""
+        return self.tables(device)[3]
+
+    def tables(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(in_idx, out_idx, bucket, weight)`` on ``device``, cached: the op's plan arguments."""
+        device = torch.device(device)
+        if device not in self._tables:
+            weight = self.sign.to(torch.float32) / math.sqrt(self.c)
+            self._tables[device] = tuple(  # type: ignore[assignment]
+                t.to(device) for t in (self.in_idx, self.out_idx, self.bucket, weight))
+        return self._tables[device]
+
+    def config(self) -> dict[str, Any]:
+        return {"d_in": self.shape.d_in, "d_out": self.shape.d_out, "bias": self.shape.bias,
+                "k": self.k, "k_in": self.k_in, "k_out": self.k_out, "c": self.c,
+                "seed": self.seed, "name": self.name}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"in_idx": self.in_idx, "out_idx": self.out_idx, "bucket": self.bucket, "sign": self.sign}
+
+    def mask_gradient(self, grad: Tensor) -> Tensor:
+        """``G[:, S_out][:, :, S_in]`` flattened: ``[B, d_out, d_in_eff] -> [B, k']``."""
+        grad = grad.index_select(1, self.out_idx.to(grad.device))
+        return grad.index_select(2, self.in_idx.to(grad.device)).flatten(1)
+
+    def project_gradient(self, grad: Tensor) -> Tensor:
+        if grad.dim() != 3 or grad.shape[1:] != (self.shape.d_out, self.shape.d_in_eff):
+            raise PlanError(
+                f"expected gradients [B, {self.shape.d_out}, {self.shape.d_in_eff}] for layer "
+                f"{self.name!r}, got {list(grad.shape)}.")
+        return sjlt_apply(self.mask_gradient(grad), self.bucket, self.sign, self.k)
+
+    def compress(self, x: Tensor, grad_out: Tensor, scale: Tensor | float | None = None,
+                 impl: str = "auto") -> Tensor:
+        from grass_callback.ops import factgrass
+
+        return factgrass(x, grad_out, self, scale=scale, impl=impl)
+
+
+# --------------------------------------------------------------------------- LoGra
+
+
+class LoGraPlan(Plan):
+    """LoGra: dense Gaussian projections of both factors, ``g = vec(Σ_t (P_out δ_t)(P_in x_t)^T)``.
+
+    ``k = k_in k_out``; by default ``k_in = k_out = sqrt(k)`` (``k`` must then be a square).
+    Entries are ``N(0, 1/k_in)`` and ``N(0, 1/k_out)`` so squared norms are kept in expectation.
+    """
+
+    kind = "logra"
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False, k: int = 1024,
+                 k_in: int | None = None, k_out: int | None = None, seed: int = 0,
+                 name: str = "") -> None:
+        _check_positive(d_in=d_in, d_out=d_out, k=k)
+        self.shape = LayerShape(int(d_in), int(d_out), bool(bias))
+        self.seed, self.name = int(seed), str(name)
+        if k_in is None and k_out is None:
+            side = math.isqrt(k)
+            if side * side != k:
+                raise PlanError(f"LoGra needs k_in*k_out = k; k={k} is not a square, pass k_in and k_out.")
+            k_in = k_out = side
+        elif k_in is None or k_out is None:
+            k_in = k_in if k_in is not None else k // k_out  # type: ignore[operator]
+            k_out = k_out if k_out is not None else k // k_in
+        if k_in * k_out != k:
+            raise PlanError(f"LoGra needs k_in*k_out = k; got {k_in}*{k_out} != {k}.")
+        self.k, self.k_in, self.k_out = int(k), int(k_in), int(k_out)
+        gen = derive_generator(self.seed, self.name, "logra")
+        self.p_in = torch.randn(self.k_in, self.shape.d_in_eff, generator=gen) / math.sqrt(self.k_in)
+        self.p_out = torch.randn(self.k_out, self.shape.d_out, generator=gen) / math.sqrt(self.k_out)
+
+    def config(self) -> dict[str, Any]:
+        return {"d_in": self.shape.d_in, "d_out": self.shape.d_out, "bias": self.shape.bias,
+                "k": self.k, "k_in": self.k_in, "k_out": self.k_out, "seed": self.seed, "name": self.name}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"p_in": self.p_in, "p_out": self.p_out}
+
+    def project_gradient(self, grad: Tensor) -> Tensor:
+        p_in, p_out = self.p_in.to(grad), self.p_out.to(grad)
+        return (p_out @ grad @ p_in.T).flatten(1)
+
+    def compress(self, x: Tensor, grad_out: Tensor, scale: Tensor | float | None = None) -> Tensor:
+        x, grad_out = _as_3d(x), _as_3d(grad_out)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        p_in = self.p_in.to(x.device, dtype)
+        if self.shape.bias:  # the bias column of P_in multiplies the constant 1
+            xp = x.to(dtype) @ p_in[:, :-1].T + p_in[:, -1]
+        else:
+            xp = x.to(dtype) @ p_in.T
+        dp = grad_out.to(dtype) @ self.p_out.to(x.device, dtype).T
+        return _scaled(torch.bmm(dp.transpose(1, 2), xp).flatten(1), scale)
+
+
+# --------------------------------------------------------------------------- flat baselines
+
+
+class _FlatPlan(Plan):
+    """A plan over flat gradients of dimension ``dim`` (layer gradients are flattened)."""
+
+    def __init__(self, dim: int, k: int, seed: int, name: str, shape: LayerShape | None) -> None:
+        _check_positive(dim=dim, k=k)
+        self.dim, self.k, self.seed, self.name = int(dim), int(k), int(seed), str(name)
+        self.shape = shape
+        if shape is not None and shape.numel != self.dim:
+            raise PlanError(f"dim={dim} does not match the layer's {shape.numel} gradient entries.")
+
+    def _base_config(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dim": self.dim, "k": self.k, "seed": self.seed, "name": self.name}
+        if self.shape is not None:
+            out["layer"] = [self.shape.d_in, self.shape.d_out, self.shape.bias]
+        return out
+
+    def _flat(self, grad: Tensor) -> Tensor:
+        flat = grad.flatten(1)
+        if flat.shape[1] != self.dim:
+            raise PlanError(f"{self.kind} plan {self.name!r} expects {self.dim} gradient entries, "
+                            f"got {flat.shape[1]}.")
+        return flat
+
+    def project_gradient(self, grad: Tensor) -> Tensor:
+        return self.project(self._flat(grad))
+
+    def project(self, flat: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class GaussianPlan(_FlatPlan):
+    """Dense Gaussian projection ``g -> P g`` with ``P`` ``[k, dim]`` of ``N(0, 1/k)`` entries."""
+
+    kind = "gaussian"
+
+    def __init__(self, dim: int, k: int = 1024, seed: int = 0, name: str = "",
+                 shape: LayerShape | None = None) -> None:
+        super().__init__(dim, k, seed, name, shape)
+        gen = derive_generator(self.seed, self.name, "gaussian")
+        self.matrix = torch.randn(self.k, self.dim, generator=gen) / math.sqrt(self.k)
+
+    def config(self) -> dict[str, Any]:
+        return self._base_config()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"matrix": self.matrix}
+
+    def project(self, flat: Tensor) -> Tensor:
+        return flat @ self.matrix.to(flat).T
+
+
+class SJLTPlan(_FlatPlan):
+    """Sparse Johnson-Lindenstrauss projection alone (``c`` non-zeros per coordinate)."""
+
+    kind = "sjlt"
+
+    def __init__(self, dim: int, k: int = 1024, c: int = 1, seed: int = 0, name: str = "",
+                 shape: LayerShape | None = None) -> None:
+        super().__init__(dim, k, seed, name, shape)
+        self.c = int(c)
+        self.bucket, self.sign = sjlt_tables(self.dim, self.k, self.c,
+                                             derive_generator(self.seed, self.name, "sjlt"))
+
+    def config(self) -> dict[str, Any]:
+        return {**self._base_config(), "c": self.c}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"bucket": self.bucket, "sign": self.sign}
+
+    def project(self, flat: Tensor) -> Tensor:
+        return sjlt_apply(flat, self.bucket, self.sign, self.k)
+
+
+class MaskPlan(_FlatPlan):
+    """Random mask alone: keep ``k`` coordinates of the flat gradient."""
+
+    kind = "mask"
+
+    def __init__(self, dim: int, k: int = 1024, seed: int = 0, name: str = "",
+                 shape: LayerShape | None = None) -> None:
+        super().__init__(dim, k, seed, name, shape)
+        self.index = random_mask(self.dim, self.k, derive_generator(self.seed, self.name, "mask"))
+
+    def config(self) -> dict[str, Any]:
+        return self._base_config()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"index": self.index}
+
+    def project(self, flat: Tensor) -> Tensor:
+        return flat.index_select(1, self.index.to(flat.device))
+
+
+class GraSSPlan(_FlatPlan):
+    """GraSS on a flat gradient: ``SJLT ∘ MASK``, mask of size ``k_mask`` (default ``4k``)."""
+
+    kind = "grass"
+
+    def __init__(self, dim: int, k: int = 1024, k_mask: int | None = None, c: int = 1,
+                 seed: int = 0, name: str = "", shape: LayerShape | None = None) -> None:
+        super().__init__(dim, k, seed, name, shape)
+        self.k_mask = int(k_mask) if k_mask is not None else min(4 * self.k, self.dim)
+        if not self.k <= self.k_mask <= self.dim:
+            raise PlanError(f"GraSS needs k <= k_mask <= dim; got k={k}, k_mask={self.k_mask}, dim={dim}.")
+        self.c = int(c)
+        self.index = random_mask(self.dim, self.k_mask, derive_generator(self.seed, self.name, "grass/mask"))
+        self.bucket, self.sign = sjlt_tables(self.k_mask, self.k, self.c,
+                                             derive_generator(self.seed, self.name, "grass/sjlt"))
+
+    def config(self) -> dict[str, Any]:
+        return {**self._base_config(), "k_mask": self.k_mask, "c": self.c}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"index": self.index, "bucket": self.bucket, "sign": self.sign}
+
+    def project(self, flat: Tensor) -> Tensor:
+        return sjlt_apply(flat.index_select(1, self.index.to(flat.device)), self.bucket, self.sign, self.k)
+
+
+# --------------------------------------------------------------------------- factories
+
+PLAN_KINDS: dict[str, type[Plan]] = {
+    cls.kind: cls for cls in (FactGraSSPlan, LoGraPlan, GaussianPlan, SJLTPlan, MaskPlan, GraSSPlan)
+}
+
+
+def make_plan(kind: str, shape: LayerShape, k: int = 1024, seed: int = 0, name: str = "",
+              **options: Any) -> Plan:
+    """Build a plan of ``kind`` for a layer of ``shape`` (flat kinds flatten its gradient)."""
+    if kind not in PLAN_KINDS:
+        raise PlanError(f"unknown plan kind {kind!r}; choose one of {sorted(PLAN_KINDS)}.")
+    cls = PLAN_KINDS[kind]
+    if issubclass(cls, _FlatPlan):
+        return cls(shape.numel, k=k, seed=seed, name=name, shape=shape, **options)
+    return cls(shape.d_in, shape.d_out, shape.bias, k=k, seed=seed, name=name, **options)  # type: ignore[call-arg]
+
+
+def plan_from_state(config: Mapping[str, Any], tensors: Mapping[str, Tensor] | None = None) -> Plan:
+    """Rebuild a plan from :meth:`Plan.to_state`; if tensors are given they must match the rebuild."""
+    config = dict(config)
+    kind = config.pop("kind", None)
+    if kind not in PLAN_KINDS:
+        raise PlanError(f"unknown plan kind {kind!r} in saved state; known: {sorted(PLAN_KINDS)}.")
+    cls = PLAN_KINDS[kind]
+    if issubclass(cls, _FlatPlan):
+        layer = config.pop("layer", None)
+        shape = LayerShape(*layer) if layer is not None else None
+        plan: Plan = cls(shape=shape, **config)
+    else:
+        plan = cls(**config)
+    if tensors is not None:
+        rebuilt = plan.tensors()
+        for key, value in tensors.items():
+            if key not in rebuilt or not torch.equal(rebuilt[key], value.to(rebuilt[key].dtype)):
+                raise PlanError(
+                    f"saved tensor {key!r} of plan {config.get('name')!r} differs from the rebuild; "
+                    "the plan was made by another version or seed.")
+    return plan

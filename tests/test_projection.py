@@ -1,0 +1,177 @@
+"""Plans: seeded, rebuilt bit-identically, validated; baselines keep the same interface."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grass_callback.errors import PlanError
+from grass_callback.projection import (
+    PLAN_KINDS,
+    FactGraSSPlan,
+    GraSSPlan,
+    LayerShape,
+    LoGraPlan,
+    MaskPlan,
+    SJLTPlan,
+    derive_generator,
+    make_plan,
+    materialize,
+    plan_from_state,
+    random_mask,
+    sjlt_tables,
+)
+
+
+def test_random_mask_sorted_without_replacement() -> None:
+    idx = random_mask(1000, 300, derive_generator(3, "layer", "m"))
+    assert idx.dtype == torch.int64
+    assert torch.all(idx[1:] > idx[:-1])  # strictly increasing: sorted and distinct
+    assert idx.min() >= 0 and idx.max() < 1000
+
+
+def test_generators_depend_on_seed_name_and_purpose() -> None:
+    draws = {key: torch.randint(0, 1 << 30, (8,), generator=derive_generator(*key))
+             for key in [(0, "a", "p"), (0, "a", "p2"), (0, "b", "p"), (1, "a", "p")]}
+    again = torch.randint(0, 1 << 30, (8,), generator=derive_generator(0, "a", "p"))
+    assert torch.equal(draws[(0, "a", "p")], again)
+    values = [tuple(v.tolist()) for v in draws.values()]
+    assert len(set(values)) == len(values)
+
+
+@pytest.mark.parametrize("c", [1, 2, 4])
+def test_sjlt_targets_distinct_per_coordinate(c: int) -> None:
+    bucket, sign = sjlt_tables(500, 64, c, derive_generator(0, "x", "s"))
+    assert bucket.dtype == torch.int32 and bucket.shape == (c, 500)
+    assert set(sign.unique().tolist()) == {-1, 1}
+    assert bucket.min() >= 0 and bucket.max() < 64
+    # row j stays inside block j, so the c targets of one coordinate never collide
+    for j in range(c):
+        assert bucket[j].min() >= j * 64 // c and bucket[j].max() < (j + 1) * 64 // c
+
+
+def test_factgrass_defaults_follow_the_paper_ratio() -> None:
+    plan = FactGraSSPlan(768, 3072, bias=True, name="mlp")
+    assert (plan.k, plan.k_in, plan.k_out) == (1024, 64, 64)
+    assert plan.in_idx.max() <= 768 and plan.out_idx.max() < 3072
+    small = FactGraSSPlan(64, 10, bias=True, name="head")  # 650 entries <= k: kept exactly
+    assert (small.k, small.k_in, small.k_out) == (650, 65, 10)
+    assert small.identity_sketch and torch.equal(small.in_idx, torch.arange(65))
+    narrow = FactGraSSPlan(4096, 10, name="narrow")  # one side clipped, the other widened
+    assert narrow.k_out == 10 and narrow.k_in * narrow.k_out >= narrow.k == 1024
+
+
+def test_identity_sketch_keeps_small_layer_gradients_exactly() -> None:
+    plan = FactGraSSPlan(5, 3, bias=True, k=64, name="tiny")
+    g = torch.randn(4, 3, 6, dtype=torch.float64)
+    assert torch.equal(plan.project_gradient(g), g.flatten(1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(k_in=100), "k_in"),
+    (dict(k_out=11), "k_out"),
+    (dict(k_in=8, k_out=8, k=128), "below k"),
+    (dict(k=0), "positive"),
+    (dict(c=3, k=64, k_in=16, k_out=8), "dividing k"),
+])
+def test_factgrass_plan_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        FactGraSSPlan(64, 10, bias=True, **kwargs)
+
+
+@pytest.mark.parametrize("kind", sorted(PLAN_KINDS))
+def test_every_plan_rebuilds_identically_from_its_state(kind: str) -> None:
+    shape = LayerShape(12, 9, True)
+    plan = make_plan(kind, shape, k=16, seed=7, name="blocks.0.attn")
+    config, tensors = plan.to_state()
+    again = plan_from_state(config, tensors)
+    assert again == plan
+    assert not (make_plan(kind, shape, k=16, seed=8, name="blocks.0.attn") == plan)
+    g = torch.randn(3, 9, 13, dtype=torch.float64)
+    assert torch.equal(plan.project_gradient(g), again.project_gradient(g))
+
+
+def test_plan_from_state_refuses_tensors_of_another_plan() -> None:
+    config, tensors = FactGraSSPlan(30, 20, k=16, k_in=8, k_out=4, seed=1, name="a").to_state()
+    other = FactGraSSPlan(30, 20, k=16, k_in=8, k_out=4, seed=2, name="a").tensors()
+    with pytest.raises(PlanError, match="differs"):
+        plan_from_state(config, other)
+
+
+@pytest.mark.parametrize("kind", sorted(PLAN_KINDS))
+def test_compress_from_factors_equals_projecting_the_gradient(kind: str) -> None:
+    shape = LayerShape(10, 7, True)
+    plan = make_plan(kind, shape, k=16, seed=0, name="l")
+    x, d = torch.randn(3, 5, 10, dtype=torch.float64), torch.randn(3, 5, 7, dtype=torch.float64)
+    expected = plan.project_gradient(materialize(x, d, bias=True))
+    torch.testing.assert_close(plan.compress(x, d), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_baselines_compose_as_described() -> None:
+    dim = 200
+    grass = GraSSPlan(dim, k=16, k_mask=64, name="g")
+    g = torch.randn(4, dim, dtype=torch.float64)
+    masked = g[:, grass.index]
+    manual = torch.zeros(4, 16, dtype=torch.float64)
+    manual.index_add_(1, grass.bucket[0].long(), masked * grass.sign[0].double())
+    torch.testing.assert_close(grass.project(g), manual)
+    mask = MaskPlan(dim, k=16, name="m")
+    assert torch.equal(mask.project(g), g[:, mask.index])
+    sjlt = SJLTPlan(dim, k=16, c=2, name="s")
+    # each coordinate lands in two buckets with weight ±1/sqrt(2): column norms are 1
+    basis = torch.eye(dim, dtype=torch.float64)
+    norms = sjlt.project(basis).norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(dim, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_logra_factor_form_equals_dense_form() -> None:
+    plan = LoGraPlan(20, 12, bias=False, k=16, seed=3, name="l")
+    x, d = torch.randn(2, 6, 20, dtype=torch.float64), torch.randn(2, 6, 12, dtype=torch.float64)
+    g = materialize(x, d, bias=False)
+    dense = torch.stack([torch.kron(plan.p_out.double(), plan.p_in.double()) @ gi.flatten() for gi in g])
+    torch.testing.assert_close(plan.compress(x, d), dense)
+    with pytest.raises(PlanError, match="square"):
+        LoGraPlan(20, 12, k=15)
+
+
+def test_sketch_keeps_inner_products_within_the_jl_variance() -> None:
+    """<Su, Sv> estimates <u, v> with variance <= (|u|^2 |v|^2 + <u,v>^2) / k for a CountSketch."""
+    torch.manual_seed(1)
+    dim, pairs, plans = 4096, 64, 12
+    u = torch.randn(pairs, dim, dtype=torch.float64)
+    v = 0.5 * u + torch.randn(pairs, dim, dtype=torch.float64)
+    exact = (u * v).sum(1)
+    bound_num = (u.norm(dim=1) ** 2 * v.norm(dim=1) ** 2 + exact**2)
+    mse_by_k = {}
+    for k in (64, 256, 1024):
+        errs = []
+        for s in range(plans):
+            plan = SJLTPlan(dim, k=k, seed=s, name="jl")
+            errs.append((plan.project(u) * plan.project(v)).sum(1) - exact)
+        err = torch.stack(errs)
+        mse = (err**2).mean(0)
+        # mean over 768 draws of a variance bound: allow 30% sampling slack
+        assert (mse / (bound_num / k)).mean() < 1.3, k
+        mse_by_k[k] = (mse / bound_num).mean().item()
+    assert mse_by_k[64] > 2 * mse_by_k[256] > 4 * mse_by_k[1024]
+
+
+def test_factgrass_sketch_keeps_masked_inner_products() -> None:
+    """FactGraSS estimates the inner product of the *masked* gradients; the error falls with k."""
+    torch.manual_seed(2)
+    x = torch.randn(16, 4, 256, dtype=torch.float64)
+    d = torch.randn(16, 4, 128, dtype=torch.float64)
+    g = materialize(x, d, bias=False)
+    rel = {}
+    for k in (64, 256, 1024):
+        errs = []
+        for s in range(6):
+            plan = FactGraSSPlan(256, 128, k=k, k_in=64, k_out=64, seed=s, name="f")
+            m = plan.mask_gradient(g)
+            sk = plan.compress(x, d, impl="torch")
+            errs.append(((sk @ sk.T) - (m @ m.T)) / (m.norm(dim=1)[:, None] * m.norm(dim=1)[None, :]))
+        rel[k] = torch.stack(errs).pow(2).mean().item()
+        assert rel[k] < 2.0 / k
+    assert rel[64] > rel[256] > rel[1024]
