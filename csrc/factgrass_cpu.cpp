@@ -1,10 +1,12 @@
 // FactGraSS on the CPU: one fused pass per example, OpenMP over examples.
 //
 // For example b: gather the masked input columns (with the constant-1 bias column) and the
-// masked output-gradient columns of all tokens into thread-local scratch, form one row
-// (k_in values) of the small product  sum_t dout[t, a] * x[t, :]  at a time, and scatter
-// that row through the SJLT tables into the k-sized output. Scratch per thread is
-// O(T (k_in + k_out) + 4 k_in); nothing of size d_in * d_out or T * k' is ever allocated.
+// masked output-gradient columns of all tokens into thread-local scratch, form four rows
+// (4 x k_in values) of the small product  sum_t dout[t, a] * x[t, :]  at a time, in
+// register blocks of 4 x 16, and scatter those rows through the SJLT tables into the k-sized
+// output. Scratch per thread is O(T (k_in + k_out) + 4 k_in); nothing of size d_in * d_out or
+// T * k' is ever allocated. Parallel over examples with at::parallel_for (OpenMP in torch's
+// CPU builds, so torch.set_num_threads applies).
 //
 // The op schema is declared here once; the CUDA implementation registers against it from
 // factgrass_cuda_binding.cpp when torch has CUDA.
@@ -30,42 +32,78 @@ void scatter_row(const acc_t* row, int64_t k_in, int64_t e0, int64_t k_prime, in
   }
 }
 
+// Rows [a0, a0 + RA) x columns [b0, b0 + RB) of the small product, summed over tokens, with the
+// accumulators in registers (compile-time sizes let the compiler keep them there and vectorize).
+template <typename acc_t, int RA, int RB>
+inline void product_block(const acc_t* xs, const acc_t* ds, int64_t T, int64_t k_in, int64_t k_out,
+                          int64_t a0, int64_t b0, acc_t* rows) {
+  acc_t acc[RA][RB] = {};
+  for (int64_t t = 0; t < T; ++t) {
+    const acc_t* xt = xs + t * k_in + b0;
+    const acc_t* dt = ds + t * k_out + a0;
+    for (int r = 0; r < RA; ++r) {
+      const acc_t dv = dt[r];
+      for (int j = 0; j < RB; ++j) acc[r][j] += dv * xt[j];
+    }
+  }
+  for (int r = 0; r < RA; ++r)
+    for (int j = 0; j < RB; ++j) rows[r * k_in + b0 + j] = acc[r][j];
+}
+
+// The same for a ragged edge block (sizes known only at run time).
+template <typename acc_t>
+inline void product_edge(const acc_t* xs, const acc_t* ds, int64_t T, int64_t k_in, int64_t k_out,
+                         int64_t a0, int64_t na, int64_t b0, int64_t nb, acc_t* rows) {
+  for (int64_t r = 0; r < na; ++r)
+    for (int64_t j = 0; j < nb; ++j) rows[r * k_in + b0 + j] = acc_t(0);
+  for (int64_t t = 0; t < T; ++t) {
+    const acc_t* xt = xs + t * k_in + b0;
+    const acc_t* dt = ds + t * k_out + a0;
+    for (int64_t r = 0; r < na; ++r) {
+      const acc_t dv = dt[r];
+      for (int64_t j = 0; j < nb; ++j) rows[r * k_in + b0 + j] += dv * xt[j];
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t* in_idx,
                           const int64_t* out_idx, const int32_t* bucket, const float* weight,
                           const float* scale, acc_t* out, int64_t B, int64_t T, int64_t d_in,
                           int64_t d_out, int64_t k_in, int64_t k_out, int64_t c, int64_t k) {
   const int64_t k_prime = k_in * k_out;
-  constexpr int64_t R = 4;  // rows of the small product formed together (reuses each x row)
+  constexpr int RA = 4;                                 // rows of the product formed together
+  constexpr int RB = std::is_same_v<acc_t, double> ? 8 : 16;  // columns held in registers
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xs(static_cast<size_t>(T * k_in));   // [T, k_in]
-    std::vector<acc_t> ds(static_cast<size_t>(k_out * T));  // [k_out, T] (transposed)
-    std::vector<acc_t> rows(static_cast<size_t>(R * k_in));
+    std::vector<acc_t> xs(static_cast<size_t>(T * k_in));   // [T, k_in] masked inputs
+    std::vector<acc_t> ds(static_cast<size_t>(T * k_out));  // [T, k_out] masked output grads
+    std::vector<acc_t> rows(static_cast<size_t>(RA * k_in));
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* xb = x + b * T * d_in;
       const scalar_t* db = dout + b * T * d_out;
       for (int64_t t = 0; t < T; ++t) {
+        const scalar_t* xr = xb + t * d_in;
+        const scalar_t* dr = db + t * d_out;
+        acc_t* xt = xs.data() + t * k_in;
+        acc_t* dt = ds.data() + t * k_out;
         for (int64_t i = 0; i < k_in; ++i) {
           const int64_t col = in_idx[i];
-          xs[t * k_in + i] = col == d_in ? acc_t(1) : static_cast<acc_t>(xb[t * d_in + col]);
+          xt[i] = col == d_in ? acc_t(1) : static_cast<acc_t>(xr[col]);
         }
-        for (int64_t a = 0; a < k_out; ++a) ds[a * T + t] = static_cast<acc_t>(db[t * d_out + out_idx[a]]);
+        for (int64_t a = 0; a < k_out; ++a) dt[a] = static_cast<acc_t>(dr[out_idx[a]]);
       }
       acc_t* ob = out + b * k;
       std::fill(ob, ob + k, acc_t(0));
-      for (int64_t a0 = 0; a0 < k_out; a0 += R) {
-        const int64_t nr = std::min(R, k_out - a0);
-        std::fill(rows.begin(), rows.end(), acc_t(0));
-        for (int64_t t = 0; t < T; ++t) {
-          const acc_t* xt = xs.data() + t * k_in;
-          for (int64_t r = 0; r < nr; ++r) {
-            const acc_t dv = ds[(a0 + r) * T + t];
-            if (dv == acc_t(0)) continue;  // padded tokens and dead units cost nothing
-            acc_t* row = rows.data() + r * k_in;
-            for (int64_t i = 0; i < k_in; ++i) row[i] += dv * xt[i];
-          }
+      for (int64_t a0 = 0; a0 < k_out; a0 += RA) {
+        const int64_t na = std::min<int64_t>(RA, k_out - a0);
+        int64_t b0 = 0;
+        if (na == RA) {
+          for (; b0 + RB <= k_in; b0 += RB)
+            product_block<acc_t, RA, RB>(xs.data(), ds.data(), T, k_in, k_out, a0, b0, rows.data());
         }
-        for (int64_t r = 0; r < nr; ++r)
+        if (b0 < k_in)
+          product_edge(xs.data(), ds.data(), T, k_in, k_out, a0, na, b0, k_in - b0, rows.data());
+        for (int64_t r = 0; r < na; ++r)
           scatter_row(rows.data() + r * k_in, k_in, (a0 + r) * k_in, k_prime, c, bucket, weight, ob);
       }
       if (scale != nullptr) {

@@ -37,3 +37,11 @@ class CaptureError(GraSSError, ValueError):
 
 class FisherError(GraSSError, RuntimeError):
     """The Fisher statistics could not be fitted or used."""
+
+
+class FisherValueError(FisherError, ValueError):
+    """An argument of the Fisher code (damping ratio, layer sizes, dtype) is out of range."""
+
+
+class ScoringError(GraSSError, ValueError):
+    """Scores could not be computed from the given queries, chunks or options."""

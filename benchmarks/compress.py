@@ -1,0 +1,85 @@
+"""Compression speed and memory: FactGraSS kernel vs its torch reference vs LoGra vs materialize+SJLT.
+
+    python benchmarks/compress.py            # full grid (about 10-15 min on 2 cores)
+    python benchmarks/compress.py --quick    # a few shapes (about 1 min)
+    python benchmarks/compress.py --json out/compress.json
+
+Every method is timed side by side in one process on the same inputs (median of a few calls,
+float32, B = 8), so the ratios are comparable even on a noisy shared machine. ``peak MB`` is the
+resident memory the call added at its peak (Linux VmHWM reset before each call).
+Materialize-then-SJLT forms the per-example gradients; it is skipped where they would exceed
+``--materialize-limit-gb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import peak_rss_during, print_table, time_it, write_json  # noqa: E402
+
+from grass_callback.ops import factgrass, kernel_available  # noqa: E402
+from grass_callback.projection import FactGraSSPlan, LoGraPlan, SJLTPlan, materialize  # noqa: E402
+
+SHAPES = [(768, 768), (4096, 4096), (4096, 11008), (768, 50257)]
+TOKENS = [1, 128, 512]
+KS = [256, 1024, 4096]
+
+
+def run_case(d_in: int, d_out: int, T: int, k: int, B: int, materialize_limit: float) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, d_in, generator=gen)
+    d = torch.randn(B, T, d_out, generator=gen)
+    fact = FactGraSSPlan(d_in, d_out, bias=False, k=k, name="bench")
+    logra = LoGraPlan(d_in, d_out, bias=False, k=k, name="bench")
+    row: dict = {"shape": f"{d_out}x{d_in}", "T": T, "k": k}
+    methods = {
+        "kernel": lambda: factgrass(x, d, fact, impl="cpu"),
+        "reference": lambda: factgrass(x, d, fact, impl="torch"),
+        "logra": lambda: logra.compress(x, d),
+    }
+    if B * d_in * d_out * 4 / 2**30 <= materialize_limit:
+        sjlt = SJLTPlan(d_in * d_out, k=k, name="bench")
+        methods["materialize+sjlt"] = lambda: sjlt.project(materialize(x, d, bias=False).flatten(1))
+    for name, fn in methods.items():
+        row[f"{name} ms"] = time_it(fn) * 1e3
+        row[f"{name} peak MB"] = peak_rss_during(fn) / 2**20
+    base = row["logra ms"]
+    for name in methods:
+        row[f"logra/{name}"] = base / row[f"{name} ms"]
+    row["reference/kernel"] = row["reference ms"] / row["kernel ms"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few shapes only (about a minute)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--materialize-limit-gb", type=float, default=1.0)
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    args = parser.parse_args()
+    if not kernel_available():
+        sys.exit("the C++ kernel did not build; see the warning above")
+    if args.quick:
+        cases = [(768, 768, 128, 1024), (4096, 4096, 128, 1024), (4096, 4096, 512, 1024)]
+    else:
+        cases = [(di, do, T, k) for di, do in SHAPES for T in TOKENS for k in KS]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={args.batch}, float32")
+    rows = []
+    for d_in, d_out, T, k in cases:
+        rows.append(run_case(d_in, d_out, T, k, args.batch, args.materialize_limit_gb))
+        print(f"  done {d_out}x{d_in} T={T} k={k}: kernel {rows[-1]['kernel ms']:.2f} ms, "
+              f"{rows[-1]['logra/kernel']:.1f}x faster than LoGra", flush=True)
+    print()
+    print_table(rows, ["shape", "T", "k", "kernel ms", "reference ms", "logra ms", "materialize+sjlt ms",
+                      "logra/kernel", "reference/kernel", "kernel peak MB", "logra peak MB",
+                      "materialize+sjlt peak MB"])
+    write_json(args.json, {"batch": args.batch, "threads": torch.get_num_threads(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,509 @@
+"""Per-layer Fisher statistics in the compressed gradient space.
+
+For layer ``l`` with compressed per-example gradients ``g_{i,l}`` (``k_l`` floats each)::
+
+    F_l      = (1/N) sum_i g_{i,l} g_{i,l}^T           (k_l x k_l)
+    lambda_l = r * trace(F_l) / k_l                     (relative damping, ratio r)
+
+:class:`FisherStats` accumulates the sums (``update`` only adds), sum-reduces them in place
+across ranks and fits a :class:`FittedFisher`, which holds the Cholesky factors of
+``F_l + lambda_l I`` and applies their inverse (``solve``). Both save to a safetensors file
+(tensors plus JSON metadata) written atomically.
+
+Example::
+
+    stats = FisherStats({"fc1": 8, "fc2": 4})
+    stats.update({"fc1": torch.randn(32, 8), "fc2": torch.randn(32, 4)})
+    stats.all_reduce_()                 # no-op unless torch.distributed is initialised
+    fisher = stats.fit(damping_ratio=1e-3)
+    preconditioned = fisher.solve({"fc1": torch.randn(5, 8), "fc2": torch.randn(5, 4)})
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import FisherError, FisherValueError
+
+__all__ = ["FisherStats", "FittedFisher", "FisherValueError"]
+
+_STATS_FORMAT = "grass_callback.FisherStats"
+_FITTED_FORMAT = "grass_callback.FittedFisher"
+_VERSION = 1
+_FLOAT_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_layer_dims(layer_dims: Mapping[str, int]) -> dict[str, int]:
+    if not isinstance(layer_dims, Mapping) or len(layer_dims) == 0:
+        raise FisherValueError(
+            f"layer_dims must be a non-empty mapping layer name -> k, got {layer_dims!r}."
+        )
+    out: dict[str, int] = {}
+    for name, k in layer_dims.items():
+        if not isinstance(name, str) or isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise FisherValueError(
+                f"layer_dims needs str names and positive int sizes, got {name!r}: {k!r}."
+            )
+        out[name] = k
+    return out
+
+
+def _check_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.float64):
+        raise FisherValueError(f"Fisher statistics need float32 or float64, got {dtype}.")
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parse_dtype(name: Any) -> torch.dtype:
+    if name not in _FLOAT_DTYPES:
+        raise FisherError(f"unknown Fisher dtype {name!r}; expected one of {list(_FLOAT_DTYPES)}.")
+    return _FLOAT_DTYPES[name]
+
+
+def _check_damping_ratio(damping_ratio: Any) -> float:
+    ok = isinstance(damping_ratio, (int, float)) and not isinstance(damping_ratio, bool)
+    if not ok or not math.isfinite(damping_ratio) or damping_ratio <= 0:
+        raise FisherValueError(
+            f"damping_ratio must be a finite number > 0 (lambda = ratio * trace(F) / k), got "
+            f"{damping_ratio!r}. Typical values are 1e-4 .. 1e-1."
+        )
+    return float(damping_ratio)
+
+
+def _check_grads(grads: Mapping[str, Tensor], layers: Mapping[str, int], what: str) -> int:
+    """Check ``grads`` has exactly ``layers`` with shapes ``[B, k_l]``; return ``B``."""
+    if not isinstance(grads, Mapping):
+        raise FisherError(f"{what} must be a mapping layer name -> Tensor[B, k], got {type(grads)}.")
+    missing = [n for n in layers if n not in grads]
+    extra = [n for n in grads if n not in layers]
+    if missing or extra:
+        raise FisherError(
+            f"{what} layers do not match the Fisher layers: missing {missing}, unexpected {extra}."
+        )
+    rows = None
+    for name, k in layers.items():
+        g = grads[name]
+        if not isinstance(g, Tensor) or g.ndim != 2 or g.shape[1] != k:
+            got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            raise FisherError(f"{what}[{name!r}] must be a Tensor[B, {k}], got {got}.")
+        if not g.is_floating_point():
+            raise FisherError(f"{what}[{name!r}] must be floating point, got {g.dtype}.")
+        if rows is not None and g.shape[0] != rows:
+            raise FisherError(
+                f"{what} layers disagree on the number of rows: {rows} vs {g.shape[0]} "
+                f"for {name!r}; every layer needs one row per example."
+            )
+        rows = g.shape[0]
+    return int(rows or 0)
+
+
+def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a safetensors file to a temporary name, fsync it, then rename it into place."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        cpu = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+        save_file(cpu, tmp, metadata={"grass_callback": json.dumps(metadata)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename durable; not possible on every platform
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def _read_safetensors(path: str | os.PathLike, expected_format: str) -> tuple[dict[str, Tensor], dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("grass_callback")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise FisherError(f"cannot read {path} as a safetensors file: {e}") from e
+    try:
+        meta = json.loads(raw) if raw is not None else {}
+    except json.JSONDecodeError as e:
+        raise FisherError(f"{path}: metadata is not valid JSON: {e}") from e
+    if meta.get("format") != expected_format:
+        raise FisherError(
+            f"{path} holds {meta.get('format')!r}, expected {expected_format!r}; "
+            "was it written by FisherStats.save / FittedFisher.save?"
+        )
+    return tensors, meta
+
+
+def _default_reduce(tensor: Tensor) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        # NCCL only reduces CUDA tensors: go through the current device and copy back.
+        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+        tensor.copy_(staged)
+    else:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+class FisherStats:
+    """Running sums ``sum_i g_{i,l} g_{i,l}^T`` and the example count ``N``, per layer.
+
+    Args:
+        layer_dims: layer name -> compressed size ``k_l``; the order is kept.
+        dtype: accumulation dtype, ``torch.float64`` (default) or ``torch.float32``.
+        device: where the ``k x k`` sums live.
+
+    Raises:
+        FisherValueError: empty ``layer_dims``, non-positive sizes or an unsupported dtype.
+    """
+
+    def __init__(
+        self,
+        layer_dims: Mapping[str, int],
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self._layers = _check_layer_dims(layer_dims)
+        self.dtype = _check_dtype(dtype)
+        self.device = torch.device(device)
+        self._sums = {
+            name: torch.zeros(k, k, dtype=self.dtype, device=self.device)
+            for name, k in self._layers.items()
+        }
+        self.count = 0
+
+    @property
+    def layers(self) -> dict[str, int]:
+        """Layer name -> ``k_l``."""
+        return dict(self._layers)
+
+    @property
+    def sums(self) -> dict[str, Tensor]:
+        """Layer name -> ``Tensor[k_l, k_l]`` running sum (the live tensors, not copies)."""
+        return dict(self._sums)
+
+    @torch.no_grad()
+    def update(self, grads: Mapping[str, Tensor]) -> None:
+        """Add a batch: ``grads[name]`` is ``Tensor[B, k_l]`` for every layer (all of them)."""
+        rows = _check_grads(grads, self._layers, "grads")
+        for name, total in self._sums.items():
+            g = grads[name].detach().to(device=self.device, dtype=self.dtype)
+            total.addmm_(g.T, g)
+        self.count += rows
+
+    @torch.no_grad()
+    def all_reduce_(self, reduce_fn: Callable[[Tensor], Tensor | None] | None = None) -> None:
+        """Sum-reduce every layer's sum and the count in place, across processes.
+
+        ``reduce_fn(t)`` must leave the sum over processes in ``t`` (it may instead return the
+        reduced tensor, which is copied into ``t``). The default uses
+        ``torch.distributed.all_reduce(SUM)`` when a process group is initialised and does
+        nothing otherwise. Every rank must call this the same number of times; call it once
+        per accumulation window (calling it twice counts the other ranks twice).
+        """
+        fn = _default_reduce if reduce_fn is None else reduce_fn
+        for total in self._sums.values():
+            out = fn(total)
+            if isinstance(out, Tensor) and out is not total:
+                total.copy_(out)
+        count = torch.tensor([self.count], dtype=torch.int64, device=self.device)
+        out = fn(count)
+        if isinstance(out, Tensor) and out is not count:
+            count.copy_(out)
+        self.count = int(count.item())
+
+    def reset(self) -> None:
+        """Zero the sums and the count."""
+        for total in self._sums.values():
+            total.zero_()
+        self.count = 0
+
+    def fisher(self, name: str) -> Tensor:
+        """``F_l = sum / N`` for one layer (``Tensor[k_l, k_l]``, a new tensor)."""
+        if self.count == 0:
+            raise FisherError("no gradients were accumulated (count == 0); call update() first.")
+        return self._sums[name] / self.count
+
+    @torch.no_grad()
+    def fit(self, damping_ratio: float = 1e-3, *, max_retries: int = 4) -> FittedFisher:
+        """Factor ``F_l + lambda_l I`` for every layer, ``lambda_l = ratio * trace(F_l) / k_l``.
+
+        When a Cholesky factorisation fails, warns (naming the layer) and retries with the
+        ratio multiplied by 10, up to ``max_retries`` times.
+
+        Raises:
+            FisherValueError: ``damping_ratio`` is not a finite number > 0.
+            FisherError: no gradients were accumulated, the statistics are not finite, or a
+                layer is still not positive definite after the retries.
+        """
+        ratio = _check_damping_ratio(damping_ratio)
+        if self.count == 0:
+            raise FisherError(
+                "cannot fit the Fisher: no gradients were accumulated (count == 0). Call "
+                "update() with per-example gradients (and all_reduce_() under DDP) before fit()."
+            )
+        factors, damping, ratios = {}, {}, {}
+        for name, k in self._layers.items():
+            fisher = self._sums[name] / self.count
+            trace = float(fisher.diagonal().sum())
+            if not math.isfinite(trace) or not bool(torch.isfinite(fisher).all()):
+                raise FisherError(
+                    f"the Fisher statistics of layer {name!r} are not finite (NaN/inf gradients "
+                    "were accumulated); check the loss and the per-example gradient scale."
+                )
+            factors[name], damping[name], ratios[name] = _factor(name, fisher, trace, k, ratio, max_retries)
+        return FittedFisher(factors, damping, ratios, count=self.count, requested_damping_ratio=ratio)
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values and tensors only (loads with ``torch.load(weights_only=True)``)."""
+        return {
+            "format": _STATS_FORMAT,
+            "version": _VERSION,
+            "layers": dict(self._layers),
+            "dtype": _dtype_name(self.dtype),
+            "count": int(self.count),
+            "sums": {name: t.detach().clone() for name, t in self._sums.items()},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace the sums and count; the layers must match this object's layers."""
+        if state_dict.get("format", _STATS_FORMAT) != _STATS_FORMAT:
+            raise FisherError(f"not a FisherStats state dict: format {state_dict.get('format')!r}.")
+        layers = dict(state_dict.get("layers", {}))
+        if layers != self._layers:
+            raise FisherError(
+                f"FisherStats state dict has layers {layers}, this object has {self._layers}; "
+                "the compression plan changed since it was saved."
+            )
+        sums = state_dict["sums"]
+        for name in self._layers:
+            self._sums[name].copy_(sums[name].to(device=self.device, dtype=self.dtype))
+        self.count = int(state_dict["count"])
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: Mapping[str, Any], device: torch.device | str = "cpu"
+    ) -> FisherStats:
+        stats = cls(state_dict["layers"], dtype=_parse_dtype(state_dict["dtype"]), device=device)
+        stats.load_state_dict(state_dict)
+        return stats
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomically write a safetensors file (one ``sum/<layer>`` tensor per layer)."""
+        sd = self.state_dict()
+        tensors = {f"sum/{name}": t for name, t in sd.pop("sums").items()}
+        sd["layers"] = list(sd["layers"].items())  # JSON objects lose no order, but be explicit
+        _atomic_save(tensors, sd, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FisherStats:
+        tensors, meta = _read_safetensors(path, _STATS_FORMAT)
+        layers = dict((str(n), int(k)) for n, k in meta["layers"])
+        sums = {name: tensors[f"sum/{name}"] for name in layers}
+        return cls.from_state_dict({**meta, "layers": layers, "sums": sums}, device=device)
+
+    def __repr__(self) -> str:
+        return f"FisherStats(layers={self._layers}, count={self.count}, dtype={self.dtype})"
+
+
+def _factor(name: str, fisher: Tensor, trace: float, k: int, ratio: float, max_retries: int):
+    """Cholesky factor of ``fisher + lambda I`` with the retry ladder; returns (L, lambda, ratio)."""
+    if trace <= 0.0 or ratio * trace / k == 0.0:
+        tiny = float(torch.finfo(fisher.dtype).eps)
+        warnings.warn(
+            f"Fisher of layer {name!r} has zero trace (all its gradients are zero); using an "
+            f"absolute damping of {tiny:g} instead of the relative one.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        eye = torch.eye(k, dtype=fisher.dtype, device=fisher.device)
+        return torch.linalg.cholesky(fisher + tiny * eye), tiny, ratio
+    for attempt in range(max_retries + 1):
+        lam = ratio * trace / k
+        matrix = fisher.clone()
+        matrix.diagonal().add_(lam)
+        factor, info = torch.linalg.cholesky_ex(matrix)
+        if int(info) == 0:
+            return factor, lam, ratio
+        if attempt < max_retries:
+            warnings.warn(
+                f"Cholesky of the Fisher of layer {name!r} failed with damping ratio {ratio:g} "
+                f"(lambda={lam:g}); retrying with ratio {ratio * 10:g}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            ratio *= 10.0
+    raise FisherError(
+        f"the Fisher of layer {name!r} is not positive definite even with damping ratio "
+        f"{ratio:g} (lambda={lam:g}) in {fisher.dtype}; use a larger damping_ratio or accumulate "
+        "the statistics in float64."
+    )
+
+
+# ----------------------------------------------------------------------------- fitted
+
+
+class FittedFisher:
+    """Cholesky factors of ``F_l + lambda_l I`` per layer; applies the inverse with ``solve``.
+
+    Built by :meth:`FisherStats.fit`. Attributes: ``layers`` (name -> k), ``damping`` (absolute
+    ``lambda_l``), ``damping_ratio`` (ratio actually used per layer, raised by the retries),
+    ``requested_damping_ratio``, ``count`` (``N``), ``factors`` (lower-triangular ``L``).
+    """
+
+    def __init__(
+        self,
+        factors: Mapping[str, Tensor],
+        damping: Mapping[str, float],
+        damping_ratio: Mapping[str, float],
+        *,
+        count: int = 0,
+        requested_damping_ratio: float | None = None,
+    ) -> None:
+        if not factors:
+            raise FisherValueError("FittedFisher needs at least one layer.")
+        for name, f in factors.items():
+            if f.ndim != 2 or f.shape[0] != f.shape[1]:
+                raise FisherValueError(f"factor of {name!r} must be square, got {tuple(f.shape)}.")
+        self.factors = dict(factors)
+        self.layers = {name: int(f.shape[0]) for name, f in self.factors.items()}
+        self.damping = {name: float(damping[name]) for name in self.factors}
+        self.damping_ratio = {name: float(damping_ratio[name]) for name in self.factors}
+        self.count = int(count)
+        self.requested_damping_ratio = requested_damping_ratio
+
+    @torch.no_grad()
+    def solve(self, q: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``(F_l + lambda_l I)^{-1} q_l`` for each ``q[name]`` of shape ``[m, k_l]``.
+
+        ``q`` may hold a subset of the layers. Computed in the factor dtype; returned on ``q``'s
+        device in ``q``'s dtype (float32 for half-precision inputs).
+        """
+        if not isinstance(q, Mapping):
+            raise FisherError(f"solve needs a mapping layer name -> Tensor[m, k], got {type(q)}.")
+        unknown = [n for n in q if n not in self.layers]
+        if unknown:
+            raise FisherError(
+                f"solve got layers {unknown} that the Fisher does not have {list(self.layers)}."
+            )
+        out = {}
+        for name, x in q.items():
+            k = self.layers[name]
+            if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != k or not x.is_floating_point():
+                got = (tuple(x.shape), x.dtype) if isinstance(x, Tensor) else type(x).__name__
+                raise FisherError(f"solve: q[{name!r}] must be a floating Tensor[m, {k}], got {got}.")
+            factor = self.factors[name]
+            out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+            rhs = x.detach().to(device=factor.device, dtype=factor.dtype).T
+            sol = torch.cholesky_solve(rhs, factor).T if x.shape[0] else rhs.T.clone()
+            out[name] = sol.to(device=x.device, dtype=out_dtype).contiguous()
+        return out
+
+    @torch.no_grad()
+    def condition_numbers(self) -> dict[str, float]:
+        """2-norm condition number of ``F_l + lambda_l I`` (``= cond(L)^2``)."""
+        result = {}
+        for name, factor in self.factors.items():
+            s = torch.linalg.svdvals(factor.to(torch.float64))
+            result[name] = float((s.max() / s.min()) ** 2)
+        return result
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.factors.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.factors.values())).dtype
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values and tensors only."""
+        return {
+            "format": _FITTED_FORMAT,
+            "version": _VERSION,
+            "layers": dict(self.layers),
+            "damping": dict(self.damping),
+            "damping_ratio": dict(self.damping_ratio),
+            "requested_damping_ratio": self.requested_damping_ratio,
+            "count": self.count,
+            "factors": {name: f.detach().clone() for name, f in self.factors.items()},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace this fit with the saved one (kept on this object's device)."""
+        loaded = type(self).from_state_dict(state_dict, device=self.device)
+        self.__dict__.update(loaded.__dict__)
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: Mapping[str, Any], device: torch.device | str = "cpu"
+    ) -> FittedFisher:
+        if state_dict.get("format", _FITTED_FORMAT) != _FITTED_FORMAT:
+            raise FisherError(f"not a FittedFisher state dict: format {state_dict.get('format')!r}.")
+        factors = {name: state_dict["factors"][name].to(device) for name in state_dict["layers"]}
+        return cls(
+            factors,
+            state_dict["damping"],
+            state_dict["damping_ratio"],
+            count=state_dict.get("count", 0),
+            requested_damping_ratio=state_dict.get("requested_damping_ratio"),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomically write a safetensors file (one ``factor/<layer>`` tensor per layer)."""
+        sd = self.state_dict()
+        tensors = {f"factor/{name}": t for name, t in sd.pop("factors").items()}
+        sd["layers"] = list(sd["layers"].items())
+        _atomic_save(tensors, sd, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FittedFisher:
+        tensors, meta = _read_safetensors(path, _FITTED_FORMAT)
+        layers = dict((str(n), int(k)) for n, k in meta["layers"])
+        factors = {name: tensors[f"factor/{name}"] for name in layers}
+        return cls.from_state_dict({**meta, "layers": layers, "factors": factors}, device=device)
+
+    def __repr__(self) -> str:
+        return f"FittedFisher(layers={self.layers}, damping_ratio={self.damping_ratio}, count={self.count})"

@@ -1,0 +1,295 @@
+"""Tests of grass_callback.fisher against dense float64 references."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from grass_callback.errors import FisherError, GraSSError
+from grass_callback.fisher import FisherStats, FisherValueError, FittedFisher
+
+DIMS = {"encoder.fc1": 12, "encoder.fc2": 5, "head": 7}
+
+
+def _grads(n: int, seed: int, dims=DIMS, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    # a different scale per layer, so a mixed-up layer or damping shows
+    return {
+        name: torch.randn(n, k, generator=gen, dtype=dtype) * (i + 1.5)
+        for i, (name, k) in enumerate(dims.items())
+    }
+
+
+def _reference(grads: dict[str, torch.Tensor], ratio: float):
+    """F, lambda and the damped matrix computed directly from the definition, in float64."""
+    out = {}
+    for name, g in grads.items():
+        g = g.to(torch.float64)
+        n, k = g.shape
+        fisher = sum(torch.outer(g[i], g[i]) for i in range(n)) / n
+        lam = ratio * torch.trace(fisher).item() / k
+        out[name] = (fisher, lam, fisher + lam * torch.eye(k, dtype=torch.float64))
+    return out
+
+
+def _split(grads, sizes):
+    start = 0
+    for size in sizes:
+        yield {name: g[start : start + size] for name, g in grads.items()}
+        start += size
+
+
+def test_fisher_damping_and_solve_match_dense_reference():
+    grads = _grads(40, seed=0)
+    stats = FisherStats(DIMS)
+    stats.update(grads)
+    assert stats.count == 40
+    ref = _reference(grads, ratio=0.05)
+    for name in DIMS:
+        torch.testing.assert_close(stats.fisher(name), ref[name][0], rtol=1e-12, atol=1e-12)
+
+    fitted = stats.fit(damping_ratio=0.05)
+    queries = _grads(6, seed=1)
+    solved = fitted.solve(queries)
+    for name, (_, lam, damped) in ref.items():
+        assert fitted.damping[name] == pytest.approx(lam, rel=1e-12)
+        assert fitted.damping_ratio[name] == 0.05
+        expected = torch.linalg.solve(damped, queries[name].to(torch.float64).T).T
+        assert solved[name].dtype == torch.float32
+        torch.testing.assert_close(solved[name].to(torch.float64), expected, rtol=1e-5, atol=1e-6)
+        cond = torch.linalg.cond(damped).item()
+        assert fitted.condition_numbers()[name] == pytest.approx(cond, rel=1e-6)
+    # float64 in, float64 out, at full precision
+    q64 = {name: q.to(torch.float64) for name, q in queries.items()}
+    name = "head"
+    out = fitted.solve({name: q64[name]})
+    assert out[name].dtype == torch.float64 and list(out) == [name]
+    expected = torch.linalg.solve(ref[name][2], q64[name].T).T
+    torch.testing.assert_close(out[name], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_accumulation_is_close_to_float64():
+    grads = _grads(30, seed=2)
+    s64, s32 = FisherStats(DIMS), FisherStats(DIMS, dtype=torch.float32)
+    s64.update(grads)
+    s32.update(grads)
+    q = _grads(3, seed=3)
+    a, b = s64.fit(1e-2).solve(q), s32.fit(1e-2).solve(q)
+    for name in DIMS:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
+
+
+def test_update_in_batches_equals_one_batch():
+    grads = _grads(37, seed=4, dtype=torch.float64)
+    whole, parts = FisherStats(DIMS), FisherStats(DIMS)
+    whole.update(grads)
+    for batch in _split(grads, [1, 10, 0, 26]):
+        parts.update(batch)
+    assert parts.count == whole.count == 37
+    for name in DIMS:
+        torch.testing.assert_close(parts.sums[name], whole.sums[name], rtol=1e-13, atol=1e-12)
+
+
+def test_all_reduce_with_fake_reduce_fn_gives_union_stats():
+    grads = _grads(20, seed=5, dtype=torch.float64)
+    first, second = list(_split(grads, [8, 12]))
+    mine, other, union = FisherStats(DIMS), FisherStats(DIMS), FisherStats(DIMS)
+    mine.update(first)
+    other.update(second)
+    union.update(grads)
+    # the "other process" contributes its sums in the order they are reduced (layers, then count)
+    others = [*other.sums.values(), torch.tensor([other.count])]
+    calls = []
+
+    def fake_reduce(t: torch.Tensor) -> None:
+        calls.append(tuple(t.shape))
+        t.add_(others[len(calls) - 1].to(t.dtype))
+
+    mine.all_reduce_(fake_reduce)
+    assert calls == [(12, 12), (5, 5), (7, 7), (1,)]  # k x k per layer, never gathered
+    assert mine.count == 20
+    for name in DIMS:
+        torch.testing.assert_close(mine.sums[name], union.sums[name], rtol=1e-13, atol=1e-12)
+
+
+def test_all_reduce_without_process_group_is_a_no_op():
+    assert not dist.is_initialized()
+    stats = FisherStats(DIMS)
+    stats.update(_grads(4, seed=6))
+    before = {n: t.clone() for n, t in stats.sums.items()}
+    stats.all_reduce_()
+    assert stats.count == 4
+    assert all(torch.equal(before[n], stats.sums[n]) for n in DIMS)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        grads = _grads(22, seed=7, dtype=torch.float64)
+        half = list(_split(grads, [9, 13]))[rank]
+        stats = FisherStats(DIMS)
+        stats.update(half)
+        stats.all_reduce_()
+        torch.save(stats.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_two_gloo_processes(tmp_path):
+    mp.spawn(_gloo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    full = FisherStats(DIMS)
+    full.update(_grads(22, seed=7, dtype=torch.float64))
+    for rank in range(2):
+        sd = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert sd["count"] == 22
+        for name in DIMS:
+            torch.testing.assert_close(sd["sums"][name], full.sums[name], rtol=1e-13, atol=1e-12)
+
+
+def test_cholesky_failure_warns_and_raises_damping(monkeypatch):
+    stats = FisherStats(DIMS)
+    stats.update(_grads(50, seed=8))
+    real = torch.linalg.cholesky_ex
+    failures = {"head": 2}
+
+    def flaky(matrix, **kwargs):
+        factor, info = real(matrix, **kwargs)
+        if matrix.shape[0] == DIMS["head"] and failures["head"] > 0:
+            failures["head"] -= 1
+            return factor, torch.ones_like(info)
+        return factor, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+    with pytest.warns(RuntimeWarning, match="'head'") as record:
+        fitted = stats.fit(damping_ratio=1e-3)
+    assert len([w for w in record if "Cholesky" in str(w.message)]) == 2
+    assert fitted.damping_ratio["head"] == pytest.approx(1e-1)
+    assert fitted.damping_ratio["encoder.fc1"] == 1e-3
+    _, lam, _ = _reference(_grads(50, seed=8), ratio=1e-1)["head"]
+    assert fitted.damping["head"] == pytest.approx(lam, rel=1e-10)
+
+
+def test_cholesky_of_singular_float32_fisher_fails_after_retries():
+    # every gradient is the all-ones vector: F is the all-ones matrix (rank 1, exact in float32),
+    # and a ratio of 1e-30 vanishes next to the diagonal, so the second pivot is exactly 0.
+    dims = {"lin": 6}
+    stats = FisherStats(dims, dtype=torch.float32)
+    stats.update({"lin": torch.ones(4, 6)})
+    with pytest.warns(RuntimeWarning, match="'lin'"):
+        with pytest.raises(FisherError, match="'lin'.*not positive definite"):
+            stats.fit(damping_ratio=1e-30, max_retries=3)
+    # a usable ratio fits
+    fitted = stats.fit(damping_ratio=1e-2)
+    assert fitted.damping["lin"] == pytest.approx(1e-2)
+
+
+def test_zero_gradients_use_absolute_damping_with_warning():
+    stats = FisherStats({"lin": 3})
+    stats.update({"lin": torch.zeros(5, 3)})
+    with pytest.warns(RuntimeWarning, match="zero trace"):
+        fitted = stats.fit()
+    assert fitted.damping["lin"] > 0
+    out = fitted.solve({"lin": torch.ones(2, 3, dtype=torch.float64)})["lin"]
+    torch.testing.assert_close(out, torch.full((2, 3), 1.0 / fitted.damping["lin"], dtype=torch.float64))
+
+
+def test_count_zero_and_bad_damping_errors():
+    stats = FisherStats(DIMS)
+    with pytest.raises(FisherError, match="no gradients were accumulated"):
+        stats.fit()
+    stats.update(_grads(3, seed=9))
+    for bad in (0.0, -1e-3, float("nan"), float("inf"), "1e-3", True):
+        with pytest.raises(FisherValueError, match="damping_ratio"):
+            stats.fit(damping_ratio=bad)
+    assert issubclass(FisherValueError, GraSSError) and issubclass(FisherValueError, ValueError)
+
+
+def test_update_validates_layers_and_shapes():
+    stats = FisherStats(DIMS)
+    good = _grads(4, seed=10)
+    with pytest.raises(FisherError, match="missing \\['head'\\]"):
+        stats.update({n: g for n, g in good.items() if n != "head"})
+    with pytest.raises(FisherError, match="unexpected \\['extra'\\]"):
+        stats.update({**good, "extra": torch.zeros(4, 2)})
+    with pytest.raises(FisherError, match="Tensor\\[B, 7\\]"):
+        stats.update({**good, "head": torch.zeros(4, 6)})
+    with pytest.raises(FisherError, match="number of rows"):
+        stats.update({**good, "head": torch.zeros(3, 7)})
+    assert stats.count == 0  # nothing half-applied
+    with pytest.raises(FisherValueError):
+        FisherStats({})
+    with pytest.raises(FisherValueError):
+        FisherStats({"a": 0})
+    with pytest.raises(FisherValueError):
+        FisherStats({"a": 2}, dtype=torch.float16)
+
+
+def test_stats_state_dict_save_load_round_trip_is_bit_identical(tmp_path):
+    stats = FisherStats(DIMS)
+    stats.update(_grads(25, seed=11))
+    path = tmp_path / "fisher_stats.safetensors"
+    stats.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+    loaded = FisherStats.load(path)
+    sd = stats.state_dict()
+    torch.save(sd, tmp_path / "sd.pt")
+    via_torch = FisherStats(DIMS)
+    via_torch.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    for other in (loaded, via_torch):
+        assert other.count == stats.count and other.layers == stats.layers
+        assert list(other.layers) == list(DIMS)
+        assert all(torch.equal(other.sums[n], stats.sums[n]) for n in DIMS)
+    with pytest.raises(FisherError, match="layers"):
+        FisherStats({"other": 3}).load_state_dict(sd)
+
+
+def test_fitted_save_load_round_trip_is_bit_identical(tmp_path):
+    stats = FisherStats(DIMS)
+    stats.update(_grads(25, seed=12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fitted = stats.fit(1e-3)
+    path = tmp_path / "fitted.safetensors"
+    fitted.save(path)
+    loaded = FittedFisher.load(path)
+    assert loaded.damping == fitted.damping and loaded.damping_ratio == fitted.damping_ratio
+    assert loaded.count == 25 and loaded.requested_damping_ratio == 1e-3
+    q = _grads(4, seed=13)
+    a, b = fitted.solve(q), loaded.solve(q)
+    assert all(torch.equal(a[n], b[n]) for n in DIMS)
+    torch.save(fitted.state_dict(), tmp_path / "fitted.pt")
+    again = FittedFisher.from_state_dict(torch.load(tmp_path / "fitted.pt", weights_only=True))
+    assert all(torch.equal(again.factors[n], fitted.factors[n]) for n in DIMS)
+    with pytest.raises(FisherError, match="FisherStats"):
+        FittedFisher.load(_save_stats(tmp_path))
+
+
+def _save_stats(tmp_path):
+    stats = FisherStats({"a": 2})
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    return path
+
+
+def test_solve_validates_inputs():
+    stats = FisherStats(DIMS)
+    stats.update(_grads(10, seed=14))
+    fitted = stats.fit()
+    with pytest.raises(FisherError, match="unknown|does not have"):
+        fitted.solve({"nope": torch.zeros(1, 3)})
+    with pytest.raises(FisherError, match="Tensor\\[m, 7\\]"):
+        fitted.solve({"head": torch.zeros(2, 3)})
+    assert fitted.solve({"head": torch.zeros(0, 7)})["head"].shape == (0, 7)
