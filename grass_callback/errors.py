@@ -31,6 +31,10 @@ class StoreMismatchError(StoreError):
     """A store was opened with a plan or configuration other than the one it was written with."""
 
 
+class StoreInputError(StoreError, ValueError):
+    """Arguments given to the store have the wrong type, shape or value."""
+
+
 class CaptureError(GraSSError, ValueError):
     """Layer taps could not be attached or fed (no tappable layers, missing indices, ...)."""
 

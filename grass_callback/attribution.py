@@ -1,0 +1,235 @@
+"""Attribution at fixed weights, without a Trainer: the engine's pipeline as plain functions.
+
+:func:`attribute` runs one pass over the training data (compressed per-example gradients into a
+store, Fisher statistics), fits the Fisher blocks, computes query gradients and scores them
+against the store. The pieces (:func:`capture_pass`, :func:`query_gradients`,
+:func:`score_store`) are what :class:`~grass_callback.callback.GraSSCallback` calls too.
+
+Example::
+
+    result = attribute(model, train_loader, query_loader, loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    result.scores.top_ids        # [num_queries, topk] proponents per query
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from grass_callback.capture import LayerTaps, per_example_scale
+from grass_callback.data import get_batch_indices, move_to_device, resolve_index_key
+from grass_callback.errors import CaptureError, GraSSError
+from grass_callback.fisher import FisherStats, FittedFisher
+from grass_callback.projection import Plan, plan_from_state
+from grass_callback.scoring import ScoreResult, precondition_queries, score_chunks
+from grass_callback.store import GradientStore
+
+__all__ = ["attribute", "AttributionResult", "capture_pass", "query_gradients", "score_store",
+           "open_store", "plans_from_store", "LossFn", "DEFAULT_DAMPING_RATIO"]
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+#: Relative damping ``λ = r · trace(F) / k``; see the README for how it was chosen.
+DEFAULT_DAMPING_RATIO = 1e-3
+
+
+def open_store(path: str | Path, taps: LayerTaps, *, dtype: str = "float16", config: Mapping[str, Any] | None = None,
+               rank: int = 0, rows_per_shard: int = 8192) -> GradientStore:
+    """Create or reopen a store for ``taps``' layers, saving their plans beside the gradients."""
+    plan_config, plan_tensors = {}, {}
+    for name, plan in taps.plans.items():
+        cfg, tensors = plan.to_state()
+        plan_config[name] = cfg
+        plan_tensors.update({f"{name}/{key}": t for key, t in tensors.items()})
+    return GradientStore(path, layer_dims=taps.layer_dims, dtype=dtype, plan_tensors=plan_tensors,
+                         plan_config=plan_config, config=dict(config or {}), rank=rank,
+                         rows_per_shard=rows_per_shard)
+
+
+def plans_from_store(store: GradientStore) -> dict[str, Plan]:
+    """The plans a store was written with, rebuilt and checked against the saved tensors."""
+    tensors = store.plan_tensors()
+    plans = {}
+    for name, cfg in store.plan_config.items():
+        prefix = f"{name}/"
+        own = {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
+        plans[name] = plan_from_state(cfg, own)
+    return plans
+
+
+def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None) -> Iterable:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def _batch_gradients(model: nn.Module, taps: LayerTaps, batch: Any, loss_fn: LossFn, reduction: str,
+                     token_counts: Callable[[Any], Tensor] | None) -> dict[str, Tensor]:
+    with taps.recording():
+        loss = loss_fn(model, batch)
+        B = next(iter(taps._records))[1].shape[0] if taps._records else 0
+        if B == 0:
+            raise CaptureError("the loss function ran no tapped layer with gradients enabled.")
+        counts = token_counts(batch) if token_counts is not None else None
+        taps.set_scale(per_example_scale(B, reduction, token_counts=counts, device=loss.device))
+        return taps.gradients(loss)
+
+
+def capture_pass(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn: LossFn, *,
+                 store: GradientStore | None = None, fisher: FisherStats | None = None,
+                 index_key: str | int | None = None, reduction: str = "mean",
+                 token_counts: Callable[[Any], Tensor] | None = None, step: int = 0, epoch: int = 0,
+                 device: torch.device | str | None = None, progress: bool = True,
+                 num_examples: int | None = None) -> int:
+    """One pass at fixed weights: each batch's compressed gradients into ``store`` and ``fisher``.
+
+    ``param.grad`` is untouched (gradients are taken on the tapped outputs only). Returns the
+    number of rows captured.
+    """
+    rows = 0
+    index_key = resolve_index_key(loader, index_key)
+    for batch in _progress(loader, "grass: training gradients", progress):
+        ids = get_batch_indices(batch, index_key, num_examples=num_examples)
+        if device is not None:
+            batch = move_to_device(batch, device)
+        grads = _batch_gradients(model, taps, batch, loss_fn, reduction, token_counts)
+        if ids.numel() != next(iter(grads.values())).shape[0]:
+            raise CaptureError(f"the batch has {ids.numel()} indices but the tapped layers saw "
+                               f"{next(iter(grads.values())).shape[0]} examples; is the batch dimension first?")
+        if fisher is not None:
+            fisher.update(grads)
+        if store is not None:
+            store.append(ids, step, {n: g.detach().cpu() for n, g in grads.items()}, epoch=epoch)
+        rows += ids.numel()
+    if store is not None:
+        store.flush()
+    return rows
+
+
+def query_gradients(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn: LossFn, *,
+                    reduction: str = "mean", token_counts: Callable[[Any], Tensor] | None = None,
+                    index_key: str | int | None = None, max_queries: int | None = None,
+                    device: torch.device | str | None = None, progress: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """Compressed gradients of query examples: ``(ids [m], {layer: [m, k]})``.
+
+    Query ids come from the batches' index field when present, else their position in the loader.
+    The model is put in eval mode for the pass and its mode restored; ``param.grad`` is untouched.
+
+    Raises:
+        GraSSError: the query loader is empty.
+    """
+    was_training = model.training
+    model.eval()
+    ids_all: list[Tensor] = []
+    grads_all: dict[str, list[Tensor]] = {}
+    seen = 0
+    index_key = resolve_index_key(loader, index_key)
+    try:
+        for batch in _progress(loader, "grass: query gradients", progress):
+            if max_queries is not None and seen >= max_queries:
+                break
+            try:
+                ids = get_batch_indices(batch, index_key)
+            except CaptureError:
+                ids = None
+            if device is not None:
+                batch = move_to_device(batch, device)
+            grads = _batch_gradients(model, taps, batch, loss_fn, reduction, token_counts)
+            B = next(iter(grads.values())).shape[0]
+            ids = ids if ids is not None and ids.numel() == B else torch.arange(seen, seen + B)
+            keep = B if max_queries is None else min(B, max_queries - seen)
+            ids_all.append(ids[:keep])
+            for name, g in grads.items():
+                grads_all.setdefault(name, []).append(g[:keep].detach().cpu())
+            seen += keep
+    finally:
+        model.train(was_training)
+    if not ids_all:
+        raise GraSSError("the query set is empty: pass a query loader with at least one batch "
+                         "(by default the validation loader).")
+    return torch.cat(ids_all), {name: torch.cat(parts) for name, parts in grads_all.items()}
+
+
+def score_store(store: GradientStore, fitted: FittedFisher, query_ids: Tensor, query_grads: Mapping[str, Tensor], *,
+                topk: int = 10, self_influence: bool = True, epochs: Iterable[int] | None = None,
+                min_step: int | None = None, chunk_rows: int = 4096, full: bool = False,
+                progress: bool = True) -> ScoreResult:
+    """Score queries against the stored rows (streamed in chunks of ``chunk_rows``)."""
+    pre = precondition_queries(fitted, {name: query_grads[name].float() for name in store.layers})
+    chunks = store.iter_chunks(chunk_rows=chunk_rows, epochs=list(epochs) if epochs is not None else None,
+                               min_step=min_step)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=store.num_rows, desc="grass: scoring", leave=False)
+    try:
+        return score_chunks(pre, chunks, query_ids=query_ids, topk=topk, full=full,
+                            self_influence=fitted if self_influence else None,
+                            progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@dataclass
+class AttributionResult:
+    """What :func:`attribute` returns: scores, the fitted Fisher blocks and the store used."""
+
+    scores: ScoreResult
+    fisher: FittedFisher
+    store: GradientStore
+    query_ids: Tensor
+    query_grads: dict[str, Tensor]
+
+
+def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, loss_fn: LossFn, *,
+              index_key: str | int | None = None, include: Any = None, exclude: Any = None, k: int = 1024,
+              seed: int = 0, damping_ratio: float = DEFAULT_DAMPING_RATIO, topk: int = 10,
+              reduction: str = "mean", token_counts: Callable[[Any], Tensor] | None = None,
+              store_dir: str | Path | None = None, dtype: str = "float16", self_influence: bool = True,
+              num_queries: int | None = None, impl: str = "auto", device: torch.device | str | None = None,
+              progress: bool = True, plans: Mapping[str, Plan] | None = None) -> AttributionResult:
+    """Influence of every training example on every query, at the model's current weights.
+
+    Args:
+        model: the model; its ``nn.Linear``/``Conv1D`` layers are tapped.
+        train_loader: batches carrying dataset indices (see :class:`~grass_callback.IndexedDataset`).
+        query_loader: batches of query examples.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss`` reduced as ``reduction`` says.
+        index_key: the batch field holding dataset indices (default: ``"index"`` / last element).
+        include, exclude: layer-name globs. k, seed: the FactGraSS plans (per layer).
+        damping_ratio: relative damping of each Fisher block. topk: proponents/opponents per query.
+        reduction: how ``loss_fn`` reduces over the batch: ``"mean"``, ``"sum"``, ``"token_mean"``
+            (then ``token_counts(batch) -> [B]`` is required).
+        store_dir: where compressed gradients go (default: a temporary directory).
+        dtype: storage dtype of the store. self_influence: also score each example on itself.
+        num_queries: use at most this many queries. impl: the op implementation.
+        device: where batches are moved (default: left where the loader puts them).
+        progress: show progress bars. plans: reuse plans (e.g. from an earlier store).
+
+    Returns:
+        :class:`AttributionResult`; positive scores mean training on the example lowers the
+        query's loss.
+    """
+    taps = LayerTaps(model, plans=plans, include=include, exclude=exclude, k=k, seed=seed, impl=impl)
+    store_path = Path(store_dir) if store_dir is not None else Path(tempfile.mkdtemp(prefix="grass-store-"))
+    config = {"k": k, "seed": seed, "reduction": reduction, "mode": "checkpoint"}
+    store = open_store(store_path, taps, dtype=dtype, config=config)
+    fisher = FisherStats(taps.layer_dims)
+    with taps:
+        capture_pass(model, taps, train_loader, loss_fn, store=store, fisher=fisher, index_key=index_key,
+                     reduction=reduction, token_counts=token_counts, device=device, progress=progress)
+        q_ids, q_grads = query_gradients(model, taps, query_loader, loss_fn, reduction=reduction,
+                                         token_counts=token_counts, max_queries=num_queries, device=device,
+                                         progress=progress)
+    fitted = fisher.fit(damping_ratio)
+    scores = score_store(store, fitted, q_ids, q_grads, topk=topk, self_influence=self_influence, progress=progress)
+    return AttributionResult(scores=scores, fisher=fitted, store=store, query_ids=q_ids, query_grads=q_grads)

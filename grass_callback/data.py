@@ -1,0 +1,122 @@
+"""Sample identity: which dataset rows a batch holds.
+
+Attribution needs every training example's dataset index next to its gradient. Wrap a dataset
+with :class:`IndexedDataset` (dict samples get an ``"index"`` key; tuple samples get the index
+appended as their last element, so ``x, y, index = batch``), or name the field that already
+holds it with ``index_key``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from grass_callback.errors import CaptureError
+
+__all__ = ["IndexedDataset", "get_batch_indices", "resolve_index_key", "move_to_device"]
+
+_HOW_TO_FIX = (
+    "wrap the training dataset with grass_callback.IndexedDataset(dataset) (dict samples get an "
+    "'index' key, tuple samples get the index as their last element), or pass index_key= naming "
+    "the batch field (dict key or tuple position) that holds each example's dataset index.")
+
+
+class IndexedDataset(Dataset):
+    """A dataset whose samples carry their own index.
+
+    Args:
+        dataset: any map-style dataset.
+        key: the dict key used for mapping samples.
+
+    Example::
+
+        train = IndexedDataset(TensorDataset(x, y))   # samples (x_i, y_i, i)
+        x, y, index = next(iter(DataLoader(train, batch_size=4)))
+    """
+
+    def __init__(self, dataset: Dataset, key: str = "index") -> None:
+        self.dataset, self.key = dataset, key
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        sample = self.dataset[i]
+        if isinstance(sample, Mapping):
+            return {**sample, self.key: i}
+        if isinstance(sample, tuple):
+            return (*sample, i)
+        return (sample, i)
+
+
+def resolve_index_key(loader: Any, index_key: str | int | None) -> str | int | None:
+    """The index field of a loader's batches: given, or known from an :class:`IndexedDataset`."""
+    if index_key is not None:
+        return index_key
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, IndexedDataset):
+        return _INDEXED
+    return None
+
+
+_INDEXED = "__grass_indexed__"  # marker: batches from an IndexedDataset (dict key or last element)
+
+
+def get_batch_indices(batch: Any, index_key: str | int | None = None, batch_size: int | None = None,
+                      num_examples: int | None = None) -> Tensor:
+    """The int64 ``[B]`` dataset indices a batch carries.
+
+    ``index_key=None`` looks for an ``"index"`` key in dict batches; tuple batches need an explicit
+    position (or batches from an :class:`IndexedDataset`, see :func:`resolve_index_key`), since a
+    trailing label vector would look the same.
+
+    Raises:
+        CaptureError: no indices, indices of the wrong kind or length, duplicates in one batch, or
+            an index outside ``[0, num_examples)``.
+    """
+    if isinstance(batch, Mapping):
+        key = "index" if index_key in (None, _INDEXED) else index_key
+        value = batch.get(key)
+    elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) > 0:
+        position = -1 if index_key == _INDEXED else index_key
+        if position is None:
+            value = None
+        elif not isinstance(position, int):
+            raise CaptureError(f"index_key={index_key!r} names a dict key but the batch is a "
+                               f"{type(batch).__name__}; use an integer position.")
+        else:
+            value = batch[position]
+    else:
+        value = None
+    ok = isinstance(value, Tensor) and value.dim() == 1 and not value.is_floating_point() \
+        and not value.is_complex() and value.dtype != torch.bool
+    if not ok:
+        where = "no index field was named" if value is None and index_key is None else f"index_key={index_key!r}"
+        raise CaptureError(f"this training batch carries no dataset indices ({where}); " + _HOW_TO_FIX)
+    ids = value.detach().to("cpu", torch.int64)
+    if batch_size is not None and ids.numel() != batch_size:
+        raise CaptureError(f"the batch holds {batch_size} examples but {ids.numel()} indices; " + _HOW_TO_FIX)
+    if ids.unique().numel() != ids.numel():
+        raise CaptureError(f"duplicate dataset indices in one batch ({ids.tolist()[:16]}...): each example "
+                           "must appear once per batch; check the sampler and the index field.")
+    if ids.numel() and (int(ids.min()) < 0 or (num_examples is not None and int(ids.max()) >= num_examples)):
+        raise CaptureError(f"dataset indices must lie in [0, {num_examples}), got "
+                           f"min {int(ids.min())}, max {int(ids.max())}; the index field is not the dataset index.")
+    return ids
+
+
+def move_to_device(batch: Any, device: torch.device | str) -> Any:
+    """Tensors of a nested batch moved to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
