@@ -159,17 +159,18 @@ def query_gradients(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn
 
 def score_store(store: GradientStore, fitted: FittedFisher, query_ids: Tensor, query_grads: Mapping[str, Tensor], *,
                 topk: int = 10, self_influence: bool = True, epochs: Iterable[int] | None = None,
-                min_step: int | None = None, chunk_rows: int = 4096, full: bool = False,
-                progress: bool = True) -> ScoreResult:
+                min_step: int | None = None, ranks: Iterable[int] | None = None, chunk_rows: int = 4096,
+                full: bool = False, progress: bool = True) -> ScoreResult:
     """Score queries against the stored rows (streamed in chunks of ``chunk_rows``)."""
     pre = precondition_queries(fitted, {name: query_grads[name].float() for name in store.layers})
     chunks = store.iter_chunks(chunk_rows=chunk_rows, epochs=list(epochs) if epochs is not None else None,
-                               min_step=min_step)
+                               min_step=min_step, ranks=list(ranks) if ranks is not None else None)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=store.num_rows, desc="grass: scoring", leave=False)
+        filtered = epochs is not None or min_step is not None or ranks is not None
+        bar = tqdm(total=None if filtered else store.num_rows, desc="grass: scoring", unit="rows", leave=False)
     try:
         return score_chunks(pre, chunks, query_ids=query_ids, topk=topk, full=full,
                             self_influence=fitted if self_influence else None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import time
 import warnings
 from functools import partial
 from typing import Any, Iterator, Mapping, Sequence
@@ -177,6 +178,7 @@ class LayerTaps:
         self._enabled = True
         self._scale: Tensor | float | None = None
         self._token_mask: Tensor | None = None
+        self._compute_seconds = 0.0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -255,7 +257,13 @@ class LayerTaps:
         if self._enabled:
             self._add(name, x, grad)
 
+    def pop_compute_seconds(self) -> float:
+        """Seconds spent compressing in hooks since the last call."""
+        seconds, self._compute_seconds = self._compute_seconds, 0.0
+        return seconds
+
     def _add(self, name: str, x: Tensor, grad: Tensor) -> None:
+        start = time.perf_counter()
         plan = self.plans[name]
         B = x.shape[0]
         x3 = x.reshape(B, -1, x.shape[-1])
@@ -273,6 +281,7 @@ class LayerTaps:
             self._acc[name] = self._acc[name] + out  # shared/tied layer: contributions add up
         else:
             self._acc[name] = out
+        self._compute_seconds += time.perf_counter() - start
 
     # ------------------------------------------------------------------ results
 

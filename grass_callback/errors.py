@@ -49,3 +49,7 @@ class FisherValueError(FisherError, ValueError):
 
 class ScoringError(GraSSError, ValueError):
     """Scores could not be computed from the given queries, chunks or options."""
+
+
+class ConfigError(GraSSError, ValueError):
+    """An option of the callback or the pipeline is out of range or inconsistent."""

@@ -53,7 +53,7 @@ def _build() -> None:
     build_dir = os.environ.get("GRASS_CALLBACK_BUILD_DIR")
     if build_dir:
         Path(build_dir).mkdir(parents=True, exist_ok=True)
-    cflags = ["-O3", "-fopenmp", "-std=c++17"]
+    cflags = ["-O3", "-fopenmp"]
     if os.environ.get("GRASS_CALLBACK_NATIVE", "1") == "1":
         cflags.append("-march=native")
     cpp_extension.load(

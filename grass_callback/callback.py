@@ -1,0 +1,525 @@
+"""The Lightning callback: orchestration only, over the engine in ``capture``/``store``/``fisher``/``scoring``.
+
+Timeline of one fit:
+
+* ``setup``: find the layers, build the plans, open the store (per rank) and the reporter.
+* each training batch: indices and the per-example scale are set at batch start; the taps ride on
+  the real backward; ``on_after_backward`` moves the compressed rows to the store and the Fisher
+  statistics. Rows are labelled with a running batch counter (saved in checkpoints).
+* each scoring period (epoch end by default): flush, sum-reduce a copy of the Fisher statistics
+  across ranks, fit, compute query gradients (eval mode, ``param.grad`` untouched), score the
+  period's rows, add to the running data value, log tables.
+* checkpoints: the store is flushed first; on resume rows newer than the checkpoint are dropped
+  and the period's Fisher statistics are rebuilt from the store, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from grass_callback.attribution import (
+    DEFAULT_DAMPING_RATIO,
+    capture_pass,
+    open_store,
+    query_gradients,
+    score_store,
+)
+from grass_callback.capture import LayerTaps, per_example_scale
+from grass_callback.data import get_batch_indices, resolve_index_key
+from grass_callback.errors import ConfigError, GraSSError
+from grass_callback.fisher import FisherStats
+from grass_callback.scoring import ScoreResult, merge_results
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["GraSSCallback"]
+
+_STATE_VERSION = 1
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class GraSSCallback(Callback):
+    """Training-data attribution with FactGraSS, during training and at checkpoints.
+
+    Args:
+        include, exclude: glob patterns over layer names (default: every ``nn.Linear``/``Conv1D``).
+        k: compressed size per layer and example (default 1024). seed: seed of the plans.
+        storage_dtype: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+        store_dir: where compressed gradients go (default ``<trainer.log_dir>/grass``).
+        capture_every_n_steps: capture every n-th training batch; 0 turns in-training capture off.
+        score_every_n_steps: score every n training batches; ``None`` (default) scores at each
+            epoch end.
+        query_loader: the query examples (a ``DataLoader`` or any iterable of batches, or a
+            dataset, batched by ``query_batch_size``); default: the validation loader.
+        num_queries: how many query examples are scored (default 16).
+        topk: proponents and opponents kept per query (default 10).
+        damping_ratio: relative damping of each Fisher block, ``λ = r · trace(F) / k``.
+        index_key: the batch field holding dataset indices (default: from ``IndexedDataset``).
+        loss_reduction: how the training loss reduces over the batch: ``"mean"``, ``"sum"`` or
+            ``"token_mean"`` (then ``token_counts(batch) -> [B]`` is required).
+        query_loss_fn: ``fn(pl_module, batch) -> scalar loss`` for query batches; default: the
+            loss returned by ``training_step`` (its ``self.log`` calls are silenced).
+        checkpoint_attribution: ``"off"`` (default), ``"end"`` (one pass over the training set
+            at the final weights) or ``"save"`` (at every checkpoint save).
+        keep_history: ``"period"`` (default: each period scores its own rows, the data value
+            sums periods) or ``"all"`` (every stored row is scored each time).
+        renderer, tokenizer: how examples are shown in tables (images, decoded text, repr).
+        wandb_project: project of the run started when the trainer has no ``WandbLogger``.
+        log_to_wandb: ``False`` writes local files only. impl: the op implementation.
+        progress: progress bars on long passes.
+
+    Raises:
+        ConfigError: an option out of range (at construction).
+        CaptureError: no tappable layer, or training batches without dataset indices (at setup /
+            first batch), with how to fix it.
+
+    Example::
+
+        import lightning as L
+        from grass_callback import GraSSCallback, IndexedDataset
+
+        train = DataLoader(IndexedDataset(train_set), batch_size=32, shuffle=True)
+        trainer = L.Trainer(max_epochs=3, callbacks=[GraSSCallback(k=256, num_queries=8)])
+        trainer.fit(model, train, val_loader)   # tables under grass/ in W&B, CSVs in the store dir
+    """
+
+    def __init__(self, *, include: Any = None, exclude: Any = None, k: int = 1024, seed: int = 0,
+                 storage_dtype: str = "float16", store_dir: str | Path | None = None,
+                 capture_every_n_steps: int = 1, score_every_n_steps: int | None = None,
+                 query_loader: Any = None, query_batch_size: int = 32, num_queries: int = 16, topk: int = 10,
+                 damping_ratio: float = DEFAULT_DAMPING_RATIO, index_key: str | int | None = None,
+                 loss_reduction: str = "mean", token_counts: Callable[[Any], Tensor] | None = None,
+                 query_loss_fn: Callable[[Any, Any], Tensor] | None = None, checkpoint_attribution: str = "off",
+                 keep_history: str = "period", renderer: Callable[[Any], Any] | None = None, tokenizer: Any = None,
+                 wandb_project: str = "grass-callback", log_to_wandb: bool = True, impl: str = "auto",
+                 progress: bool = True) -> None:
+        _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size)
+        if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:
+            raise ConfigError(f"capture_every_n_steps must be an integer >= 0 (0 = off), got {capture_every_n_steps!r}.")
+        if score_every_n_steps is not None:
+            _check_positive(score_every_n_steps=score_every_n_steps)
+        _check_choice("storage_dtype", storage_dtype, _DTYPES)
+        _check_choice("loss_reduction", loss_reduction, ("mean", "sum", "token_mean"))
+        _check_choice("checkpoint_attribution", checkpoint_attribution, ("off", "end", "save"))
+        _check_choice("keep_history", keep_history, ("period", "all"))
+        _check_choice("impl", impl, ("auto", "torch", "cpu", "cuda"))
+        if loss_reduction == "token_mean" and token_counts is None:
+            raise ConfigError("loss_reduction='token_mean' needs token_counts=fn(batch) -> [B] token counts.")
+        if not (isinstance(damping_ratio, (int, float)) and damping_ratio > 0):
+            raise ConfigError(f"damping_ratio must be a positive number, got {damping_ratio!r}.")
+        self.include, self.exclude, self.k, self.seed = include, exclude, k, seed
+        self.storage_dtype, self.store_dir = storage_dtype, store_dir
+        self.capture_every_n_steps, self.score_every_n_steps = capture_every_n_steps, score_every_n_steps
+        self.query_loader, self.query_batch_size = query_loader, query_batch_size
+        self.num_queries, self.topk, self.damping_ratio = num_queries, topk, float(damping_ratio)
+        self.index_key, self.loss_reduction, self.token_counts = index_key, loss_reduction, token_counts
+        self.query_loss_fn, self.checkpoint_attribution = query_loss_fn, checkpoint_attribution
+        self.keep_history, self.renderer, self.tokenizer = keep_history, renderer, tokenizer
+        self.wandb_project, self.log_to_wandb, self.impl, self.progress = wandb_project, log_to_wandb, impl, progress
+        # built in setup
+        self.taps: LayerTaps | None = None
+        self.store = None
+        self.fisher: FisherStats | None = None
+        self.reporter = None
+        # progress, saved in checkpoints
+        self.batches_seen = 0
+        self.period_start = 0
+        self.periods_scored = 0
+        self.data_value: dict[int, float] = {}
+        self.last_result: ScoreResult | None = None
+        # per batch
+        self._ids: Tensor | None = None
+        self._capture_seconds = 0.0
+        self._captured_batches = 0
+        self._pending_state: dict[str, Any] | None = None
+        self._index_key: Any = None
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What must match for a resumed run to continue the same store."""
+        return {"k": self.k, "seed": self.seed, "include": self.include, "exclude": self.exclude,
+                "loss_reduction": self.loss_reduction, "storage_dtype": self.storage_dtype}
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit" or self.taps is not None:
+            return
+        self.taps = LayerTaps(pl_module, include=self.include, exclude=self.exclude, k=self.k, seed=self.seed,
+                              impl=self.impl)
+        root = Path(self.store_dir) if self.store_dir is not None else Path(trainer.log_dir or trainer.default_root_dir) / "grass"
+        self.store_dir = str(root)
+        self.store = open_store(root / "train", self.taps, dtype=self.storage_dtype, config=self.config,
+                                rank=trainer.global_rank)
+        self.fisher = FisherStats(self.taps.layer_dims)
+        if trainer.is_global_zero:
+            self.reporter = self._make_reporter(trainer, root)
+        rank_zero_info(f"grass_callback: tapping {len(self.taps.layers)} layers "
+                       f"(k={self.k} each), store at {root}")
+
+    def _make_reporter(self, trainer: "pl.Trainer", root: Path) -> Any:
+        from grass_callback.report import InfluenceReporter, make_renderer, resolve_wandb_run
+
+        run = resolve_wandb_run(trainer, save_dir=str(root), project=self.wandb_project,
+                                config={"grass": self.config}) if self.log_to_wandb else None
+        return InfluenceReporter(root / "scores", run, renderer=make_renderer(self.tokenizer, self.renderer),
+                                 train_example=_lookup(lambda: self._train_dataset(trainer)),
+                                 query_example=_lookup(lambda: self._query_dataset(trainer)))
+
+    # ------------------------------------------------------------------ training steps
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.taps is None:
+            return
+        self._index_key = resolve_index_key(trainer.train_dataloader, self.index_key)
+        if self._pending_state is not None:
+            self._resume(self._pending_state)
+            self._pending_state = None
+        self.taps.attach()
+
+    def _capturing(self, trainer: "pl.Trainer") -> bool:
+        return self.capture_every_n_steps > 0 and self.batches_seen % self.capture_every_n_steps == 0
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        if self.taps is None:
+            return
+        self._ids = None
+        self.taps._enabled = self._capturing(trainer)
+        if self.taps._enabled:
+            self._begin_batch(trainer, batch)
+
+    def _begin_batch(self, trainer: "pl.Trainer", batch: Any) -> None:
+        n = _dataset_len(trainer.train_dataloader)
+        self._ids = get_batch_indices(batch, self._index_key, num_examples=n)
+        counts = self.token_counts(batch) if self.token_counts is not None else None
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+        self.taps.set_scale(per_example_scale(self._ids.numel(), self.loss_reduction, token_counts=counts,
+                                              accumulate_grad_batches=trainer.accumulate_grad_batches,
+                                              grad_scale=grad_scale))
+
+    @override
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.taps is not None and self._ids is not None:
+            self._store_rows(trainer)
+
+    def _store_rows(self, trainer: "pl.Trainer") -> None:
+        start = time.perf_counter()
+        grads = self.taps.collect()
+        if grads is None:
+            return
+        if next(iter(grads.values())).shape[0] != self._ids.numel():
+            raise GraSSError(f"the batch carries {self._ids.numel()} indices but the tapped layers saw "
+                             f"{next(iter(grads.values())).shape[0]} examples; is the batch dimension first?")
+        # the Fisher sees exactly what the store keeps, so a resumed run rebuilds it bit for bit
+        rows = {n: g.detach().to("cpu").to(self.store.dtype) for n, g in grads.items()}
+        self.store.append(self._ids, self.batches_seen, rows, epoch=trainer.current_epoch)
+        self.fisher.update(_finite_rows(rows))  # the store drops non-finite rows too (and counts them)
+        self._capture_seconds += time.perf_counter() - start + self.taps.pop_compute_seconds()
+        self._captured_batches += 1
+        self._ids = None
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self.taps is None:
+            return
+        if self._ids is not None:  # manual optimization without on_after_backward, or no backward
+            self._store_rows(trainer)
+        self.batches_seen += 1
+        if self.score_every_n_steps and self.batches_seen % self.score_every_n_steps == 0:
+            self._score_period(trainer, pl_module, f"step-{self.batches_seen}")
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.taps is not None and not self.score_every_n_steps:
+            self._score_period(trainer, pl_module, f"epoch-{trainer.current_epoch}")
+
+    # ------------------------------------------------------------------ scoring
+
+    def _score_period(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", period: str) -> None:
+        self.store.flush()
+        stats = FisherStats.from_state_dict(self.fisher.state_dict())
+        stats.all_reduce_(_reducer(trainer))
+        if stats.count == 0:
+            rank_zero_warn(f"grass_callback: no training gradients were captured in {period}; nothing to score.")
+            return
+        t0 = time.perf_counter()
+        fitted = stats.fit(self.damping_ratio)
+        fit_seconds = time.perf_counter() - t0
+        q_ids, q_grads = self._query_gradients(trainer, pl_module)
+        min_step = self.period_start if self.keep_history == "period" else None
+        result = score_store(self.store, fitted, q_ids, q_grads, topk=self.topk, min_step=min_step,
+                             ranks=[trainer.global_rank], progress=self.progress and trainer.is_global_zero)
+        result = _merge_across_ranks(trainer, result)
+        self._add_data_value(result)
+        self.last_result = result
+        self.periods_scored += 1
+        if trainer.is_global_zero and self.reporter is not None:
+            conds = fitted.condition_numbers()
+            scalars = {"capture_seconds_per_step": self._capture_seconds / max(1, self._captured_batches),
+                       "store_bytes": float(self.store.size_bytes()), "fit_seconds": fit_seconds,
+                       "fisher_condition_max": max(conds.values()), "rows_scored": float(result.data_value.numel()),
+                       **{f"fisher_condition/{n}": v for n, v in conds.items()}}
+            self.reporter.report(result, step=trainer.global_step, period=period, scalars=scalars,
+                                 data_value=self.data_value_tensors())
+        self._capture_seconds, self._captured_batches = 0.0, 0
+        if self.keep_history == "period":
+            self.period_start = self.batches_seen
+            self.fisher.reset()
+
+    def _add_data_value(self, result: ScoreResult) -> None:
+        ids, values = result.data_value_ids.tolist(), result.data_value.double().tolist()
+        if self.keep_history == "all":  # every row was scored: the latest scores replace the old ones
+            self.data_value = {}
+        for i, v in zip(ids, values):
+            self.data_value[i] = self.data_value.get(i, 0.0) + v
+
+    def data_value_tensors(self) -> tuple[Tensor, Tensor]:
+        """``(ids, values)`` of the running data value, highest first."""
+        if not self.data_value:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64)
+        ids = torch.tensor(list(self.data_value), dtype=torch.int64)
+        values = torch.tensor(list(self.data_value.values()), dtype=torch.float64)
+        order = values.argsort(descending=True)
+        return ids[order], values[order]
+
+    def _query_source(self, trainer: "pl.Trainer") -> Iterable:
+        source = self.query_loader
+        if source is None:
+            source = trainer.val_dataloaders
+            if isinstance(source, (list, tuple)):
+                source = source[0] if source else None
+        if source is None:
+            raise GraSSError("no query examples: give GraSSCallback(query_loader=...) or a validation loader.")
+        if isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset):
+            source = torch.utils.data.DataLoader(source, batch_size=self.query_batch_size)
+        return source
+
+    def _query_gradients(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[Tensor, dict]:
+        loss_fn = self.query_loss_fn or _training_step_loss
+        loader = _on_device(self._query_source(trainer), pl_module.device)
+        with _silenced_logging(pl_module), torch.inference_mode(False), torch.enable_grad():
+            return query_gradients(pl_module, self.taps, loader, loss_fn, reduction=self.loss_reduction,
+                                   token_counts=self.token_counts, max_queries=self.num_queries,
+                                   progress=self.progress and trainer.is_global_zero)
+
+    # ------------------------------------------------------------------ checkpoint-time attribution
+
+    def _checkpoint_attribution(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", tag: str) -> None:
+        root = Path(self.store_dir) / f"checkpoint-{tag}"
+        store = open_store(root, self.taps, dtype=self.storage_dtype, config={**self.config, "mode": tag},
+                           rank=trainer.global_rank)
+        fisher = FisherStats(self.taps.layer_dims)
+        loader = _on_device(trainer.train_dataloader, pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with self.taps, torch.enable_grad(), _silenced_logging(pl_module):
+                capture_pass(pl_module, self.taps, loader, self.query_loss_fn or _training_step_loss,
+                             store=store, fisher=fisher, index_key=self._index_key or self.index_key,
+                             reduction=self.loss_reduction, token_counts=self.token_counts,
+                             step=trainer.global_step, progress=self.progress and trainer.is_global_zero)
+                q_ids, q_grads = self._query_gradients(trainer, pl_module)
+        finally:
+            pl_module.train(was_training)
+        fisher.all_reduce_(_reducer(trainer))
+        fitted = fisher.fit(self.damping_ratio)
+        result = _merge_across_ranks(trainer, score_store(store, fitted, q_ids, q_grads, topk=self.topk,
+                                                          ranks=[trainer.global_rank], progress=False))
+        store.close()
+        if trainer.is_global_zero and self.reporter is not None:
+            self.reporter.report(result, step=trainer.global_step, period=f"checkpoint-{tag}",
+                                 data_value=(result.data_value_ids, result.data_value))
+        self.last_checkpoint_result = result
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.taps is None:
+            return
+        self.store.flush()
+        if self.checkpoint_attribution == "end":
+            self.taps.remove()
+            self._checkpoint_attribution(trainer, pl_module, f"end-step{trainer.global_step}")
+
+    @override
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        if self.store is not None:
+            self.store.flush()  # every row up to this checkpoint is committed before it exists
+        if self.checkpoint_attribution == "save" and self.taps is not None:
+            attached = self.taps.attached
+            self.taps.remove()
+            self._checkpoint_attribution(trainer, pl_module, f"step{trainer.global_step}")
+            if attached:
+                self.taps.attach()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        ids, values = self.data_value_tensors()
+        return {"version": _STATE_VERSION, "store_dir": self.store_dir, "config": dict(self.config),
+                "batches_seen": self.batches_seen, "period_start": self.period_start,
+                "periods_scored": self.periods_scored, "data_value_ids": ids, "data_value": values}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != _STATE_VERSION:
+            rank_zero_warn(f"grass_callback: checkpoint state version {state_dict.get('version')} differs from "
+                           f"{_STATE_VERSION}; reading what matches.")
+        saved = state_dict.get("config", {})
+        if saved and saved != self.config:
+            raise ConfigError(f"this checkpoint was written with GraSSCallback settings {saved}, but the "
+                              f"callback now has {self.config}; resume with the same settings or start a new "
+                              "store_dir.")
+        if state_dict.get("store_dir") and self.store_dir is None:
+            self.store_dir = state_dict["store_dir"]
+        self._pending_state = dict(state_dict)
+        if self.taps is not None and self.store is not None and self.store.path != Path(self.store_dir) / "train":
+            rank_zero_warn("grass_callback: the checkpoint's store_dir differs from the one opened; "
+                           "pass store_dir= explicitly to continue the old store.")
+
+    def _resume(self, state: Mapping[str, Any]) -> None:
+        self.batches_seen = int(state.get("batches_seen", 0))
+        self.period_start = int(state.get("period_start", 0))
+        self.periods_scored = int(state.get("periods_scored", 0))
+        ids, values = state.get("data_value_ids"), state.get("data_value")
+        self.data_value = {} if ids is None else dict(zip(ids.tolist(), values.double().tolist()))
+        dropped = self.store.truncate_after(self.batches_seen - 1)
+        self.fisher.reset()
+        min_step = self.period_start if self.keep_history == "period" else None
+        for chunk in self.store.iter_chunks(min_step=min_step, ranks=[self.store.rank]):
+            self.fisher.update(chunk.grads)
+        rank_zero_info(f"grass_callback: resumed at batch {self.batches_seen}; dropped {dropped} rows newer "
+                       f"than the checkpoint, rebuilt the Fisher from {self.fisher.count} stored rows.")
+
+    # ------------------------------------------------------------------ clean-up
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            self._close()
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.taps is not None:
+            self.taps.remove()
+        if self.store is not None and not self.store.closed:
+            self.store.close()
+        if self.reporter is not None:
+            self.reporter.finish()
+            self.reporter = None
+
+    def _train_dataset(self, trainer: "pl.Trainer") -> Any:
+        return getattr(trainer.train_dataloader, "dataset", None)
+
+    def _query_dataset(self, trainer: "pl.Trainer") -> Any:
+        try:
+            return getattr(self._query_source(trainer), "dataset", None)
+        except GraSSError:
+            return None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _check_positive(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def _finite_rows(rows: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """float32 copies of the rows that are finite in every layer."""
+    keep = torch.ones(next(iter(rows.values())).shape[0], dtype=torch.bool)
+    for r in rows.values():
+        keep &= torch.isfinite(r).all(dim=1)
+    return {n: (r if bool(keep.all()) else r[keep]).float() for n, r in rows.items()}
+
+
+def _dataset_len(loader: Any) -> int | None:
+    try:
+        return len(loader.dataset)
+    except Exception:
+        return None
+
+
+def _lookup(get_dataset: Callable[[], Any]) -> Callable[[int], Any]:
+    def lookup(i: int) -> Any:
+        ds = get_dataset()
+        return None if ds is None else ds[int(i)]
+
+    return lookup
+
+
+def _training_step_loss(pl_module: Any, batch: Any) -> Tensor:
+    out = pl_module.training_step(batch, 0)
+    loss = out["loss"] if isinstance(out, Mapping) else out
+    if not isinstance(loss, Tensor):
+        raise GraSSError("training_step returned no loss for a query batch; pass query_loss_fn=fn(module, batch).")
+    return loss
+
+
+@contextlib.contextmanager
+def _silenced_logging(pl_module: Any) -> Iterator[None]:
+    """``self.log`` calls in ``training_step`` are dropped while queries are computed."""
+    pl_module.log = lambda *a, **k: None
+    pl_module.log_dict = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
+
+
+def _on_device(loader: Iterable, device: torch.device) -> Iterable:
+    from grass_callback.data import move_to_device
+
+    class _Moved:
+        dataset = getattr(loader, "dataset", None)
+
+        def __iter__(self) -> Iterator[Any]:
+            for batch in loader:
+                yield move_to_device(batch, device)
+
+        def __len__(self) -> int:
+            return len(loader)  # type: ignore[arg-type]
+
+    return _Moved()
+
+
+def _reducer(trainer: "pl.Trainer") -> Callable[[Tensor], Tensor] | None:
+    if trainer.world_size <= 1:
+        return lambda t: t
+    return None  # FisherStats' default: torch.distributed all_reduce(SUM) in place
+
+
+def _merge_across_ranks(trainer: "pl.Trainer", result: ScoreResult) -> ScoreResult:
+    if trainer.world_size <= 1:
+        return result
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(gathered, result)
+    return merge_results(gathered)

@@ -1,0 +1,572 @@
+"""Influence results as W&B tables, histograms and artifacts, with a local copy on disk.
+
+Three pieces:
+
+* :func:`render_example` / :func:`make_renderer`: how one training or query example is shown
+  in a table cell (an image, decoded text, or a short ``repr``).
+* :func:`resolve_wandb_run`: which W&B run to log to (the Trainer's ``WandbLogger`` run, an
+  already active run, or a new run that defaults to offline mode), as a :class:`RunHandle`
+  that remembers whether we started it.
+* :class:`InfluenceReporter`: writes one scoring period's results to ``out_dir/<period>/``
+  (always, first) and then logs them to the run (if any).
+
+**Sign convention** (stated in every CSV and in the run summary ``grass/sign_convention``): a
+positive score means training on the example lowers the query's loss (a *proponent*); a
+negative score means it raises it (an *opponent*). The data value of a training example is
+its score summed over the queries (and over the periods it was scored in).
+
+``wandb`` is imported only inside the functions that need it, so ``import grass_callback``
+stays fast.
+
+Example::
+
+    handle = resolve_wandb_run(trainer, save_dir="logs")           # None: local files only
+    reporter = InfluenceReporter("logs/grass/scores", handle, train_example=train_ds.__getitem__,
+                                 renderer=make_renderer(tokenizer))
+    folder = reporter.report(result, step=trainer.global_step, period="epoch-0")
+    reporter.finish()
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import netrc
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning.pytorch as pl
+    import numpy as np
+
+    from .scoring import ScoreResult
+
+__all__ = [
+    "SIGN_CONVENTION",
+    "RunHandle",
+    "render_example",
+    "make_renderer",
+    "resolve_wandb_run",
+    "InfluenceReporter",
+]
+
+SIGN_CONVENTION = (
+    "score > 0: training on train_id lowers the query's loss (proponent); "
+    "score < 0: training on train_id raises the query's loss (opponent); "
+    "data_value = score summed over queries"
+)
+
+# Fields tried, in this order, when a dict sample is rendered.
+PREFERRED_KEYS = ("input_ids", "pixel_values", "image", "img", "x", "input", "inputs", "text")
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _truncate(text: str, max_chars: int) -> str:
+    if max_chars > 0 and len(text) > max_chars:
+        return text[: max(0, max_chars - 1)] + "\u2026"
+    return text
+
+
+def _as_numpy(x: Any) -> np.ndarray | None:
+    """A CPU numpy view of a tensor / array, or None for anything else."""
+    import numpy as np
+
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy() if x.dtype != torch.bfloat16 else x.detach().float().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    return None
+
+
+def _image_array(arr: np.ndarray) -> np.ndarray | None:
+    """``arr`` as an ``[H, W]`` or ``[H, W, 3]`` uint8 array if it looks like an image, else None.
+
+    Image-like: float or uint8 data shaped ``[H, W]``, ``[1|3, H, W]`` or ``[H, W, 1|3]`` with
+    ``H, W >= 2``. Floats already in ``[0, 1]`` are kept; other floats are min-max scaled.
+    """
+    import numpy as np
+
+    if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == np.uint8):
+        return None
+    if arr.ndim == 3:
+        if arr.shape[0] in (1, 3):  # channels first (torch layout) wins when ambiguous
+            arr = np.moveaxis(arr, 0, -1)
+        elif arr.shape[-1] not in (1, 3):
+            return None
+        if arr.shape[-1] == 1:
+            arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or arr.shape[0] < 2 or arr.shape[1] < 2:
+        return None
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    x = arr.astype(np.float64)
+    finite = np.isfinite(x)
+    x = np.where(finite, x, 0.0)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if lo < 0.0 or hi > 1.0:
+        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    return np.ascontiguousarray(np.round(x * 255.0).astype(np.uint8))
+
+
+def _is_int_sequence(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.ndim == 1 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    if isinstance(x, (list, tuple)):
+        return len(x) > 0 and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+    arr = _as_numpy(x)
+    if arr is not None:
+        import numpy as np
+
+        return arr.ndim == 1 and np.issubdtype(arr.dtype, np.integer)
+    return False
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    try:
+        return str(tokenizer.decode(ids, skip_special_tokens=True))
+    except TypeError:  # a tokenizer whose decode takes no keyword arguments
+        return str(tokenizer.decode(ids))
+
+
+def render_example(example: Any, tokenizer: Any = None, max_chars: int = 200) -> Any:
+    """How ``example`` appears in a W&B table cell.
+
+    Rules, first match wins:
+
+    1. ``None`` stays ``None``; a ``wandb`` media object or a PIL image becomes / stays a
+       ``wandb.Image``.
+    2. A float or uint8 tensor / numpy array shaped ``[H, W]``, ``[1|3, H, W]`` or
+       ``[H, W, 1|3]`` becomes a ``wandb.Image`` (floats outside ``[0, 1]`` are min-max
+       scaled to ``[0, 1]`` for display).
+    3. A 1-D integer tensor / array or a list of ints, with a ``tokenizer`` (anything with
+       ``.decode``), becomes the decoded text, truncated to ``max_chars``.
+    4. A ``str`` is returned truncated to ``max_chars``.
+    5. A dict sample renders one field: the first of :data:`PREFERRED_KEYS` present, else its
+       first tensor / array value. A tuple / list sample (e.g. ``(x, y, index)``) renders its
+       first element.
+    6. Anything else: ``repr(example)`` truncated to ``max_chars``.
+    """
+    if example is None:
+        return None
+    module = type(example).__module__ or ""
+    if module.startswith("wandb"):
+        return example
+    if module.startswith("PIL."):
+        import wandb
+
+        return wandb.Image(example)
+    arr = _as_numpy(example)
+    if arr is not None:
+        img = _image_array(arr)
+        if img is not None:
+            import wandb
+
+            return wandb.Image(img)
+    if tokenizer is not None and hasattr(tokenizer, "decode") and _is_int_sequence(example):
+        ids = [int(v) for v in (arr.tolist() if arr is not None else example)]
+        return _truncate(_decode(tokenizer, ids), max_chars)
+    if isinstance(example, str):
+        return _truncate(example, max_chars)
+    if isinstance(example, Mapping) and example:
+        for key in PREFERRED_KEYS:
+            if key in example:
+                return render_example(example[key], tokenizer, max_chars)
+        for value in example.values():
+            if _as_numpy(value) is not None:
+                return render_example(value, tokenizer, max_chars)
+    if isinstance(example, (tuple, list)) and example and not _is_int_sequence(example):
+        return render_example(example[0], tokenizer, max_chars)
+    return _truncate(repr(example), max_chars)
+
+
+def make_renderer(tokenizer: Any = None, custom: Callable[[Any], Any] | None = None) -> Callable[[Any], Any]:
+    """A one-argument renderer: ``custom`` if given (it wins), else :func:`render_example`
+    with ``tokenizer``."""
+    if custom is not None:
+        return custom
+
+    def render(example: Any) -> Any:
+        return render_example(example, tokenizer=tokenizer)
+
+    return render
+
+
+# ----------------------------------------------------------------------------- W&B run
+
+
+@dataclass
+class RunHandle:
+    """A W&B run and whether grass_callback started it (only owned runs are finished)."""
+
+    run: Any
+    owned: bool
+
+
+_warned_local_only = False
+
+
+def _warn(message: str, trainer: Any = None) -> None:
+    if trainer is not None:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(message)
+    else:
+        warnings.warn(message, stacklevel=3)
+
+
+def _info(message: str, trainer: Any = None) -> None:
+    if trainer is not None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(message)
+
+
+def _local_only(reason: str, trainer: Any) -> None:
+    global _warned_local_only
+    if not _warned_local_only:
+        _warned_local_only = True
+        _warn(f"grass_callback: {reason}; influence results are written to local files only.", trainer)
+
+
+def _trainer_wandb_logger(trainer: Any) -> Any:
+    loggers = getattr(trainer, "loggers", None)
+    if loggers is None:
+        single = getattr(trainer, "logger", None)
+        loggers = [] if single is None else [single]
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        WandbLogger = None  # noqa: N806
+    for logger in loggers:
+        if (WandbLogger is not None and isinstance(logger, WandbLogger)) or type(logger).__name__ == "WandbLogger":
+            return logger
+    return None
+
+
+def _has_api_key() -> bool:
+    """Whether W&B credentials are configured, without touching the network."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    try:  # wandb's own lookup (session login, netrc); internal API, so guarded
+        from wandb.sdk.lib import wbauth
+
+        if wbauth.session_credentials(host=base_url) is not None or wbauth.read_netrc_auth(host=base_url):
+            return True
+    except Exception:  # noqa: BLE001 - fall back to reading the netrc file ourselves
+        pass
+    host = urlparse(base_url).hostname or base_url
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def resolve_wandb_run(trainer: pl.Trainer | Any = None, save_dir: str | os.PathLike | None = None,
+                      project: str = "grass-callback", name: str | None = None,
+                      config: Mapping[str, Any] | None = None) -> RunHandle | None:
+    """The W&B run to log influence results to, or ``None`` for local files only.
+
+    In order:
+
+    1. the ``.experiment`` of a ``WandbLogger`` among ``trainer.loggers`` (not owned);
+    2. ``None`` (with a one-time warning) if wandb is not installed or ``WANDB_MODE=disabled``;
+    3. the already active ``wandb.run``, if any (not owned);
+    4. a new run (owned) in ``save_dir`` (default: the trainer's log dir), with
+       ``mode = WANDB_MODE or "offline"``. ``WANDB_MODE=online`` without an API key
+       (``WANDB_API_KEY``, a login in this process, or ``~/.netrc``) falls back to offline
+       with a warning, so nothing waits on the network.
+
+    ``config`` is added to the run's config. A failing ``wandb.init`` gives a warning and
+    ``None``.
+    """
+    if trainer is not None:
+        logger = _trainer_wandb_logger(trainer)
+        if logger is not None:
+            try:
+                run = logger.experiment
+                if config:
+                    run.config.update(dict(config), allow_val_change=True)
+                return RunHandle(run, owned=False)
+            except Exception as exc:  # noqa: BLE001 - never fail training over W&B
+                _local_only(f"the Trainer's WandbLogger could not start its run ({exc!r})", trainer)
+                return None
+    mode = (os.environ.get("WANDB_MODE") or "offline").strip().lower()
+    if mode == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        _local_only("W&B is disabled (WANDB_MODE=disabled)", trainer)
+        return None
+    try:
+        import wandb
+    except ImportError:
+        _local_only("wandb is not installed", trainer)
+        return None
+    if getattr(wandb, "run", None) is not None:
+        run = wandb.run
+        if config:
+            try:
+                run.config.update(dict(config), allow_val_change=True)
+            except Exception as exc:  # noqa: BLE001
+                _warn(f"grass_callback: could not add the config to the active W&B run ({exc!r}).", trainer)
+        return RunHandle(run, owned=False)
+    if mode == "dryrun":
+        mode = "offline"
+    elif mode == "run":
+        mode = "online"
+    if mode not in ("online", "offline", "shared"):
+        _warn(f"grass_callback: unknown WANDB_MODE={mode!r}; using offline mode.", trainer)
+        mode = "offline"
+    if mode != "offline" and not _has_api_key():
+        _warn(f"grass_callback: WANDB_MODE={mode} but no W&B API key is configured (WANDB_API_KEY, "
+              "`wandb login` or ~/.netrc); logging offline instead. Upload later with `wandb sync`.", trainer)
+        mode = "offline"
+    if save_dir is None and trainer is not None:
+        save_dir = getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None)
+    if save_dir is not None:
+        os.makedirs(save_dir, exist_ok=True)
+    try:
+        run = wandb.init(mode=mode, dir=None if save_dir is None else str(save_dir), project=project, name=name,
+                         config=dict(config) if config else None)
+    except Exception as exc:  # noqa: BLE001
+        _local_only(f"wandb.init failed ({exc!r})", trainer)
+        return None
+    _info(f"grass_callback: logging influence results to W&B run {run.id} ({mode}) in {run.dir}", trainer)
+    return RunHandle(run, owned=True)
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "period"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    buf.write(f"# sign convention: {SIGN_CONVENTION}\n")
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _ids_values(ids: Tensor | None, values: Tensor | None, what: str) -> tuple[list[int], list[float]]:
+    if ids is None or values is None:
+        return [], []
+    ids = torch.as_tensor(ids).reshape(-1)
+    values = torch.as_tensor(values).reshape(-1)
+    if ids.numel() != values.numel():
+        raise ValueError(f"{what}: {ids.numel()} ids but {values.numel()} values.")
+    return [int(i) for i in ids.tolist()], [float(v) for v in values.double().tolist()]
+
+
+def _sorted_desc(ids: list[int], values: list[float]) -> list[tuple[int, float]]:
+    """Pairs highest value first (NaN last), ties by id."""
+    return sorted(zip(ids, values), key=lambda p: (math.isnan(p[1]), -p[1] if not math.isnan(p[1]) else 0.0, p[0]))
+
+
+def _influence_rows(result: ScoreResult) -> list[tuple[int, int, int, float, str]]:
+    """``(query_id, rank, train_id, score, kind)``; rank 1 is the strongest; -1 padding skipped."""
+    rows = []
+    query_ids = [int(q) for q in torch.as_tensor(result.query_ids).reshape(-1).tolist()]
+    parts = ((result.top_ids, result.top_scores, "proponent"), (result.bottom_ids, result.bottom_scores, "opponent"))
+    for r, qid in enumerate(query_ids):
+        for ids, scores, kind in parts:
+            id_row, score_row = ids[r].tolist(), scores[r].double().tolist()
+            for rank, (tid, score) in enumerate(zip(id_row, score_row), start=1):
+                if int(tid) >= 0:
+                    rows.append((qid, rank, int(tid), float(score), kind))
+    return rows
+
+
+# ----------------------------------------------------------------------------- reporter
+
+
+class InfluenceReporter:
+    """Writes each scoring period's influence results to disk, then to a W&B run.
+
+    Args:
+        out_dir: root folder; each period goes to ``out_dir/<period>/``.
+        run_handle: from :func:`resolve_wandb_run`; ``None`` writes local files only.
+        train_example / query_example: ``id -> example`` lookups for the table cells
+            (``None``: the example columns hold ``None``).
+        renderer: ``example -> cell`` (default :func:`render_example`); a failing renderer
+            falls back to a short ``repr``.
+        max_rows: rows in the self-influence table, and in each group (most / least valuable)
+            of the data-value table.
+
+    Files per period (each CSV starts with a ``# sign convention`` comment line):
+    ``influence.csv`` (query_id, rank, train_id, score, kind; rank 1 = strongest, kind
+    proponent / opponent, padding skipped), ``self_influence.csv`` (train_id,
+    self_influence, highest first), ``data_value.csv`` (train_id, data_value, highest first),
+    ``scalars.json`` (step, period, sign_convention, scalars).
+
+    W&B (one ``run.log`` call per period): tables ``grass/influence``,
+    ``grass/self_influence``, ``grass/data_value``, histograms ``grass/self_influence_hist``,
+    ``grass/data_value_hist``, scalars ``grass/<name>``; the sign convention in the summary key
+    ``grass/sign_convention``; the period folder as artifact ``grass-scores-<period>`` (type
+    ``grass-scores``).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, run_handle: RunHandle | None = None, *,
+                 train_example: Callable[[int], Any] | None = None,
+                 query_example: Callable[[int], Any] | None = None,
+                 renderer: Callable[[Any], Any] | None = None, max_rows: int = 50) -> None:
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}.")
+        self.out_dir = Path(out_dir)
+        self.run_handle = run_handle
+        self.train_example, self.query_example = train_example, query_example
+        self.renderer = renderer if renderer is not None else make_renderer()
+        self.max_rows = max_rows
+
+    @property
+    def run(self) -> Any:
+        return None if self.run_handle is None else self.run_handle.run
+
+    # ------------------------------------------------------------------ public
+
+    def report(self, result: ScoreResult, *, step: int, period: str, scalars: Mapping[str, float] | None = None,
+               data_value: tuple[Tensor, Tensor] | None = None) -> Path:
+        """Write ``result`` to ``out_dir/<period>/`` and log it to the run; returns the folder.
+
+        ``data_value``: ``(ids, values)`` written instead of ``result.data_value*`` (the
+        caller's running, accumulated value). ``period`` is made file-name safe. A W&B failure
+        is a warning; the local files are written before W&B is touched.
+        """
+        folder = self.out_dir / _safe_name(period)
+        folder.mkdir(parents=True, exist_ok=True)
+        influence = _influence_rows(result)
+        self_inf = _sorted_desc(*_ids_values(result.self_influence_ids, result.self_influence, "self_influence"))
+        if data_value is None:
+            data_value = (result.data_value_ids, result.data_value)
+        value = _sorted_desc(*_ids_values(data_value[0], data_value[1], "data_value"))
+        scalar_values = {str(k): float(v) for k, v in (scalars or {}).items()}
+
+        files = {
+            "influence.csv": _csv_text(["query_id", "rank", "train_id", "score", "kind"], [list(r) for r in influence]),
+            "self_influence.csv": _csv_text(["train_id", "self_influence"], [list(p) for p in self_inf]),
+            "data_value.csv": _csv_text(["train_id", "data_value"], [list(p) for p in value]),
+            "scalars.json": json.dumps({"step": int(step), "period": str(period), "sign_convention": SIGN_CONVENTION,
+                                        "scalars": scalar_values}, indent=2, allow_nan=True) + "\n",
+        }
+        for filename, text in files.items():
+            _atomic_write(folder / filename, text)
+
+        if self.run is not None:
+            try:
+                self._log_to_wandb(folder, list(files), influence, self_inf, value, scalar_values, int(step), period)
+            except Exception as exc:  # noqa: BLE001 - results are safe on disk
+                warnings.warn(f"grass_callback: logging {period!r} to W&B failed ({exc!r}); "
+                              f"the results are in {folder}.", stacklevel=2)
+        return folder
+
+    def finish(self) -> None:
+        """Finish the run if this package started it; a run borrowed from a logger stays open."""
+        handle, self.run_handle = self.run_handle, None
+        if handle is not None and handle.owned:
+            try:
+                handle.run.finish()
+            except Exception as exc:  # noqa: BLE001
+                warnings.warn(f"grass_callback: finishing the W&B run failed ({exc!r}).", stacklevel=2)
+
+    # ------------------------------------------------------------------ W&B
+
+    def _render(self, lookup: Callable[[int], Any] | None, i: int, cache: dict[int, Any]) -> Any:
+        if lookup is None:
+            return None
+        if i not in cache:
+            try:
+                example = lookup(i)
+            except Exception:  # noqa: BLE001 - e.g. an id outside the dataset
+                cache[i] = None
+                return None
+            try:
+                cache[i] = self.renderer(example)
+            except Exception:  # noqa: BLE001 - a broken renderer must not lose the tables
+                cache[i] = None if example is None else _truncate(repr(example), 200)
+        return cache[i]
+
+    def _log_to_wandb(self, folder: Path, filenames: list[str], influence: list[tuple[int, int, int, float, str]],
+                      self_inf: list[tuple[int, float]], value: list[tuple[int, float]],
+                      scalars: Mapping[str, float], step: int, period: str) -> None:
+        import numpy as np
+        import wandb
+
+        run = self.run
+        trains: dict[int, Any] = {}
+        queries: dict[int, Any] = {}
+
+        def train_cell(i: int) -> Any:
+            return self._render(self.train_example, i, trains)
+
+        payload: dict[str, Any] = {}
+        payload["grass/influence"] = wandb.Table(
+            columns=["query_id", "query", "rank", "train_id", "train_example", "score", "kind"],
+            data=[[q, self._render(self.query_example, q, queries), rank, t, train_cell(t), s, kind]
+                  for q, rank, t, s, kind in influence],
+            allow_mixed_types=True)
+
+        top = self_inf[: self.max_rows]
+        payload["grass/self_influence"] = wandb.Table(
+            columns=["train_id", "train_example", "self_influence"],
+            data=[[t, train_cell(t), v] for t, v in top], allow_mixed_types=True)
+        finite = np.array([v for _, v in self_inf if math.isfinite(v)], dtype=np.float64)
+        if finite.size:
+            payload["grass/self_influence_hist"] = wandb.Histogram(finite)
+
+        most = value[: self.max_rows]
+        rest = value[len(most):]
+        least = list(reversed(rest[-self.max_rows:])) if rest else []
+        payload["grass/data_value"] = wandb.Table(
+            columns=["group", "train_id", "train_example", "data_value"],
+            data=[["most", t, train_cell(t), v] for t, v in most] + [["least", t, train_cell(t), v] for t, v in least],
+            allow_mixed_types=True)
+        finite = np.array([v for _, v in value if math.isfinite(v)], dtype=np.float64)
+        if finite.size:
+            payload["grass/data_value_hist"] = wandb.Histogram(finite)
+
+        for name, v in scalars.items():
+            payload[f"grass/{name}"] = v
+
+        run.summary["grass/sign_convention"] = SIGN_CONVENTION
+        current = getattr(run, "step", None)
+        if False:
+            # The run is ahead (a WandbLogger counts its own steps): W&B would drop a lower step.
+            payload["trainer/global_step"] = step
+            run.log(payload)
+        else:
+            run.log(payload, step=step)
+
+        artifact = wandb.Artifact(name=f"grass-scores-{_safe_name(period)}", type="grass-scores",
+                                  metadata={"step": step, "period": str(period), "sign_convention": SIGN_CONVENTION})
+        for filename in filenames:
+            artifact.add_file(str(folder / filename), name=filename)
+        run.log_artifact(artifact)

@@ -1,0 +1,180 @@
+"""GraSSCallback in a real tiny Trainer: tables in W&B (offline), resume, errors, the demo."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from grass_callback import GraSSCallback, IndexedDataset
+from grass_callback.attribution import plans_from_store, query_gradients, score_store
+from grass_callback.capture import LayerTaps
+from grass_callback.errors import CaptureError, ConfigError
+from grass_callback.fisher import FisherStats
+from grass_callback.store import GradientStore
+
+N_TRAIN, N_VAL = 48, 12
+
+
+class TinyModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_TRAIN + N_VAL, 6, generator=g)
+    y = torch.randint(0, 3, (N_TRAIN + N_VAL,), generator=g)
+    train = DataLoader(IndexedDataset(TensorDataset(x[:N_TRAIN], y[:N_TRAIN])), batch_size=16)
+    val = DataLoader(IndexedDataset(TensorDataset(x[N_TRAIN:], y[N_TRAIN:])), batch_size=8)
+    return train, val
+
+
+def fit(tmp_path, epochs=2, callback=None, logger=None, ckpt_path=None, extra_callbacks=(), **kw):
+    L.seed_everything(0, verbose=False)
+    callback = callback or GraSSCallback(k=16, num_queries=6, topk=3, store_dir=tmp_path / "grass",
+                                         storage_dtype="float32", progress=False, **kw)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=logger if logger is not None else False,
+                        callbacks=[callback, *extra_callbacks], default_root_dir=str(tmp_path),
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    model = TinyModule()
+    train, val = data()
+    trainer.fit(model, train, val, ckpt_path=ckpt_path)
+    return trainer, model, callback
+
+
+def read_tables(save_dir):
+    tables = {}
+    for path in glob.glob(str(Path(save_dir) / "wandb" / "offline-run-*" / "files" / "media" / "table" / "grass" / "*.json")):
+        name = Path(path).name.split("_")[0]
+        tables.setdefault(name, []).append(json.loads(Path(path).read_text()))
+    return tables
+
+
+def test_tables_land_in_wandb_and_match_the_engine(tmp_path):
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="t")
+    trainer, model, cb = fit(tmp_path, epochs=2, logger=logger)
+    tables = read_tables(tmp_path)
+    assert {"influence", "self", "data"} <= set(tables), tables.keys()
+    infl = tables["influence"][-1]
+    assert {"query_id", "rank", "train_id", "kind"} <= set(infl["columns"])
+    col = {c: i for i, c in enumerate(infl["columns"])}
+    train_ids = [row[col["train_id"]] for row in infl["data"]]
+    assert train_ids and all(0 <= t < N_TRAIN for t in train_ids)
+    assert {row[col["kind"]] for row in infl["data"]} == {"proponent", "opponent"}
+    # the engine called directly on the same stored rows gives the same scores
+    store = GradientStore(cb.store.path, readonly=True)
+    last_epoch = max(int(c.epochs.max()) for c in store.iter_chunks())
+    stats, steps = FisherStats(store.layers), []
+    for chunk in store.iter_chunks(epochs=[last_epoch]):
+        stats.update(chunk.grads)
+        steps.append(chunk.steps)
+    start = int(torch.cat(steps).min())
+    assert stats.count == N_TRAIN
+    fitted = stats.fit(cb.damping_ratio)
+    taps = LayerTaps(model, plans=plans_from_store(store))
+    _, val = data()
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m.net(b[0]), b[1])
+
+    with taps:
+        q_ids, q_grads = query_gradients(model, taps, val, loss_fn, max_queries=6, progress=False)
+    direct = score_store(store, fitted, q_ids, q_grads, topk=3, min_step=start, progress=False)
+    assert torch.equal(direct.top_ids, cb.last_result.top_ids)
+    torch.testing.assert_close(direct.top_scores, cb.last_result.top_scores, rtol=1e-4, atol=1e-6)
+    # local copies exist without W&B
+    rows = list(csv.reader(line for line in open(Path(cb.store_dir) / "scores" / "epoch-1" / "influence.csv") if not line.startswith("#")))
+    assert rows[0][:3] == ["query_id", "rank", "train_id"] and len(rows) > 1
+
+
+def test_resume_keeps_each_example_once_and_the_same_data_value(tmp_path):
+    _, _, full = fit(tmp_path / "a", epochs=2)
+    ck = ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt", save_last=True, every_n_epochs=1)
+    fit(tmp_path / "b", epochs=1, extra_callbacks=[ck])
+    # a crash after the checkpoint leaves rows the resumed run must not count twice
+    _, _, resumed = fit(tmp_path / "b", epochs=2, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"),
+                        extra_callbacks=[ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt2")])
+    store = GradientStore(resumed.store.path, readonly=True)
+    pairs = []
+    for chunk in store.iter_chunks():
+        pairs += list(zip(chunk.ids.tolist(), chunk.epochs.tolist()))
+    assert len(pairs) == len(set(pairs)) == 2 * N_TRAIN
+    a_ids, a_val = full.data_value_tensors()
+    b_ids, b_val = resumed.data_value_tensors()
+    order_a, order_b = a_ids.argsort(), b_ids.argsort()
+    assert torch.equal(a_ids[order_a], b_ids[order_b])
+    torch.testing.assert_close(a_val[order_a], b_val[order_b], rtol=1e-5, atol=1e-7)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="k must be a positive integer"):
+        GraSSCallback(k=0)
+    with pytest.raises(ConfigError, match="storage_dtype"):
+        GraSSCallback(storage_dtype="int8")
+    with pytest.raises(ConfigError, match="token_counts"):
+        GraSSCallback(loss_reduction="token_mean")
+
+    class NoIndex(TinyModule):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        callbacks=[GraSSCallback(k=8, store_dir=tmp_path / "g", progress=False)],
+                        default_root_dir=str(tmp_path), enable_checkpointing=False)
+    plain = DataLoader(TensorDataset(torch.randn(8, 6), torch.randint(0, 3, (8,))), batch_size=4)
+    with pytest.raises(CaptureError, match="IndexedDataset"):
+        trainer.fit(NoIndex(), plain)
+
+    class NoLinear(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 1, 3)
+
+        def training_step(self, batch, batch_idx):
+            return self.conv(batch[0][:, None]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        callbacks=[GraSSCallback(k=8, store_dir=tmp_path / "h", progress=False)],
+                        default_root_dir=str(tmp_path), enable_checkpointing=False)
+    with pytest.raises(CaptureError, match="no nn.Linear"):
+        trainer.fit(NoLinear(), plain)
+
+
+def test_demo_finds_flipped_labels_better_than_chance(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import digits_mlp
+
+    out = digits_mlp.main(["--epochs", "4", "--k", "64", "--quick", "--out", str(tmp_path / "demo")])
+    # chance: 10% of the top-n; a binomial tail of >= 2.5x chance has probability < 1e-6
+    assert out["caught"] >= 0.25 * out["n_flipped"], out["caught"]
+    assert out["run_dir"] is not None and list(Path(out["run_dir"]).glob("*.wandb"))
