@@ -558,7 +558,7 @@ class InfluenceReporter:
 
         run.summary["grass/sign_convention"] = SIGN_CONVENTION
         current = getattr(run, "step", None)
-        if False:
+        if isinstance(current, int) and step < current:
             # The run is ahead (a WandbLogger counts its own steps): W&B would drop a lower step.
             payload["trainer/global_step"] = step
             run.log(payload)

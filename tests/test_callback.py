@@ -79,6 +79,7 @@ def read_tables(save_dir):
 def test_tables_land_in_wandb_and_match_the_engine(tmp_path):
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="t")
     trainer, model, cb = fit(tmp_path, epochs=2, logger=logger)
+    logger.experiment.finish()  # the logger's run stays open otherwise (Lightning does not finish it)
     tables = read_tables(tmp_path)
     assert {"influence", "self", "data"} <= set(tables), tables.keys()
     infl = tables["influence"][-1]
