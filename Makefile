@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python benchmarks/compress.py --quick
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python examples/digits_mlp.py
 
 test: venv
 	WANDB_MODE=offline $(BIN)/python -m pytest -q tests

@@ -1,11 +1,10 @@
 // FactGraSS on the CPU: one fused pass per example, OpenMP over examples.
 //
 // For example b: gather the masked input columns (with the constant-1 bias column) and the
-// masked output-gradient columns of all tokens into thread-local scratch, form four rows
-// (4 x k_in values) of the small product  sum_t dout[t, a] * x[t, :]  at a time, in
-// register blocks of 4 x 16, and scatter those rows through the SJLT tables into the k-sized
-// output. Scratch per thread is O(T (k_in + k_out) + 4 k_in); nothing of size d_in * d_out or
-// T * k' is ever allocated. Parallel over examples with at::parallel_for (OpenMP in torch's
+// masked output-gradient columns of all tokens into thread-local panels, form the small
+// product  sum_t dout[t, a] * x[t, b]  one 4 x 16 register tile at a time, and scatter each
+// tile through the SJLT tables into the k-sized output. Scratch per thread is
+// O(T (k_in + k_out)) plus one tile; nothing of size d_in * d_out or T * k' is ever allocated. Parallel over examples with at::parallel_for (OpenMP in torch's
 // CPU builds, so torch.set_num_threads applies).
 //
 // The op schema is declared here once; the CUDA implementation registers against it from
@@ -22,48 +21,52 @@
 namespace grass_callback {
 namespace {
 
+// Register tile of the small product: RA output rows x RB input columns. The gathered factors
+// are packed in panels (RA rows / RB columns contiguous per token, zero-padded at the edges), so
+// the micro-kernel streams both panels linearly and needs no edge cases.
 template <typename acc_t>
-void scatter_row(const acc_t* row, int64_t k_in, int64_t e0, int64_t k_prime, int64_t c,
-                 const int32_t* bucket, const float* weight, acc_t* out) {
-  for (int64_t j = 0; j < c; ++j) {
-    const int32_t* bj = bucket + j * k_prime + e0;
-    const float* wj = weight + j * k_prime + e0;
-    for (int64_t bb = 0; bb < k_in; ++bb) out[bj[bb]] += static_cast<acc_t>(wj[bb]) * row[bb];
-  }
-}
+struct Tile {
+  static constexpr int RA = 4;
+  static constexpr int RB = std::is_same_v<acc_t, double> ? 8 : 16;  // two AVX2 registers wide
+};
 
-// Rows [a0, a0 + RA) x columns [b0, b0 + RB) of the small product, summed over tokens, with the
-// accumulators in registers (compile-time sizes let the compiler keep them there and vectorize).
-template <typename acc_t, int RA, int RB>
-inline void product_block(const acc_t* xs, const acc_t* ds, int64_t T, int64_t k_in, int64_t k_out,
-                          int64_t a0, int64_t b0, acc_t* rows) {
+template <typename acc_t>
+inline void micro_kernel(const acc_t* __restrict__ xp, const acc_t* __restrict__ dp, int64_t T,
+                         acc_t* __restrict__ tile) {
+  constexpr int RA = Tile<acc_t>::RA, RB = Tile<acc_t>::RB;
   acc_t acc[RA][RB] = {};
   for (int64_t t = 0; t < T; ++t) {
-    const acc_t* xt = xs + t * k_in + b0;
-    const acc_t* dt = ds + t * k_out + a0;
+    const acc_t* xt = xp + t * RB;
+    const acc_t* dt = dp + t * RA;
+#pragma GCC unroll 4
     for (int r = 0; r < RA; ++r) {
       const acc_t dv = dt[r];
+#pragma GCC ivdep
       for (int j = 0; j < RB; ++j) acc[r][j] += dv * xt[j];
     }
   }
   for (int r = 0; r < RA; ++r)
-    for (int j = 0; j < RB; ++j) rows[r * k_in + b0 + j] = acc[r][j];
+    for (int j = 0; j < RB; ++j) tile[r * RB + j] = acc[r][j];
 }
 
-// The same for a ragged edge block (sizes known only at run time).
-template <typename acc_t>
-inline void product_edge(const acc_t* xs, const acc_t* ds, int64_t T, int64_t k_in, int64_t k_out,
-                         int64_t a0, int64_t na, int64_t b0, int64_t nb, acc_t* rows) {
-  for (int64_t r = 0; r < na; ++r)
-    for (int64_t j = 0; j < nb; ++j) rows[r * k_in + b0 + j] = acc_t(0);
-  for (int64_t t = 0; t < T; ++t) {
-    const acc_t* xt = xs + t * k_in + b0;
-    const acc_t* dt = ds + t * k_out + a0;
-    for (int64_t r = 0; r < na; ++r) {
-      const acc_t dv = dt[r];
-      for (int64_t j = 0; j < nb; ++j) rows[r * k_in + b0 + j] += dv * xt[j];
-    }
+constexpr int64_t kAhead = 8;  // prefetch distance, in tokens
+
+// Offsets (in elements) of the distinct 64-byte lines a sorted index set touches in one row.
+template <typename scalar_t>
+std::vector<int64_t> cache_lines(const int64_t* idx, int64_t n, int64_t width) {
+  constexpr int64_t per_line = 64 / sizeof(scalar_t);
+  std::vector<int64_t> lines;
+  for (int64_t i = 0; i < n; ++i) {
+    if (idx[i] >= width) continue;  // the bias column is not in memory
+    const int64_t line = idx[i] / per_line;
+    if (lines.empty() || lines.back() != line * per_line) lines.push_back(line * per_line);
   }
+  return lines;
+}
+
+template <typename scalar_t>
+inline void prefetch_lines(const scalar_t* row, const std::vector<int64_t>& lines) {
+  for (const int64_t offset : lines) __builtin_prefetch(row + offset);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -71,40 +74,48 @@ void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t
                           const int64_t* out_idx, const int32_t* bucket, const float* weight,
                           const float* scale, acc_t* out, int64_t B, int64_t T, int64_t d_in,
                           int64_t d_out, int64_t k_in, int64_t k_out, int64_t c, int64_t k) {
+  constexpr int RA = Tile<acc_t>::RA, RB = Tile<acc_t>::RB;
   const int64_t k_prime = k_in * k_out;
-  constexpr int RA = 4;                                 // rows of the product formed together
-  constexpr int RB = std::is_same_v<acc_t, double> ? 8 : 16;  // columns held in registers
+  const int64_t n_in = (k_in + RB - 1) / RB, n_out = (k_out + RA - 1) / RA;  // panels
+  const std::vector<int64_t> in_lines = cache_lines<scalar_t>(in_idx, k_in, d_in);
+  const std::vector<int64_t> out_lines = cache_lines<scalar_t>(out_idx, k_out, d_out);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xs(static_cast<size_t>(T * k_in));   // [T, k_in] masked inputs
-    std::vector<acc_t> ds(static_cast<size_t>(T * k_out));  // [T, k_out] masked output grads
-    std::vector<acc_t> rows(static_cast<size_t>(RA * k_in));
+    std::vector<acc_t> xs(static_cast<size_t>(n_in * T * RB), acc_t(0));   // input panels
+    std::vector<acc_t> ds(static_cast<size_t>(n_out * T * RA), acc_t(0));  // output-grad panels
+    acc_t tile[RA * RB];
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* xb = x + b * T * d_in;
       const scalar_t* db = dout + b * T * d_out;
-      for (int64_t t = 0; t < T; ++t) {
+      for (int64_t t = 0; t < T; ++t) {  // gather the masked columns (bias column = 1)
         const scalar_t* xr = xb + t * d_in;
         const scalar_t* dr = db + t * d_out;
-        acc_t* xt = xs.data() + t * k_in;
-        acc_t* dt = ds.data() + t * k_out;
+        if (t + kAhead < T) {  // the gather is latency-bound: ask for later tokens' lines now
+          prefetch_lines(xr + kAhead * d_in, in_lines);
+          prefetch_lines(dr + kAhead * d_out, out_lines);
+        }
         for (int64_t i = 0; i < k_in; ++i) {
           const int64_t col = in_idx[i];
-          xt[i] = col == d_in ? acc_t(1) : static_cast<acc_t>(xr[col]);
+          xs[(i / RB) * T * RB + t * RB + i % RB] = col == d_in ? acc_t(1) : static_cast<acc_t>(xr[col]);
         }
-        for (int64_t a = 0; a < k_out; ++a) dt[a] = static_cast<acc_t>(dr[out_idx[a]]);
+        for (int64_t a = 0; a < k_out; ++a)
+          ds[(a / RA) * T * RA + t * RA + a % RA] = static_cast<acc_t>(dr[out_idx[a]]);
       }
       acc_t* ob = out + b * k;
       std::fill(ob, ob + k, acc_t(0));
-      for (int64_t a0 = 0; a0 < k_out; a0 += RA) {
-        const int64_t na = std::min<int64_t>(RA, k_out - a0);
-        int64_t b0 = 0;
-        if (na == RA) {
-          for (; b0 + RB <= k_in; b0 += RB)
-            product_block<acc_t, RA, RB>(xs.data(), ds.data(), T, k_in, k_out, a0, b0, rows.data());
+      for (int64_t pa = 0; pa < n_out; ++pa) {
+        const int64_t na = std::min<int64_t>(RA, k_out - pa * RA);
+        for (int64_t pb = 0; pb < n_in; ++pb) {
+          const int64_t nb = std::min<int64_t>(RB, k_in - pb * RB);
+          micro_kernel<acc_t>(xs.data() + pb * T * RB, ds.data() + pa * T * RA, T, tile);
+          for (int64_t r = 0; r < na; ++r) {  // sketch: scatter through the SJLT tables
+            const int64_t e0 = (pa * RA + r) * k_in + pb * RB;
+            for (int64_t j = 0; j < c; ++j) {
+              const int32_t* bj = bucket + j * k_prime + e0;
+              const float* wj = weight + j * k_prime + e0;
+              for (int64_t q = 0; q < nb; ++q) ob[bj[q]] += static_cast<acc_t>(wj[q]) * tile[r * RB + q];
+            }
+          }
         }
-        if (b0 < k_in)
-          product_edge(xs.data(), ds.data(), T, k_in, k_out, a0, na, b0, k_in - b0, rows.data());
-        for (int64_t r = 0; r < na; ++r)
-          scatter_row(rows.data() + r * k_in, k_in, (a0 + r) * k_in, k_prime, c, bucket, weight, ob);
       }
       if (scale != nullptr) {
         const acc_t s = static_cast<acc_t>(scale[b]);
