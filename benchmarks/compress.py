@@ -5,8 +5,10 @@
     python benchmarks/compress.py --json out/compress.json
 
 Every method is timed side by side in one process on the same inputs (median of a few calls,
-float32, B = 8), so the ratios are comparable even on a noisy shared machine. ``peak MB`` is the
-resident memory the call added at its peak (Linux VmHWM reset before each call).
+float32, B = 8). By default with one torch thread and the process's CPU time as the clock, so
+that other jobs on a shared machine do not count (``--threads 2 --wall`` for wall time on two
+threads). ``peak MB`` is the resident memory the call added at its peak (Linux VmHWM reset
+before each call).
 Materialize-then-SJLT forms the per-example gradients; it is skipped where they would exceed
 ``--materialize-limit-gb``.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -30,7 +33,7 @@ TOKENS = [1, 128, 512]
 KS = [256, 1024, 4096]
 
 
-def run_case(d_in: int, d_out: int, T: int, k: int, B: int, materialize_limit: float) -> dict:
+def run_case(d_in: int, d_out: int, T: int, k: int, B: int, materialize_limit: float, clock) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(B, T, d_in, generator=gen)
     d = torch.randn(B, T, d_out, generator=gen)
@@ -46,7 +49,7 @@ def run_case(d_in: int, d_out: int, T: int, k: int, B: int, materialize_limit: f
         sjlt = SJLTPlan(d_in * d_out, k=k, name="bench")
         methods["materialize+sjlt"] = lambda: sjlt.project(materialize(x, d, bias=False).flatten(1))
     for name, fn in methods.items():
-        row[f"{name} ms"] = time_it(fn) * 1e3
+        row[f"{name} ms"] = time_it(fn, clock=clock) * 1e3
         row[f"{name} peak MB"] = peak_rss_during(fn) / 2**20
     base = row["logra ms"]
     for name in methods:
@@ -61,17 +64,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--materialize-limit-gb", type=float, default=1.0)
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--wall", action="store_true", help="wall time instead of process CPU time")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.wall else time.process_time
     if not kernel_available():
         sys.exit("the C++ kernel did not build; see the warning above")
     if args.quick:
         cases = [(768, 768, 128, 1024), (4096, 4096, 128, 1024), (4096, 4096, 512, 1024)]
     else:
         cases = [(di, do, T, k) for di, do in SHAPES for T in TOKENS for k in KS]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={args.batch}, float32")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), B={args.batch}, float32, "
+          f"clock: {'wall' if args.wall else 'process CPU time'}")
     rows = []
     for d_in, d_out, T, k in cases:
-        rows.append(run_case(d_in, d_out, T, k, args.batch, args.materialize_limit_gb))
+        rows.append(run_case(d_in, d_out, T, k, args.batch, args.materialize_limit_gb, clock))
         print(f"  done {d_out}x{d_in} T={T} k={k}: kernel {rows[-1]['kernel ms']:.2f} ms, "
               f"{rows[-1]['logra/kernel']:.1f}x faster than LoGra", flush=True)
     print()
