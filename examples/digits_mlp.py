@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
                               for i, s in zip(ids[:3], scores[:3]))
             print(f"  top {label}: {shown}")
     run_dir = Path(logger.experiment.dir).parent if logger.experiment is not None else None
+    logger.experiment.finish()  # Lightning leaves the logger's run open; close it so its files are complete
     print(f"\nlocal score files: {out / 'grass' / 'scores'}")
     if run_dir is not None:
         print(f"W&B offline run: {run_dir}\n  upload it with: wandb sync {run_dir}")

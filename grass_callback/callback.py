@@ -10,13 +10,32 @@ Timeline of one fit:
   across ranks, fit, compute query gradients (eval mode, ``param.grad`` untouched), score the
   period's rows, add to the running data value, log tables.
 * checkpoints: the store is flushed first; on resume rows newer than the checkpoint are dropped
-  and the period's Fisher statistics are rebuilt from the store, so nothing is counted twice.
+  and the period's Fisher statistics are rebuilt from the store, so nothing is counted twice. A
+  fit that starts without a checkpoint drops the rows a killed run left in the store (a store
+  whose run finished, marked by ``train-finished.json``, is refused instead). An epoch
+  whose end-of-epoch scoring was lost (the checkpoint came from its last batch) is scored when
+  training resumes. The data value lives in the checkpoint only, so a kill anywhere (capture,
+  shard write, scoring, checkpoint save) and a resume from the last checkpoint give the
+  uninterrupted run's result (``tests/test_crash.py``). Mid-epoch resume also needs a resumable
+  train loader (``state_dict``/``load_state_dict``), or Lightning replays the epoch's first batches.
+
+Distributed (Lightning DDP): every rank taps its own batches and writes its own shards and
+manifest into one store directory (rank 0's choice, broadcast in ``setup``; with
+``Trainer(num_nodes>1)`` it must be on a filesystem every node shares). At a scoring period the
+Fisher sums are all-reduced in place (``k x k`` per layer, never gathered), rank 0 computes the
+query gradients and broadcasts them, each rank scores its own rows, and the per-rank results
+(top-k candidates, per-row self-influence, per-id data values) are merged on every rank. Only rank
+0 writes W&B and the local report files. Every rank runs the same collectives in the same order,
+including ranks that captured nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +75,9 @@ class GraSSCallback(Callback):
         include, exclude: glob patterns over layer names (default: every ``nn.Linear``/``Conv1D``).
         k: compressed size per layer and example (default 1024). seed: seed of the plans.
         storage_dtype: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
-        store_dir: where compressed gradients go (default ``<trainer.log_dir>/grass``).
+        store_dir: where compressed gradients go (default ``<trainer.log_dir>/grass``). Under DDP
+            rank 0's choice is used by every rank; with ``num_nodes > 1`` it must be on a
+            filesystem all nodes share.
         capture_every_n_steps: capture every n-th training batch; 0 turns in-training capture off.
         score_every_n_steps: score every n training batches; ``None`` (default) scores at each
             epoch end.
@@ -78,6 +99,8 @@ class GraSSCallback(Callback):
         wandb_project: project of the run started when the trainer has no ``WandbLogger``.
         log_to_wandb: ``False`` writes local files only. impl: the op implementation.
         progress: progress bars on long passes.
+        rows_per_shard: rows per store shard (default 8192); buffered rows are also committed at
+            every checkpoint and scoring period.
 
     Raises:
         ConfigError: an option out of range (at construction).
@@ -103,8 +126,9 @@ class GraSSCallback(Callback):
                  query_loss_fn: Callable[[Any, Any], Tensor] | None = None, checkpoint_attribution: str = "off",
                  keep_history: str = "period", renderer: Callable[[Any], Any] | None = None, tokenizer: Any = None,
                  wandb_project: str = "grass-callback", log_to_wandb: bool = True, impl: str = "auto",
-                 progress: bool = True) -> None:
-        _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size)
+                 progress: bool = True, rows_per_shard: int = 8192) -> None:
+        _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
+                        rows_per_shard=rows_per_shard)
         if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:
             raise ConfigError(f"capture_every_n_steps must be an integer >= 0 (0 = off), got {capture_every_n_steps!r}.")
         if score_every_n_steps is not None:
@@ -127,6 +151,7 @@ class GraSSCallback(Callback):
         self.query_loss_fn, self.checkpoint_attribution = query_loss_fn, checkpoint_attribution
         self.keep_history, self.renderer, self.tokenizer = keep_history, renderer, tokenizer
         self.wandb_project, self.log_to_wandb, self.impl, self.progress = wandb_project, log_to_wandb, impl, progress
+        self.rows_per_shard = rows_per_shard
         # built in setup
         self.taps: LayerTaps | None = None
         self.store = None
@@ -136,6 +161,8 @@ class GraSSCallback(Callback):
         self.batches_seen = 0
         self.period_start = 0
         self.periods_scored = 0
+        self.last_batch_epoch = -1  # epoch of the last training batch counted
+        self.scored_epoch = -1  # last epoch whose epoch-end scoring ran
         self.data_value: dict[int, float] = {}
         self.last_result: ScoreResult | None = None
         # per batch
@@ -159,15 +186,28 @@ class GraSSCallback(Callback):
             return
         self.taps = LayerTaps(pl_module, include=self.include, exclude=self.exclude, k=self.k, seed=self.seed,
                               impl=self.impl)
-        root = Path(self.store_dir) if self.store_dir is not None else Path(trainer.log_dir or trainer.default_root_dir) / "grass"
+        root = self._agreed_root(trainer)
         self.store_dir = str(root)
         self.store = open_store(root / "train", self.taps, dtype=self.storage_dtype, config=self.config,
-                                rank=trainer.global_rank)
+                                rank=trainer.global_rank, rows_per_shard=self.rows_per_shard)
         self.fisher = FisherStats(self.taps.layer_dims)
         if trainer.is_global_zero:
             self.reporter = self._make_reporter(trainer, root)
         rank_zero_info(f"grass_callback: tapping {len(self.taps.layers)} layers "
                        f"(k={self.k} each), store at {root}")
+
+    def _agreed_root(self, trainer: "pl.Trainer") -> Path:
+        """The store root, rank 0's choice on every rank (``trainer.log_dir`` may differ per rank).
+
+        Every rank writes its own shards and manifest into this one directory, so a multi-node run
+        (``Trainer(num_nodes=...)``) needs it on a filesystem all nodes share.
+        """
+        root = self.store_dir
+        if root is None:
+            root = Path(trainer.log_dir or trainer.default_root_dir) / "grass"
+        if trainer.world_size > 1:
+            root = trainer.strategy.broadcast(str(root), src=0)
+        return Path(root)
 
     def _make_reporter(self, trainer: "pl.Trainer", root: Path) -> Any:
         from grass_callback.report import InfluenceReporter, make_renderer, resolve_wandb_run
@@ -188,7 +228,10 @@ class GraSSCallback(Callback):
         if self._pending_state is not None:
             self._resume(self._pending_state)
             self._pending_state = None
+        else:
+            self._start_without_checkpoint()
         self.taps.attach()
+        self._score_missed_epoch(trainer, pl_module)
 
     def _capturing(self, trainer: "pl.Trainer") -> bool:
         return self.capture_every_n_steps > 0 and self.batches_seen % self.capture_every_n_steps == 0
@@ -242,13 +285,35 @@ class GraSSCallback(Callback):
         if self._ids is not None:  # manual optimization without on_after_backward, or no backward
             self._store_rows(trainer)
         self.batches_seen += 1
+        self.last_batch_epoch = trainer.current_epoch
         if self.score_every_n_steps and self.batches_seen % self.score_every_n_steps == 0:
             self._score_period(trainer, pl_module, f"step-{self.batches_seen}")
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.taps is not None:
+            self._score_missed_epoch(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.taps is not None and not self.score_every_n_steps:
             self._score_period(trainer, pl_module, f"epoch-{trainer.current_epoch}")
+            self.scored_epoch = trainer.current_epoch
+
+    def _score_missed_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Score an epoch whose end hook never ran in this process.
+
+        A checkpoint saved at the last batch of epoch ``e`` (``every_n_train_steps``) comes before
+        that epoch's end-of-epoch scoring; resuming from it, Lightning goes straight on to epoch
+        ``e + 1`` (or ends), calling neither ``on_train_epoch_end`` for ``e`` nor
+        ``on_train_epoch_start`` for ``e + 1``. Called from ``on_train_start``,
+        ``on_train_epoch_start`` and ``on_train_end``; the weights have not moved since that batch,
+        so scoring now gives what the uninterrupted run got.
+        """
+        if self.score_every_n_steps or not self.scored_epoch < self.last_batch_epoch < trainer.current_epoch:
+            return
+        self._score_period(trainer, pl_module, f"epoch-{self.last_batch_epoch}")
+        self.scored_epoch = self.last_batch_epoch
 
     # ------------------------------------------------------------------ scoring
 
@@ -258,6 +323,7 @@ class GraSSCallback(Callback):
         stats.all_reduce_(_reducer(trainer))
         if stats.count == 0:
             rank_zero_warn(f"grass_callback: no training gradients were captured in {period}; nothing to score.")
+            self._end_period()
             return
         t0 = time.perf_counter()
         fitted = stats.fit(self.damping_ratio)
@@ -278,6 +344,9 @@ class GraSSCallback(Callback):
                        **{f"fisher_condition/{n}": v for n, v in conds.items()}}
             self.reporter.report(result, step=trainer.global_step, period=period, scalars=scalars,
                                  data_value=self.data_value_tensors())
+        self._end_period()
+
+    def _end_period(self) -> None:
         self._capture_seconds, self._captured_batches = 0.0, 0
         if self.keep_history == "period":
             self.period_start = self.batches_seen
@@ -305,6 +374,7 @@ class GraSSCallback(Callback):
             source = trainer.val_dataloaders
             if isinstance(source, (list, tuple)):
                 source = source[0] if source else None
+            source = _unsharded(source)  # under DDP Lightning gives each rank a share of the validation set
         if source is None:
             raise GraSSError("no query examples: give GraSSCallback(query_loader=...) or a validation loader.")
         if isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset):
@@ -312,6 +382,27 @@ class GraSSCallback(Callback):
         return source
 
     def _query_gradients(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[Tensor, dict]:
+        """The query gradients, computed once on rank 0 and broadcast to the other ranks.
+
+        Under DDP every rank holds the same weights, so one pass is enough; the other ranks wait in
+        the broadcast. A failure on rank 0 is broadcast too, so no rank is left waiting.
+        """
+        if trainer.world_size <= 1:
+            return self._compute_query_gradients(trainer, pl_module)
+        payload, error = None, None
+        if trainer.is_global_zero:
+            try:
+                payload = ("ok", self._compute_query_gradients(trainer, pl_module))
+            except Exception as exc:
+                error, payload = exc, ("error", f"{type(exc).__name__}: {exc}")
+        payload = trainer.strategy.broadcast(payload, src=0)
+        if error is not None:
+            raise error
+        if payload[0] != "ok":
+            raise GraSSError(f"grass_callback: rank 0 could not compute the query gradients ({payload[1]}).")
+        return payload[1]
+
+    def _compute_query_gradients(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[Tensor, dict]:
         loss_fn = self.query_loss_fn or _training_step_loss
         loader = _on_device(self._query_source(trainer), pl_module.device)
         with _silenced_logging(pl_module), torch.inference_mode(False), torch.enable_grad():
@@ -352,7 +443,12 @@ class GraSSCallback(Callback):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.taps is None:
             return
+        self._score_missed_epoch(trainer, pl_module)  # resumed from a checkpoint at the very last batch
         self.store.flush()
+        if trainer.is_global_zero:
+            _write_json_atomic(self._finished_marker(), {"batches_seen": self.batches_seen,
+                                                         "global_step": trainer.global_step,
+                                                         "world_size": trainer.world_size})
         if self.checkpoint_attribution == "end":
             self.taps.remove()
             self._checkpoint_attribution(trainer, pl_module, f"end-step{trainer.global_step}")
@@ -374,7 +470,8 @@ class GraSSCallback(Callback):
         ids, values = self.data_value_tensors()
         return {"version": _STATE_VERSION, "store_dir": self.store_dir, "config": dict(self.config),
                 "batches_seen": self.batches_seen, "period_start": self.period_start,
-                "periods_scored": self.periods_scored, "data_value_ids": ids, "data_value": values}
+                "periods_scored": self.periods_scored, "last_batch_epoch": self.last_batch_epoch,
+                "scored_epoch": self.scored_epoch, "data_value_ids": ids, "data_value": values}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -397,15 +494,47 @@ class GraSSCallback(Callback):
         self.batches_seen = int(state.get("batches_seen", 0))
         self.period_start = int(state.get("period_start", 0))
         self.periods_scored = int(state.get("periods_scored", 0))
+        self.last_batch_epoch = int(state.get("last_batch_epoch", -1))
+        self.scored_epoch = int(state.get("scored_epoch", -1))
         ids, values = state.get("data_value_ids"), state.get("data_value")
         self.data_value = {} if ids is None else dict(zip(ids.tolist(), values.double().tolist()))
-        dropped = self.store.truncate_after(self.batches_seen - 1)
+        dropped = self._drop_rows_after(self.batches_seen)
         self.fisher.reset()
         min_step = self.period_start if self.keep_history == "period" else None
         for chunk in self.store.iter_chunks(min_step=min_step, ranks=[self.store.rank]):
             self.fisher.update(chunk.grads)
         rank_zero_info(f"grass_callback: resumed at batch {self.batches_seen}; dropped {dropped} rows newer "
                        f"than the checkpoint, rebuilt the Fisher from {self.fisher.count} stored rows.")
+
+    def _start_without_checkpoint(self) -> None:
+        """A fit that does not resume: refuse a store a finished run wrote; drop what a killed one left.
+
+        A killed run's rows are useless without its checkpoint (a fresh fit re-creates them), and
+        keeping them would store each (example, epoch) twice. A finished run's rows are kept: the
+        fit stops with a ConfigError instead. The marker file is the same for every rank, so all
+        ranks take the same branch.
+        """
+        marker = self._finished_marker()
+        if self.batches_seen == 0 and marker.exists() and self.store.num_rows:
+            raise ConfigError(f"grass_callback: store_dir {self.store_dir} already holds {self.store.num_rows} "
+                              f"rows of a finished run ({marker.name}); continue that run with "
+                              "trainer.fit(..., ckpt_path=...), or give this one a new store_dir.")
+        self._drop_rows_after(self.batches_seen, warn="no checkpoint to resume from")
+
+    def _finished_marker(self) -> Path:
+        return Path(self.store_dir) / "train-finished.json"
+
+    def _drop_rows_after(self, batches: int, warn: str | None = None) -> int:
+        """Drop this rank's stored rows of batches ``>= batches``: a killed run wrote them after the
+        state we continue from, and they are about to be captured again (each (example, epoch) once).
+        ``warn``: why, when the user should hear about it.
+        """
+        dropped = self.store.truncate_after(batches - 1)
+        if dropped and warn:
+            warnings.warn(f"grass_callback: {warn}, so dropped {dropped} rows of rank {self.store.rank} that "
+                          f"{self.store.path} held from batch {batches} on (left by a run killed before it "
+                          "finished); use a new store_dir to keep them.", stacklevel=2)
+        return dropped
 
     # ------------------------------------------------------------------ clean-up
 
@@ -484,7 +613,10 @@ def _training_step_loss(pl_module: Any, batch: Any) -> Tensor:
 
 @contextlib.contextmanager
 def _silenced_logging(pl_module: Any) -> Iterator[None]:
-    """``self.log`` calls in ``training_step`` are dropped while queries are computed."""
+    """``self.log`` calls in ``training_step`` are dropped while queries are computed (re-entrant)."""
+    if "log" in vars(pl_module):  # an outer call already silenced it and will restore it
+        yield
+        return
     pl_module.log = lambda *a, **k: None
     pl_module.log_dict = lambda *a, **k: None
     try:
@@ -509,6 +641,26 @@ def _on_device(loader: Iterable, device: torch.device) -> Iterable:
     return _Moved()
 
 
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj) + "\n")
+    os.replace(tmp, path)
+
+
+def _unsharded(loader: Any) -> Any:
+    """``loader`` without the ``DistributedSampler`` Lightning adds under DDP (same dataset, batches,
+    collate), so every rank sees the same first ``num_queries`` examples as a single process."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    if not isinstance(loader, DataLoader):
+        return loader
+    sampler = loader.sampler if loader.batch_sampler is None else getattr(loader.batch_sampler, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+
+
 def _reducer(trainer: "pl.Trainer") -> Callable[[Tensor], Tensor] | None:
     if trainer.world_size <= 1:
         return lambda t: t
@@ -516,6 +668,9 @@ def _reducer(trainer: "pl.Trainer") -> Callable[[Tensor], Tensor] | None:
 
 
 def _merge_across_ranks(trainer: "pl.Trainer", result: ScoreResult) -> ScoreResult:
+    """Every rank's scores of its own rows, merged (top-k re-selected, data values summed) on every
+    rank, so the running data value (and the checkpoint rank 0 writes) covers all ranks' rows.
+    Only top-k candidates, per-row values and per-id sums travel; never a ``k x k`` matrix."""
     if trainer.world_size <= 1:
         return result
     import torch.distributed as dist

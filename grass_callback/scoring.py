@@ -202,9 +202,7 @@ def _chunk_scores(queries: Mapping[str, Tensor], grads: Mapping[str, Tensor], n:
 
 def _self_influence(fisher: FittedFisher, grads: Mapping[str, Tensor]) -> Tensor:
     """``sum_l g_l . (F_l + lambda_l I)^{-1} g_l`` per row, float64."""
-    solved = fisher.solve({name: g.detach() for name, g in grads.items()})
-    parts = [(grads[n].detach().to(torch.float64) * solved[n].to(torch.float64)).sum(1).cpu() for n in grads]
-    return torch.stack(parts).sum(0)
+    return fisher.quadratic(grads)
 
 
 # ----------------------------------------------------------------------------- main loop

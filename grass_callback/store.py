@@ -1179,9 +1179,11 @@ class GradientStore:
                 if f is None:
                     continue
                 try:
-                    ids = f.get_tensor("ids")
-                    steps = f.get_tensor("steps")
-                    eps = f.get_tensor("epochs")
+                    # copies: views into the shard's memory map would keep every shard a
+                    # reader has seen mapped for as long as it holds the ids (scoring does)
+                    ids = f.get_tensor("ids").clone()
+                    steps = f.get_tensor("steps").clone()
+                    eps = f.get_tensor("epochs").clone()
                 except Exception as e:
                     self._mark_bad(entry, str(e))
                     continue

@@ -179,3 +179,22 @@ def test_demo_finds_flipped_labels_better_than_chance(tmp_path):
     # chance: 10% of the top-n; a binomial tail of >= 2.5x chance has probability < 1e-6
     assert out["caught"] >= 0.25 * out["n_flipped"], out["caught"]
     assert out["run_dir"] is not None and list(Path(out["run_dir"]).glob("*.wandb"))
+
+
+def test_checkpoint_attribution_at_the_end_equals_attribute_at_the_final_weights(tmp_path):
+    from grass_callback import attribute
+
+    trainer, model, cb = fit(tmp_path, epochs=1, checkpoint_attribution="end")
+    result = cb.last_checkpoint_result
+    train, val = data()
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m.net(b[0]), b[1])
+
+    direct = attribute(model, train, val, loss_fn, k=16, num_queries=6, topk=3, dtype="float32",
+                       damping_ratio=cb.damping_ratio, progress=False)
+    assert torch.equal(result.top_ids, direct.scores.top_ids)
+    torch.testing.assert_close(result.top_scores, direct.scores.top_scores, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(result.self_influence, direct.scores.self_influence, rtol=1e-4, atol=1e-6)
+    assert (Path(cb.store_dir) / "scores").exists()
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())

@@ -1,0 +1,183 @@
+"""GraSSCallback under Lightning DDP (2 CPU processes, gloo) against a single-process run.
+
+``tests/scripts/ddp_train.py`` runs once with ``devices=2, strategy="ddp"`` and once with one
+process, both in subprocesses (under pytest, ``strategy="ddp"`` would re-launch pytest itself),
+at the same time. The learning rate is 0, so rows, Fisher blocks and scores must agree whatever
+the batching (see the script's docstring).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from grass_callback.store import GradientStore
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+N_TRAIN, EPOCHS, K, LAYERS, NUM_QUERIES = 48, 2, 16, 2, 6
+TIMEOUT_S = 300
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
+             "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "GRASS_CRASH_AT", "PYTHONFAULTHANDLER")
+
+
+def _start(out: Path, devices: int, wandb_dir: Path) -> subprocess.Popen:
+    out.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(SCRIPT.parents[2]),
+               **{var: str(wandb_dir / var.lower()) for var in
+                  ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")})
+    log = open(out / "log.txt", "w")
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--devices", str(devices)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _wait(proc: subprocess.Popen, out: Path) -> None:
+    try:
+        rc = proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the run and the rank it launched (a hung collective)
+        proc.wait()
+        pytest.fail(f"{SCRIPT.name} did not finish in {TIMEOUT_S} s:\n{(out / 'log.txt').read_text()[-4000:]}")
+    assert rc == 0, (out / "log.txt").read_text()[-6000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    started = time.perf_counter()
+    procs = {"ddp": _start(root / "ddp", 2, root / "wandb-ddp"),
+             "single": _start(root / "single", 1, root / "wandb-single")}
+    for name, proc in procs.items():
+        _wait(proc, root / name)
+    print(f"\nDDP and single-process runs took {time.perf_counter() - started:.1f} s")
+    return {name: root / name for name in procs}
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=False)
+
+
+def _records(runs: dict[str, Path]) -> tuple[dict, dict, dict]:
+    """What DDP rank 0, DDP rank 1 and the single process recorded."""
+    return _load(runs["ddp"] / "rank0.pt"), _load(runs["ddp"] / "rank1.pt"), _load(runs["single"] / "rank0.pt")
+
+
+def _rows(store_dir: Path, ranks: list[int] | None = None) -> dict[tuple[int, int], torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean run leaves no orphans
+        store = GradientStore(store_dir, readonly=True)
+    rows: dict[tuple[int, int], torch.Tensor] = {}
+    for chunk in store.iter_chunks(ranks=ranks):
+        flat = torch.cat([chunk.grads[n] for n in store.layers], dim=1)
+        for i, key in enumerate(zip(chunk.ids.tolist(), chunk.epochs.tolist())):
+            assert key not in rows, f"{key} stored twice"
+            rows[key] = flat[i]
+    return rows
+
+
+def _by_id(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = ids.argsort()
+    return ids[order], values[order].double()
+
+
+def test_stores_per_rank_hold_the_single_process_rows(runs: dict[str, Path]) -> None:
+    r0, r1, single = _records(runs)
+    assert (r0["world_size"], r1["world_size"], single["world_size"]) == (2, 2, 1)
+    # one store directory, rank 0's, although rank 1 had another default_root_dir
+    assert r0["store_dir"] == r1["store_dir"] == str(runs["ddp"] / "grass")
+    assert not (runs["ddp"] / "rank1-root" / "grass").exists()
+    train = runs["ddp"] / "grass" / "train"
+    names = sorted(p.name for p in train.iterdir())
+    assert "manifest-r000.json" in names and "manifest-r001.json" in names
+    assert any(n.startswith("shard-r000-") for n in names) and any(n.startswith("shard-r001-") for n in names)
+    # each rank wrote its own shards: disjoint examples per epoch, together all of them once
+    by_rank = [_rows(train, ranks=[r]) for r in (0, 1)]
+    assert not by_rank[0].keys() & by_rank[1].keys()
+    assert len(by_rank[0]) == len(by_rank[1]) == N_TRAIN * EPOCHS // 2
+    ddp_rows = {**by_rank[0], **by_rank[1]}
+    single_rows = _rows(runs["single"] / "grass" / "train")
+    assert ddp_rows.keys() == single_rows.keys() == {(i, e) for i in range(N_TRAIN) for e in range(EPOCHS)}
+    for key, row in single_rows.items():  # batch 4 per rank vs 8: the per-example scale is per rank
+        torch.testing.assert_close(ddp_rows[key], row, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    for name, w in single["weights"].items():
+        assert torch.equal(r0["weights"][name], w) and torch.equal(r1["weights"][name], w)
+
+
+def test_fisher_blocks_are_sum_reduced_in_place(runs: dict[str, Path]) -> None:
+    r0, r1, single = _records(runs)
+    assert len(single["fits"]) == len(r0["fits"]) == len(r1["fits"]) == EPOCHS
+    for period, (a, b, s) in enumerate(zip(r0["fits"], r1["fits"], single["fits"])):
+        assert a["count"] == b["count"] == s["count"] == N_TRAIN, period
+        for name, total in s["sums"].items():
+            assert torch.equal(a["sums"][name], b["sums"][name]), (period, name)  # the same reduced block
+            torch.testing.assert_close(a["sums"][name] / a["count"], total / s["count"], rtol=1e-6, atol=1e-9)
+    for rec in (r0, r1):
+        calls = rec["collectives"]
+        square = [c for c in calls if [K, K] in c[1]]
+        # only all_reduce moves k x k blocks: one per layer per period, never a gather
+        assert {name for name, _ in square} == {"all_reduce"}, square
+        assert len(square) == LAYERS * EPOCHS
+        gathers = [c for c in calls if "gather" in c[0]]
+        assert gathers and all(math.prod(shape) < K * K for _, shapes in gathers for shape in shapes), gathers
+
+
+def test_scores_match_the_single_process_run(runs: dict[str, Path]) -> None:
+    r0, single = _load(runs["ddp"] / "rank0.pt"), _load(runs["single"] / "rank0.pt")
+    assert [r["period"] for r in r0["reports"]] == [r["period"] for r in single["reports"]] == ["epoch-0", "epoch-1"]
+    for got, want in zip(r0["reports"], single["reports"]):
+        g, w = got["result"], want["result"]
+        # the first NUM_QUERIES validation examples, not rank 0's share of them
+        assert torch.equal(g["query_ids"], w["query_ids"]) and g["query_ids"].tolist() == list(range(NUM_QUERIES))
+        for kind in ("top", "bottom"):
+            assert torch.equal(g[f"{kind}_ids"], w[f"{kind}_ids"]), (got["period"], kind)
+            torch.testing.assert_close(g[f"{kind}_scores"], w[f"{kind}_scores"], rtol=1e-4, atol=1e-5)
+        for field in ("self_influence", "data_value"):
+            ids = g[f"{field}_ids"] if field == "self_influence" else g["data_value_ids"]
+            wids = w[f"{field}_ids"] if field == "self_influence" else w["data_value_ids"]
+            gi, gv = _by_id(ids, g[field])
+            wi, wv = _by_id(wids, w[field])
+            assert torch.equal(gi, wi) and gi.tolist() == list(range(N_TRAIN)), (got["period"], field)
+            torch.testing.assert_close(gv, wv, rtol=1e-4, atol=1e-5 * float(wv.abs().max()))
+        # the running data value handed to the reporter
+        gi, gv = _by_id(*got["data_value"])
+        wi, wv = _by_id(*want["data_value"])
+        assert torch.equal(gi, wi)
+        torch.testing.assert_close(gv, wv, rtol=1e-4, atol=1e-5 * float(wv.abs().max()))
+    # the final data value is the same on both ranks (they merge every period) and equals the single run's
+    r1 = _load(runs["ddp"] / "rank1.pt")
+    for rec in (r0, r1):
+        gi, gv = _by_id(*rec["data_value"])
+        wi, wv = _by_id(*single["data_value"])
+        assert torch.equal(gi, wi)
+        torch.testing.assert_close(gv, wv, rtol=1e-4, atol=1e-5 * float(wv.abs().max()))
+
+
+def test_query_gradients_are_computed_once_and_broadcast(runs: dict[str, Path]) -> None:
+    r0, r1 = _load(runs["ddp"] / "rank0.pt"), _load(runs["ddp"] / "rank1.pt")
+    # one validation batch (of 8) holds the 6 queries: one pass per period, on rank 0 only
+    assert len(r0["query_batches"]) == EPOCHS and r1["query_batches"] == []
+    sent = [shapes for name, shapes in r0["collectives"] if name == "broadcast_object_list" and shapes]
+    assert sent == [[[NUM_QUERIES]] + [[NUM_QUERIES, K]] * LAYERS] * EPOCHS
+
+
+def test_only_rank_zero_reports(runs: dict[str, Path]) -> None:
+    r0, r1 = _load(runs["ddp"] / "rank0.pt"), _load(runs["ddp"] / "rank1.pt")
+    assert len(r0["reports"]) == EPOCHS and r1["reports"] == []
+    wandb_runs = list((runs["ddp"] / "grass" / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1, wandb_runs
+    assert list(wandb_runs[0].glob("*.wandb"))
+    for period in ("epoch-0", "epoch-1"):
+        folder = runs["ddp"] / "grass" / "scores" / period
+        assert {p.name for p in folder.iterdir()} == {"influence.csv", "self_influence.csv", "data_value.csv",
+                                                     "scalars.json"}
+        # the data value CSV covers both ranks' rows
+        lines = [ln for ln in (folder / "data_value.csv").read_text().splitlines() if ln and not ln.startswith("#")]
+        assert len(lines) == 1 + N_TRAIN
