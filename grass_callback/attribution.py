@@ -13,8 +13,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,16 +72,52 @@ def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = 
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
+@contextlib.contextmanager
+def _grad_enabled() -> Iterator[None]:
+    """Gradients on, also inside ``torch.no_grad`` / ``torch.inference_mode`` blocks."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _normal_tensors(batch: Any) -> Any:
+    """The batch with inference tensors (made under ``inference_mode``) cloned into normal ones,
+    which autograd can save for backward."""
+    if isinstance(batch, Tensor):
+        return batch.clone() if batch.is_inference() else batch
+    if isinstance(batch, Mapping):
+        return {k: _normal_tensors(v) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_normal_tensors(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_normal_tensors(v) for v in batch)
+    return batch
+
+
 def _batch_gradients(model: nn.Module, taps: LayerTaps, batch: Any, loss_fn: LossFn, reduction: str,
                      token_counts: Callable[[Any], Tensor] | None) -> dict[str, Tensor]:
-    with taps.recording():
+    with _grad_enabled(), taps.recording():
+        batch = _normal_tensors(batch)
         loss = loss_fn(model, batch)
-        B = next(iter(taps._records))[1].shape[0] if taps._records else 0
-        if B == 0:
+        # the batch size from a recorded layer input; with reentrant checkpointing every tapped
+        # layer may run only in backward, then from the batch itself
+        B = next(iter(taps._records))[1].shape[0] if taps._records else _leading_dim(batch)
+        if not taps._records and not (isinstance(loss, Tensor) and loss.requires_grad) or B == 0:
             raise CaptureError("the loss function ran no tapped layer with gradients enabled.")
         counts = token_counts(batch) if token_counts is not None else None
         taps.set_scale(per_example_scale(B, reduction, token_counts=counts, device=loss.device))
         return taps.gradients(loss)
+
+
+def _leading_dim(batch: Any) -> int:
+    """The first dimension of the first tensor in a (nested) batch; 0 when there is none."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 0
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        n = _leading_dim(value)
+        if n:
+            return n
+    return 0
 
 
 def capture_pass(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn: LossFn, *,
@@ -90,11 +128,16 @@ def capture_pass(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn: L
                  num_examples: int | None = None) -> int:
     """One pass at fixed weights: each batch's compressed gradients into ``store`` and ``fisher``.
 
-    ``param.grad`` is untouched (gradients are taken on the tapped outputs only). Returns the
-    number of rows captured.
+    ``param.grad`` is untouched (gradients are taken on the tapped outputs only), and the pass
+    runs with gradients enabled even when called under ``torch.no_grad``/``inference_mode``
+    (e.g. from a hook that runs inside Lightning's validation loop). Rows with NaN/Inf (after the
+    cast to the store's dtype) are left out of ``fisher`` as the store leaves them out (it counts
+    them in ``skipped_nonfinite``), so one bad example cannot poison the Fisher blocks. Returns
+    the number of rows kept.
     """
     rows = 0
     index_key = resolve_index_key(loader, index_key)
+    warned = False
     for batch in _progress(loader, "grass: training gradients", progress):
         ids = get_batch_indices(batch, index_key, num_examples=num_examples)
         if device is not None:
@@ -103,11 +146,20 @@ def capture_pass(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn: L
         if ids.numel() != next(iter(grads.values())).shape[0]:
             raise CaptureError(f"the batch has {ids.numel()} indices but the tapped layers saw "
                                f"{next(iter(grads.values())).shape[0]} examples; is the batch dimension first?")
-        if fisher is not None:
-            fisher.update(grads)
+        cast = {n: g.detach().cpu().to(store.dtype if store is not None else g.dtype) for n, g in grads.items()}
+        keep = torch.ones(ids.numel(), dtype=torch.bool)
+        for g in cast.values():
+            keep &= torch.isfinite(g).all(dim=1)
         if store is not None:
-            store.append(ids, step, {n: g.detach().cpu() for n, g in grads.items()}, epoch=epoch)
-        rows += ids.numel()
+            store.append(ids, step, cast, epoch=epoch)  # drops (and counts) the same rows
+        elif not bool(keep.all()) and not warned:
+            warned = True
+            warnings.warn(f"grass_callback: {int((~keep).sum())} rows with NaN/Inf gradients (ids "
+                          f"{ids[~keep].tolist()[:8]}) left out of the Fisher statistics; later ones "
+                          "are left out silently.", stacklevel=2)
+        if fisher is not None:
+            fisher.update({n: (g if bool(keep.all()) else g[keep]).float() for n, g in cast.items()})
+        rows += int(keep.sum())
     if store is not None:
         store.flush()
     return rows
@@ -121,9 +173,11 @@ def query_gradients(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn
 
     Query ids come from the batches' index field when present, else their position in the loader.
     The model is put in eval mode for the pass and its mode restored; ``param.grad`` is untouched.
+    Gradients are enabled for the pass even when called under ``torch.no_grad`` or
+    ``torch.inference_mode`` (e.g. from a hook inside Lightning's validation loop).
 
     Raises:
-        GraSSError: the query loader is empty.
+        GraSSError: the query loader is empty, or it yields loaders (several loaders in a list).
     """
     was_training = model.training
     model.eval()
@@ -135,6 +189,11 @@ def query_gradients(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn
         for batch in _progress(loader, "grass: query gradients", progress):
             if max_queries is not None and seen >= max_queries:
                 break
+            if isinstance(batch, torch.utils.data.DataLoader):
+                raise GraSSError(
+                    "the query loader yields DataLoaders, not batches: several query loaders were "
+                    "given as a list. Pass one loader; to score queries from several datasets, "
+                    "combine them first (torch.utils.data.ConcatDataset) and load that.")
             try:
                 ids = get_batch_indices(batch, index_key)
             except CaptureError:

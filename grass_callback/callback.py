@@ -184,6 +184,11 @@ class GraSSCallback(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit" or self.taps is not None:
             return
+        if not pl_module.automatic_optimization and self.query_loss_fn is None:
+            raise ConfigError(
+                "with manual optimization (automatic_optimization=False) the default query loss, which "
+                "calls training_step, would run your manual_backward and optimizer.step() on query "
+                "batches; pass GraSSCallback(query_loss_fn=fn(pl_module, batch) -> scalar loss).")
         self.taps = LayerTaps(pl_module, include=self.include, exclude=self.exclude, k=self.k, seed=self.seed,
                               impl=self.impl)
         root = self._agreed_root(trainer)
@@ -242,6 +247,7 @@ class GraSSCallback(Callback):
         if self.taps is None:
             return
         self._ids = None
+        self.taps.clear()  # a backward whose rows were not stored must not leak into this batch
         self.taps._enabled = self._capturing(trainer)
         if self.taps._enabled:
             self._begin_batch(trainer, batch)
@@ -258,7 +264,9 @@ class GraSSCallback(Callback):
 
     @override
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.taps is not None and self._ids is not None:
+        # manual optimization may call manual_backward several times per batch: its rows are
+        # stored at on_train_batch_end, the sum of the batch's backward passes
+        if self.taps is not None and self._ids is not None and pl_module.automatic_optimization:
             self._store_rows(trainer)
 
     def _store_rows(self, trainer: "pl.Trainer") -> None:
@@ -282,7 +290,7 @@ class GraSSCallback(Callback):
                            batch: Any, batch_idx: int) -> None:
         if self.taps is None:
             return
-        if self._ids is not None:  # manual optimization without on_after_backward, or no backward
+        if self._ids is not None:  # manual optimization, or no backward
             self._store_rows(trainer)
         self.batches_seen += 1
         self.last_batch_epoch = trainer.current_epoch

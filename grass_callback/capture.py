@@ -13,6 +13,22 @@ Two ways to get gradients:
   on the tapped outputs only, so no ``param.grad`` and no weight-gradient product is computed.
 
 Shapes: inputs ``[B, ..., d_in]`` with the batch first; extra dimensions are tokens.
+
+How the taps behave with common model set-ups (each checked against exact per-example gradients
+in ``tests/test_loop_variants.py``):
+
+* ``torch.compile``: the hooks sit on the original layers inside the ``OptimizedModule`` and still
+  fire. Layer names leave out wrapper components (``_orig_mod``, ``_checkpoint_wrapped_module``,
+  ``_fsdp_wrapped_module``), so plans and stores are the same with and without compiling. Dynamo
+  cannot trace the tensor-hook registration, so it graph-breaks once per tapped layer (the code
+  between taps stays compiled).
+* Activation checkpointing: each layer is counted once, reentrant or not. Query gradients through
+  reentrant checkpointing (which ``torch.autograd.grad`` refuses) use a full backward with every
+  ``param.grad`` saved and put back.
+* Tied weights (GPT-2's ``lm_head`` sharing ``wte``): only the ``nn.Linear`` use is tapped; the
+  rows are the gradient through ``lm_head``, not the embedding's share of the shared parameter.
+* Frozen layers (``weight.requires_grad`` False, e.g. a LoRA ``base``) are skipped with one
+  warning; trainable adapters inside the same wrapper are tapped.
 """
 
 from __future__ import annotations
@@ -30,7 +46,7 @@ from torch import Tensor, nn
 from grass_callback.errors import CaptureError
 from grass_callback.projection import LayerShape, Plan, make_plan
 
-__all__ = ["LayerTaps", "find_layers", "layer_shape", "per_example_scale", "is_tappable"]
+__all__ = ["LayerTaps", "find_layers", "layer_shape", "per_example_scale", "is_tappable", "clean_layer_name"]
 
 
 def _conv1d_type() -> type | None:
@@ -55,19 +71,36 @@ def layer_shape(module: nn.Module) -> LayerShape:
     return LayerShape(int(d_in), int(d_out), getattr(module, "bias", None) is not None)
 
 
+#: Path components added by wrappers that do not change the layer: ``torch.compile``'s
+#: ``OptimizedModule``, ``checkpoint_wrapper`` and FSDP (the names ``state_dict`` strips too).
+_WRAPPER_COMPONENTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def clean_layer_name(name: str) -> str:
+    """A layer's name without wrapper components, so plans (seeded by name) and stores are the
+    same whether or not the model was wrapped: ``"net._orig_mod.0"`` -> ``"net.0"``."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
+
+
 def find_layers(model: nn.Module, include: Sequence[str] | str | None = None,
                 exclude: Sequence[str] | str | None = None) -> tuple[dict[str, nn.Module], list[str]]:
     """Tappable layers whose names match ``include`` globs and no ``exclude`` glob.
 
     Returns ``(layers, frozen)``: frozen layers (weight without ``requires_grad``) are skipped and
-    named in the second list.
+    named in the second list. Names leave out wrapper components (see :func:`clean_layer_name`):
+    a model whose submodule went through ``torch.compile`` has the same layer names, plans and
+    store as the plain model, and ``include``/``exclude`` match those names.
 
     Raises:
         CaptureError: nothing matches; the message lists the layer names that exist.
     """
     include = [include] if isinstance(include, str) else list(include or ["*"])
     exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
-    candidates = {name: m for name, m in model.named_modules() if name and is_tappable(m)}
+    raw = [(name, m) for name, m in model.named_modules() if name and is_tappable(m)]
+    clean = [clean_layer_name(name) for name, _ in raw]
+    if len(set(clean)) != len(clean):  # two layers differ only by a wrapper: keep the full names
+        clean = [name for name, _ in raw]
+    candidates = {name: m for name, (_, m) in zip(clean, raw)}
     if not candidates:
         names = [n for n, _ in model.named_modules() if n][:20]
         raise CaptureError(
@@ -221,13 +254,20 @@ class LayerTaps:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        """Forwards inside record tapped outputs for :meth:`gradients` instead of hooking backward."""
+        """Forwards inside record tapped outputs for :meth:`gradients` instead of hooking backward.
+
+        Recording is an explicit request: it works even while the taps are switched off for
+        training batches (``_enabled`` False, e.g. between captured steps); only :meth:`paused`
+        inside it turns recording off.
+        """
         previous, self._recording = self._recording, True
+        enabled, self._enabled = self._enabled, True
         self._records = []
         try:
             yield
         finally:
             self._recording = previous
+            self._enabled = enabled
             self._records = []
 
     # ------------------------------------------------------------------ per-batch settings
@@ -285,6 +325,11 @@ class LayerTaps:
 
     # ------------------------------------------------------------------ results
 
+    def clear(self) -> None:
+        """Drop the gradients buffered since the last :meth:`collect` (e.g. at a new batch, so a
+        backward pass whose rows were never collected cannot leak into the next batch's rows)."""
+        self._acc = {}
+
     def collect(self) -> dict[str, Tensor] | None:
         """The compressed gradients since the last call (``{layer: [B, k]}``), then reset.
 
@@ -302,27 +347,72 @@ class LayerTaps:
         """Compressed gradients of ``loss`` for the forward run inside :meth:`recording`.
 
         Uses ``torch.autograd.grad`` on the tapped outputs only: ``param.grad`` is untouched and
-        no weight gradient is formed.
+        no weight gradient is formed. A graph with reentrant activation checkpointing
+        (``checkpoint(..., use_reentrant=True)``) cannot be differentiated that way (its layers
+        run under ``no_grad`` in the forward and are only recomputed in backward): then a full
+        ``loss.backward()`` is run instead, with every parameter's ``.grad`` saved before and put
+        back after, so ``param.grad`` is still unchanged.
 
         Raises:
             CaptureError: nothing was recorded (no forward inside ``recording()``, or the forward
                 ran under ``torch.no_grad``), or ``loss`` is not a scalar with a graph.
         """
-        if not self._records:
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise CaptureError("gradients(loss) needs a scalar loss tensor.")
+        reentrant = loss.requires_grad and _has_reentrant_checkpoint(loss)
+        if not self._records and not reentrant:
             raise CaptureError(
                 "no tapped layer was recorded: run the model's forward inside `with taps.recording():` "
                 "with gradients enabled (not under torch.no_grad / inference_mode), then call "
-                "gradients(loss).")
-        if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
-            raise CaptureError("gradients(loss) needs a scalar loss that requires grad.")
+                "gradients(loss)." + ("" if torch.is_grad_enabled() else
+                                      " Gradients are disabled here: wrap the forward and this call in "
+                                      "`with torch.enable_grad():` (and `torch.inference_mode(False)`)."))
+        if not loss.requires_grad:
+            raise CaptureError("gradients(loss) needs a scalar loss that requires grad (it has no graph: "
+                               "was the forward run under torch.no_grad?).")
         records, self._records = self._records, []
-        grads = torch.autograd.grad(loss, [r[2] for r in records], allow_unused=True,
-                                    retain_graph=retain_graph)
         self._acc = {}
-        for (name, x, _), grad in zip(records, grads):
-            if grad is not None:
-                self._add(name, x, grad)
+        if reentrant:
+            self._backward_keeping_param_grads(loss, records, retain_graph)
+        else:
+            grads = torch.autograd.grad(loss, [r[2] for r in records], allow_unused=True,
+                                        retain_graph=retain_graph)
+            for (name, x, _), grad in zip(records, grads):
+                if grad is not None:
+                    self._add(name, x, grad)
         out = self.collect()
         if out is None:
             raise CaptureError("the loss does not depend on any tapped layer.")
         return out
+
+    def _backward_keeping_param_grads(self, loss: Tensor, records: list, retain_graph: bool) -> None:
+        """``loss.backward()`` feeding the taps through tensor hooks; ``param.grad`` restored after."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        handles = [out.register_hook(partial(self._on_output_grad, name, x)) for name, x, out in records]
+        previous, self._recording = self._recording, False  # recomputed forwards hook their outputs
+        try:
+            loss.backward(retain_graph=retain_graph)
+        finally:
+            self._recording = previous
+            for handle in handles:
+                handle.remove()
+            for p, g in zip(params, saved):
+                p.grad = g
+
+
+def _has_reentrant_checkpoint(loss: Tensor) -> bool:
+    """Whether ``loss``'s graph holds a reentrant ``torch.utils.checkpoint`` segment."""
+    seen: set = set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False

@@ -9,6 +9,7 @@ holds it with ``index_key``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import warnings
 from typing import Any
 
 import torch
@@ -59,11 +60,38 @@ def resolve_index_key(loader: Any, index_key: str | int | None) -> str | int | N
         return index_key
     dataset = getattr(loader, "dataset", None)
     if isinstance(dataset, IndexedDataset):
-        return _INDEXED
+        return _IndexedKey(_tuple_length(dataset))
     return None
 
 
-_INDEXED = "__grass_indexed__"  # marker: batches from an IndexedDataset (dict key or last element)
+class _IndexedKey(str):
+    """Marker for batches from an :class:`IndexedDataset` (dict key or last element).
+
+    ``length`` is the length of its tuple samples (index included) when known: a tuple batch of
+    another length went through a ``collate_fn`` that may have dropped the index, so its last
+    element might be the labels.
+    """
+
+    def __new__(cls, length: int | None = None) -> "_IndexedKey":
+        obj = super().__new__(cls, "__grass_indexed__")
+        obj.length = length
+        obj.warned = False
+        return obj
+
+    def __getnewargs__(self) -> tuple:  # type: ignore[override]
+        return (self.length,)
+
+
+_INDEXED = _IndexedKey()  # compares equal to every _IndexedKey
+
+
+def _tuple_length(dataset: IndexedDataset) -> int | None:
+    """The length of the dataset's tuple samples (one sample is read), else ``None``."""
+    try:
+        sample = dataset[0] if len(dataset) > 0 else None
+    except Exception:  # a dataset that cannot be read here: no check
+        return None
+    return len(sample) if isinstance(sample, tuple) else None
 
 
 def get_batch_indices(batch: Any, index_key: str | int | None = None, batch_size: int | None = None,
@@ -78,11 +106,18 @@ def get_batch_indices(batch: Any, index_key: str | int | None = None, batch_size
         CaptureError: no indices, indices of the wrong kind or length, duplicates in one batch, or
             an index outside ``[0, num_examples)``.
     """
+    hint = ""
     if isinstance(batch, Mapping):
         key = "index" if index_key in (None, _INDEXED) else index_key
         value = batch.get(key)
     elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) > 0:
         position = -1 if index_key == _INDEXED else index_key
+        expected = getattr(index_key, "length", None)
+        if expected is not None and len(batch) != expected:
+            hint = (f" Note: the IndexedDataset's samples have {expected} elements (the index last) but "
+                    f"this batch has {len(batch)}: a collate_fn probably dropped the index, so its last "
+                    f"element (e.g. the labels) was read as the index. Keep the index last in the batch, "
+                    f"or pass index_key=<its position>.")
         if position is None:
             value = None
         elif not isinstance(position, int):
@@ -95,17 +130,27 @@ def get_batch_indices(batch: Any, index_key: str | int | None = None, batch_size
     ok = isinstance(value, Tensor) and value.dim() == 1 and not value.is_floating_point() \
         and not value.is_complex() and value.dtype != torch.bool
     if not ok:
-        where = "no index field was named" if value is None and index_key is None else f"index_key={index_key!r}"
-        raise CaptureError(f"this training batch carries no dataset indices ({where}); " + _HOW_TO_FIX)
+        if value is None and index_key is None:
+            where = "no index field was named"
+        elif isinstance(index_key, _IndexedKey):
+            where = ("the batch of an IndexedDataset has no 'index' key" if isinstance(batch, Mapping)
+                     else "the last element of the batch is not an integer vector")
+        else:
+            where = f"index_key={index_key!r}"
+        raise CaptureError(f"this training batch carries no dataset indices ({where}); " + _HOW_TO_FIX + hint)
     ids = value.detach().to("cpu", torch.int64)
     if batch_size is not None and ids.numel() != batch_size:
-        raise CaptureError(f"the batch holds {batch_size} examples but {ids.numel()} indices; " + _HOW_TO_FIX)
+        raise CaptureError(f"the batch holds {batch_size} examples but {ids.numel()} indices; " + _HOW_TO_FIX + hint)
     if ids.unique().numel() != ids.numel():
-        raise CaptureError(f"duplicate dataset indices in one batch ({ids.tolist()[:16]}...): each example "
-                           "must appear once per batch; check the sampler and the index field.")
+        raise CaptureError(f"duplicate dataset indices in one batch ({ids.tolist()[:16]}): each example "
+                           "must appear once per batch; check the sampler and the index field." + hint)
     if ids.numel() and (int(ids.min()) < 0 or (num_examples is not None and int(ids.max()) >= num_examples)):
         raise CaptureError(f"dataset indices must lie in [0, {num_examples}), got "
-                           f"min {int(ids.min())}, max {int(ids.max())}; the index field is not the dataset index.")
+                           f"min {int(ids.min())}, max {int(ids.max())}; the index field is not the dataset "
+                           "index (or the loader is not over the training dataset)." + hint)
+    if hint and not index_key.warned:  # type: ignore[union-attr]
+        index_key.warned = True  # type: ignore[union-attr]
+        warnings.warn("grass_callback:" + hint, stacklevel=2)
     return ids
 
 
