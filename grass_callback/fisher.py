@@ -468,16 +468,25 @@ class FittedFisher:
     def quadratic(self, g: Mapping[str, Tensor]) -> Tensor:
         """``Σ_l g_l^T (F_l + λ_l I)^{-1} g_l`` per row, float64 ``[n]`` (e.g. self-influence).
 
-        With ``F + λI = L L^T`` this is ``‖L^{-1} g‖²``: one triangular solve instead of a
-        Cholesky solve and a dot product.
+        With ``F + λI = L L^T`` this is ``‖L^{-1} g‖²``. ``L^{-1}`` is formed once per layer, so
+        each chunk of rows costs one matrix product (in float64 for float64 rows, else float32).
         """
         total = None
         for name, x in g.items():
-            factor = self.factors[name]
-            rhs = x.detach().to(device=factor.device, dtype=factor.dtype).T
-            part = torch.linalg.solve_triangular(factor, rhs, upper=False).square().sum(0)
+            inv = self._inverse_factor(name)
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            part = (x.detach().to(device=inv.device, dtype=dtype) @ inv.to(dtype).T).square().sum(1)
+            part = part.to(torch.float64)
             total = part if total is None else total + part
-        return (total if total is not None else torch.zeros(0)).to(torch.float64).cpu()
+        return (total if total is not None else torch.zeros(0, dtype=torch.float64)).cpu()
+
+    def _inverse_factor(self, name: str) -> Tensor:
+        cache = self.__dict__.setdefault("_inverse_factors", {})
+        if name not in cache:
+            factor = self.factors[name]
+            eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+            cache[name] = torch.linalg.solve_triangular(factor, eye, upper=False)
+        return cache[name]
 
     @torch.no_grad()
     def condition_numbers(self) -> dict[str, float]:
