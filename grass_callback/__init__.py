@@ -23,6 +23,10 @@ _EXPORTS = {
     "LoGraPlan": "grass_callback.projection",
     "factgrass": "grass_callback.ops",
     "GraSSError": "grass_callback.errors",
+    "lds": "grass_callback.evaluation",
+    "LinearDatamodelingScore": "grass_callback.evaluation",
+    "choose_damping": "grass_callback.evaluation",
+    "SelectiveFactGraSSPlan": "grass_callback.projection",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--seed", type=int, default=0)
     att.add_argument("--topk", type=int, default=10)
     att.add_argument("--num-queries", type=int, default=16)
-    att.add_argument("--damping-ratio", type=float, default=None)
+    att.add_argument("--damping-ratio", default="auto", help="a number, or auto (the benchmark's best for k)")
     att.add_argument("--batch-size", type=int, default=64)
     att.add_argument("--include", action="append", default=None)
     att.add_argument("--exclude", action="append", default=None)
@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from grass_callback.attribution import DEFAULT_DAMPING_RATIO
     from grass_callback.callback import _silenced_logging, _training_step_loss
     from grass_callback.checkpoints import attribute_checkpoints
     from grass_callback.report import InfluenceReporter, make_renderer, resolve_wandb_run
@@ -75,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     result = attribute_checkpoints(load, args.ckpt, train, query, loss_fn, out / "stores", k=args.k,
                                    seed=args.seed, topk=args.topk, num_queries=args.num_queries,
                                    include=args.include, exclude=args.exclude,
-                                   damping_ratio=args.damping_ratio or DEFAULT_DAMPING_RATIO,
+                                   damping_ratio=args.damping_ratio if args.damping_ratio == "auto"
+                                   else float(args.damping_ratio),
                                    progress=not args.quiet)
     run = None if args.no_wandb else resolve_wandb_run(save_dir=str(out), project="grass-callback",
                                                          config={"checkpoints": args.ckpt, "k": args.k})

@@ -26,18 +26,30 @@ from torch import Tensor, nn
 
 from grass_callback.capture import LayerTaps, per_example_scale
 from grass_callback.data import get_batch_indices, move_to_device, resolve_index_key
-from grass_callback.errors import CaptureError, GraSSError
+from grass_callback.errors import CaptureError, ConfigError, GraSSError
 from grass_callback.fisher import FisherStats, FittedFisher
 from grass_callback.projection import Plan, plan_from_state
 from grass_callback.scoring import ScoreResult, precondition_queries, score_chunks
 from grass_callback.store import GradientStore
 
 __all__ = ["attribute", "AttributionResult", "capture_pass", "query_gradients", "score_store",
-           "open_store", "plans_from_store", "LossFn", "DEFAULT_DAMPING_RATIO"]
+           "open_store", "plans_from_store", "resolve_damping", "LossFn", "DEFAULT_DAMPING_RATIO"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-#: Relative damping ``λ = r · trace(F) / k``; see the README for how it was chosen.
-DEFAULT_DAMPING_RATIO = 1e-3
+#: Relative damping ``λ = r · trace(F) / k``: ``"auto"`` takes the best ratio for ``k`` measured
+#: by ``benchmarks/quality.py`` (see :func:`grass_callback.evaluation.recommended_damping_ratio`).
+DEFAULT_DAMPING_RATIO = "auto"
+
+
+def resolve_damping(damping_ratio: float | str, k: int) -> float:
+    """A relative damping as a number: ``"auto"`` becomes the benchmark's best ratio for ``k``."""
+    if damping_ratio == "auto":
+        from grass_callback.evaluation import recommended_damping_ratio
+
+        return recommended_damping_ratio(int(k))
+    if isinstance(damping_ratio, bool) or not isinstance(damping_ratio, (int, float)) or not damping_ratio > 0:
+        raise ConfigError(f"damping_ratio must be a positive number or 'auto', got {damping_ratio!r}.")
+    return float(damping_ratio)
 
 
 def open_store(path: str | Path, taps: LayerTaps, *, dtype: str = "float16", config: Mapping[str, Any] | None = None,
@@ -252,7 +264,7 @@ class AttributionResult:
 
 def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, loss_fn: LossFn, *,
               index_key: str | int | None = None, include: Any = None, exclude: Any = None, k: int = 1024,
-              seed: int = 0, damping_ratio: float = DEFAULT_DAMPING_RATIO, topk: int = 10,
+              seed: int = 0, damping_ratio: float | str = DEFAULT_DAMPING_RATIO, topk: int = 10,
               reduction: str = "mean", token_counts: Callable[[Any], Tensor] | None = None,
               store_dir: str | Path | None = None, dtype: str = "float16", self_influence: bool = True,
               num_queries: int | None = None, impl: str = "auto", device: torch.device | str | None = None,
@@ -266,7 +278,8 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` reduced as ``reduction`` says.
         index_key: the batch field holding dataset indices (default: ``"index"`` / last element).
         include, exclude: layer-name globs. k, seed: the FactGraSS plans (per layer).
-        damping_ratio: relative damping of each Fisher block. topk: proponents/opponents per query.
+        damping_ratio: relative damping of each Fisher block, or ``"auto"`` (the benchmark's best
+            ratio for ``k``). topk: proponents/opponents per query.
         reduction: how ``loss_fn`` reduces over the batch: ``"mean"``, ``"sum"``, ``"token_mean"``
             (then ``token_counts(batch) -> [B]`` is required).
         store_dir: where compressed gradients go (default: a temporary directory).
@@ -290,6 +303,6 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
         q_ids, q_grads = query_gradients(model, taps, query_loader, loss_fn, reduction=reduction,
                                          token_counts=token_counts, max_queries=num_queries, device=device,
                                          progress=progress)
-    fitted = fisher.fit(damping_ratio)
+    fitted = fisher.fit(resolve_damping(damping_ratio, k))
     scores = score_store(store, fitted, q_ids, q_grads, topk=topk, self_influence=self_influence, progress=progress)
     return AttributionResult(scores=scores, fisher=fitted, store=store, query_ids=q_ids, query_grads=q_grads)

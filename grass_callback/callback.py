@@ -51,6 +51,7 @@ from grass_callback.attribution import (
     capture_pass,
     open_store,
     query_gradients,
+    resolve_damping,
     score_store,
 )
 from grass_callback.capture import LayerTaps, per_example_scale
@@ -85,7 +86,9 @@ class GraSSCallback(Callback):
             dataset, batched by ``query_batch_size``); default: the validation loader.
         num_queries: how many query examples are scored (default 16).
         topk: proponents and opponents kept per query (default 10).
-        damping_ratio: relative damping of each Fisher block, ``λ = r · trace(F) / k``.
+        damping_ratio: relative damping of each Fisher block, ``λ = r · trace(F) / k``; ``"auto"``
+            (default) takes the best ratio for ``k`` measured by ``benchmarks/quality.py``
+            (0.01 at k=64, 0.1 at 256, 1 at 1024, interpolated in log k).
         index_key: the batch field holding dataset indices (default: from ``IndexedDataset``).
         loss_reduction: how the training loss reduces over the batch: ``"mean"``, ``"sum"`` or
             ``"token_mean"`` (then ``token_counts(batch) -> [B]`` is required).
@@ -121,7 +124,7 @@ class GraSSCallback(Callback):
                  storage_dtype: str = "float16", store_dir: str | Path | None = None,
                  capture_every_n_steps: int = 1, score_every_n_steps: int | None = None,
                  query_loader: Any = None, query_batch_size: int = 32, num_queries: int = 16, topk: int = 10,
-                 damping_ratio: float = DEFAULT_DAMPING_RATIO, index_key: str | int | None = None,
+                 damping_ratio: float | str = DEFAULT_DAMPING_RATIO, index_key: str | int | None = None,
                  loss_reduction: str = "mean", token_counts: Callable[[Any], Tensor] | None = None,
                  query_loss_fn: Callable[[Any, Any], Tensor] | None = None, checkpoint_attribution: str = "off",
                  keep_history: str = "period", renderer: Callable[[Any], Any] | None = None, tokenizer: Any = None,
@@ -140,13 +143,12 @@ class GraSSCallback(Callback):
         _check_choice("impl", impl, ("auto", "torch", "cpu", "cuda"))
         if loss_reduction == "token_mean" and token_counts is None:
             raise ConfigError("loss_reduction='token_mean' needs token_counts=fn(batch) -> [B] token counts.")
-        if not (isinstance(damping_ratio, (int, float)) and damping_ratio > 0):
-            raise ConfigError(f"damping_ratio must be a positive number, got {damping_ratio!r}.")
         self.include, self.exclude, self.k, self.seed = include, exclude, k, seed
         self.storage_dtype, self.store_dir = storage_dtype, store_dir
         self.capture_every_n_steps, self.score_every_n_steps = capture_every_n_steps, score_every_n_steps
         self.query_loader, self.query_batch_size = query_loader, query_batch_size
-        self.num_queries, self.topk, self.damping_ratio = num_queries, topk, float(damping_ratio)
+        self.num_queries, self.topk = num_queries, topk
+        self.damping_ratio = resolve_damping(damping_ratio, k)
         self.index_key, self.loss_reduction, self.token_counts = index_key, loss_reduction, token_counts
         self.query_loss_fn, self.checkpoint_attribution = query_loss_fn, checkpoint_attribution
         self.keep_history, self.renderer, self.tokenizer = keep_history, renderer, tokenizer

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from grass_callback.errors import CaptureError
-from grass_callback.projection import LayerShape, Plan, make_plan
+from grass_callback.projection import FactGraSSPlan, LayerShape, Plan, make_plan
 
 __all__ = ["LayerTaps", "find_layers", "layer_shape", "per_example_scale", "is_tappable", "clean_layer_name"]
 
@@ -313,7 +313,7 @@ class LayerTaps:
         mask = self._token_mask
         if mask is not None and mask.shape == x3.shape[:2]:
             x3 = x3 * mask.to(device=x3.device, dtype=x3.dtype).unsqueeze(-1)
-        out = plan.compress(x3, g3, scale=self._scale, **({"impl": self.impl} if plan.kind == "factgrass" else {}))
+        out = plan.compress(x3, g3, scale=self._scale, **({"impl": self.impl} if isinstance(plan, FactGraSSPlan) else {}))
         if name in self._acc:
             if self._acc[name].shape != out.shape:
                 raise CaptureError(f"layer {name!r} saw batches of different sizes in one step "

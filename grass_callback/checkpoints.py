@@ -22,6 +22,7 @@ from grass_callback.attribution import (
     capture_pass,
     open_store,
     query_gradients,
+    resolve_damping,
 )
 from grass_callback.capture import LayerTaps
 from grass_callback.errors import GraSSError
@@ -35,7 +36,7 @@ __all__ = ["attribute_checkpoints"]
 def attribute_checkpoints(load_model: Callable[[str], nn.Module], checkpoints: Sequence[str | Path],
                           train_loader: Iterable, query_loader: Iterable, loss_fn: LossFn, out_dir: str | Path, *,
                           index_key: Any = None, include: Any = None, exclude: Any = None, k: int = 1024,
-                          seed: int = 0, damping_ratio: float = DEFAULT_DAMPING_RATIO, topk: int = 10,
+                          seed: int = 0, damping_ratio: float | str = DEFAULT_DAMPING_RATIO, topk: int = 10,
                           reduction: str = "mean", num_queries: int | None = None, dtype: str = "float16",
                           progress: bool = True) -> ScoreResult:
     """Ensembled influence over ``checkpoints``; ``load_model(path)`` returns the model at a checkpoint.
@@ -62,7 +63,7 @@ def attribute_checkpoints(load_model: Callable[[str], nn.Module], checkpoints: S
         if q_ids is not None and not torch.equal(ids, q_ids):
             raise GraSSError("the query loader gave different examples for different checkpoints; it must not shuffle.")
         q_ids = ids
-        fit = stats.fit(damping_ratio)
+        fit = stats.fit(resolve_damping(damping_ratio, k))
         for name in taps.layer_dims:
             key = f"ckpt{c}/{name}"
             fitted[key] = (fit.factors[name], fit.damping[name], fit.damping_ratio[name])
@@ -70,7 +71,7 @@ def attribute_checkpoints(load_model: Callable[[str], nn.Module], checkpoints: S
         stores.append(store)
         store.close()
     joint = FittedFisher({n: f for n, (f, _, _) in fitted.items()}, {n: d for n, (_, d, _) in fitted.items()},
-                         {n: r for n, (_, _, r) in fitted.items()}, requested_damping_ratio=damping_ratio)
+                         {n: r for n, (_, _, r) in fitted.items()}, requested_damping_ratio=resolve_damping(damping_ratio, k))
     pre = precondition_queries(joint, queries)
     return score_chunks(pre, _aligned_chunks(stores), query_ids=q_ids, topk=topk, self_influence=joint)
 

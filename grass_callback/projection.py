@@ -524,3 +524,124 @@ def plan_from_state(config: Mapping[str, Any], tensors: Mapping[str, Tensor] | N
                     f"saved tensor {key!r} of plan {config.get('name')!r} differs from the rebuild; "
                     "the plan was made by another version or seed.")
     return plan
+
+
+# --------------------------------------------------------------------------- FJLT (added for the quality benchmark)
+
+
+def fwht(v: Tensor, rows_per_block: int = 64) -> Tensor:
+    """Orthonormal fast Walsh-Hadamard transform of the rows of ``v`` (``[B, n]``, ``n`` a power of 2).
+
+    Natural (Sylvester) order: the result equals ``v @ H_n / sqrt(n)`` with ``H_1 = [1]`` and
+    ``H_2n = [[H_n, H_n], [H_n, -H_n]]``. ``O(B n log n)`` time: ``log2 n`` in-place butterfly
+    passes over blocks of ``rows_per_block`` rows (so a block stays in cache), one copy of ``v``.
+    """
+    B, n = v.shape
+    if n & (n - 1):
+        raise PlanError(f"the Walsh-Hadamard transform needs a power-of-2 width, got {n}.")
+    out = v.clone(memory_format=torch.contiguous_format)
+    for start in range(0, B, rows_per_block):
+        block = out[start:start + rows_per_block]
+        b, h = block.shape[0], 1
+        while h < n:
+            pairs = block.view(b, n // (2 * h), 2, h)
+            first, second = pairs[:, :, 0, :], pairs[:, :, 1, :]
+            old_first = first.clone()
+            first.add_(second)  # a + b
+            second.sub_(old_first).neg_()  # a - b
+            h *= 2
+    return out.div_(math.sqrt(n))
+
+
+class FJLTPlan(_FlatPlan):
+    """Fast Johnson-Lindenstrauss transform of the flat gradient: ``sqrt(n/k) · S H D``.
+
+    ``D``: random signs on the ``dim`` coordinates; the result is zero-padded to ``n``, the next
+    power of two, and transformed by the orthonormal Walsh-Hadamard matrix ``H`` (:func:`fwht`);
+    ``S`` keeps ``k`` of the ``n`` coordinates, drawn without replacement. The scale makes it an
+    isometry in expectation over ``S``: ``E ||P g||^2 = ||g||^2``. ``O(n log n)`` per example.
+    """
+
+    kind = "fjlt"
+
+    def __init__(self, dim: int, k: int = 1024, seed: int = 0, name: str = "",
+                 shape: LayerShape | None = None) -> None:
+        super().__init__(dim, k, seed, name, shape)
+        self.padded = 1 << max(0, (self.dim - 1).bit_length())
+        if self.k > self.padded:
+            raise PlanError(f"FJLT of a {self.dim}-dim gradient (padded to {self.padded}) cannot keep "
+                            f"k={self.k} coordinates; use k <= {self.padded}.")
+        gen = derive_generator(self.seed, self.name, "fjlt")
+        self.sign = (torch.randint(0, 2, (self.dim,), generator=gen) * 2 - 1).to(torch.int8)
+        self.index = random_mask(self.padded, self.k, gen)
+
+    def config(self) -> dict[str, Any]:
+        return self._base_config()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"sign": self.sign, "index": self.index}
+
+    def project(self, flat: Tensor) -> Tensor:
+        signed = flat * self.sign.to(device=flat.device, dtype=flat.dtype)
+        if self.padded > self.dim:
+            signed = torch.nn.functional.pad(signed, (0, self.padded - self.dim))
+        mixed = fwht(signed)
+        return mixed.index_select(1, self.index.to(flat.device)) * math.sqrt(self.padded / self.k)
+
+
+# --------------------------------------------------------------------------- selective-mask FactGraSS
+
+
+def _index_tensor(values: Any, size: int, what: str) -> Tensor:
+    idx = torch.as_tensor(values, dtype=torch.int64).reshape(-1)
+    if idx.numel() == 0:
+        raise PlanError(f"the learned {what} mask is empty.")
+    idx = idx.sort().values
+    if int(idx[0]) < 0 or int(idx[-1]) >= size or bool((idx[1:] == idx[:-1]).any()):
+        raise PlanError(f"the learned {what} mask must hold distinct indices in [0, {size}); got "
+                        f"{idx.tolist()[:8]}... of {idx.numel()}.")
+    return idx
+
+
+class SelectiveFactGraSSPlan(FactGraSSPlan):
+    """FactGraSS with *learned* factor masks (the paper's selective mask) instead of random ones.
+
+    ``in_idx`` / ``out_idx`` are the kept input (the bias column is index ``d_in``) and output
+    coordinates, e.g. from :func:`grass_callback.selective.learn_factor_masks`; without them the
+    plan takes the random masks :class:`FactGraSSPlan` would draw (so ``make_plan`` works). The SJLT tables
+    come from ``(seed, name)`` exactly as in :class:`FactGraSSPlan`, so a selective plan and a
+    random-mask plan of one seed differ only in their masks. ``k`` is clipped to ``k_in k_out``
+    (an identity sketch) when the masks are smaller. The indices are part of :meth:`config`
+    (plain lists), so :func:`plan_from_state` rebuilds the plan from its config alone.
+    """
+
+    kind = "factgrass_selective"
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False, k: int = 1024, *,
+                 in_idx: Any = None, out_idx: Any = None, c: int = 1, seed: int = 0, name: str = "",
+                 k_in: int | None = None, k_out: int | None = None) -> None:
+        _check_positive(d_in=d_in, d_out=d_out, k=k)
+        if in_idx is None and out_idx is None:  # nothing learned yet: the random plan's masks, kept explicitly
+            ref = FactGraSSPlan(d_in, d_out, bias, k=k, k_in=k_in, k_out=k_out, c=c, seed=seed, name=name)
+            in_idx, out_idx, k = ref.in_idx, ref.out_idx, ref.k
+        elif in_idx is None or out_idx is None:
+            raise PlanError("a selective plan needs both in_idx and out_idx (or neither, for random masks).")
+        self._learned_in = _index_tensor(in_idx, int(d_in) + int(bool(bias)), "input")
+        self._learned_out = _index_tensor(out_idx, int(d_out), "output")
+        n_in, n_out = self._learned_in.numel(), self._learned_out.numel()
+        if (k_in is not None and k_in != n_in) or (k_out is not None and k_out != n_out):
+            raise PlanError(f"k_in/k_out ({k_in}, {k_out}) differ from the learned masks' sizes ({n_in}, {n_out}).")
+        super().__init__(d_in, d_out, bias, k=min(int(k), n_in * n_out), k_in=n_in, k_out=n_out, c=c,
+                         seed=seed, name=name)
+
+    def _build(self) -> None:
+        super()._build()  # SJLT tables from (seed, name), as the random-mask plan
+        self.in_idx, self.out_idx = self._learned_in, self._learned_out
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "in_idx": self.in_idx.tolist(), "out_idx": self.out_idx.tolist()}
+
+
+PLAN_KINDS[FJLTPlan.kind] = FJLTPlan
+PLAN_KINDS[SelectiveFactGraSSPlan.kind] = SelectiveFactGraSSPlan
+__all__ += ["FJLTPlan", "fwht", "SelectiveFactGraSSPlan"]
