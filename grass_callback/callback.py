@@ -54,7 +54,8 @@ from grass_callback.attribution import (
     resolve_damping,
     score_store,
 )
-from grass_callback.capture import LayerTaps, per_example_scale
+from grass_callback.capture import LayerTaps, find_layers, per_example_scale
+from grass_callback.projection import plan_from_state
 from grass_callback.data import get_batch_indices, resolve_index_key
 from grass_callback.errors import ConfigError, GraSSError
 from grass_callback.fisher import FisherStats
@@ -102,6 +103,9 @@ class GraSSCallback(Callback):
         wandb_project: project of the run started when the trainer has no ``WandbLogger``.
         log_to_wandb: ``False`` writes local files only. impl: the op implementation.
         progress: progress bars on long passes.
+        mask: ``"random"`` (default) masks, or ``"selective"``: the paper's learned masks, fitted at
+            the start of training on the factors of ``selective_sample`` training examples (on
+            rank 0, shared with the others; a resumed run reuses the store's plans).
         rows_per_shard: rows per store shard (default 8192); buffered rows are also committed at
             every checkpoint and scoring period.
 
@@ -129,7 +133,8 @@ class GraSSCallback(Callback):
                  query_loss_fn: Callable[[Any, Any], Tensor] | None = None, checkpoint_attribution: str = "off",
                  keep_history: str = "period", renderer: Callable[[Any], Any] | None = None, tokenizer: Any = None,
                  wandb_project: str = "grass-callback", log_to_wandb: bool = True, impl: str = "auto",
-                 progress: bool = True, rows_per_shard: int = 8192) -> None:
+                 progress: bool = True, rows_per_shard: int = 8192, mask: str = "random",
+                 selective_sample: int = 256) -> None:
         _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
                         rows_per_shard=rows_per_shard)
         if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:
@@ -141,6 +146,8 @@ class GraSSCallback(Callback):
         _check_choice("checkpoint_attribution", checkpoint_attribution, ("off", "end", "save"))
         _check_choice("keep_history", keep_history, ("period", "all"))
         _check_choice("impl", impl, ("auto", "torch", "cpu", "cuda"))
+        _check_choice("mask", mask, ("random", "selective"))
+        _check_positive(selective_sample=selective_sample)
         if loss_reduction == "token_mean" and token_counts is None:
             raise ConfigError("loss_reduction='token_mean' needs token_counts=fn(batch) -> [B] token counts.")
         self.include, self.exclude, self.k, self.seed = include, exclude, k, seed
@@ -154,6 +161,7 @@ class GraSSCallback(Callback):
         self.keep_history, self.renderer, self.tokenizer = keep_history, renderer, tokenizer
         self.wandb_project, self.log_to_wandb, self.impl, self.progress = wandb_project, log_to_wandb, impl, progress
         self.rows_per_shard = rows_per_shard
+        self.mask, self.selective_sample = mask, selective_sample
         # built in setup
         self.taps: LayerTaps | None = None
         self.store = None
@@ -180,7 +188,7 @@ class GraSSCallback(Callback):
     def config(self) -> dict[str, Any]:
         """What must match for a resumed run to continue the same store."""
         return {"k": self.k, "seed": self.seed, "include": self.include, "exclude": self.exclude,
-                "loss_reduction": self.loss_reduction, "storage_dtype": self.storage_dtype}
+                "loss_reduction": self.loss_reduction, "storage_dtype": self.storage_dtype, "mask": self.mask}
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -191,8 +199,14 @@ class GraSSCallback(Callback):
                 "with manual optimization (automatic_optimization=False) the default query loss, which "
                 "calls training_step, would run your manual_backward and optimizer.step() on query "
                 "batches; pass GraSSCallback(query_loss_fn=fn(pl_module, batch) -> scalar loss).")
-        self.taps = LayerTaps(pl_module, include=self.include, exclude=self.exclude, k=self.k, seed=self.seed,
-                              impl=self.impl)
+        if self.mask == "selective":  # masks are learned from training batches in on_train_start
+            find_layers(pl_module, self.include, self.exclude)  # fail now if nothing can be tapped
+            return
+        self._build(trainer, pl_module, plans=None)
+
+    def _build(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", plans: Any) -> None:
+        self.taps = LayerTaps(pl_module, plans=plans, include=self.include, exclude=self.exclude, k=self.k,
+                              seed=self.seed, impl=self.impl)
         root = self._agreed_root(trainer)
         self.store_dir = str(root)
         self.store = open_store(root / "train", self.taps, dtype=self.storage_dtype, config=self.config,
@@ -201,7 +215,32 @@ class GraSSCallback(Callback):
         if trainer.is_global_zero:
             self.reporter = self._make_reporter(trainer, root)
         rank_zero_info(f"grass_callback: tapping {len(self.taps.layers)} layers "
-                       f"(k={self.k} each), store at {root}")
+                       f"(k={self.k} each, {self.mask} masks), store at {root}")
+
+    def _selective_plans(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
+        """Learned-mask plans: the store's when resuming, else learned on rank 0 and broadcast."""
+        from grass_callback.attribution import plans_from_store
+        from grass_callback.capture import layer_shape
+        from grass_callback.selective import collect_factors, selective_plans
+        from grass_callback.store import GradientStore
+
+        train_dir = self._agreed_root(trainer) / "train"
+        if (train_dir / "meta.json").exists():
+            return plans_from_store(GradientStore(train_dir, readonly=True))
+        states = None
+        if trainer.is_global_zero:
+            layers = find_layers(pl_module, self.include, self.exclude)[0]
+            loader = _on_device(trainer.train_dataloader, pl_module.device)
+            with _silenced_logging(pl_module), torch.inference_mode(False), torch.enable_grad():
+                factors = collect_factors(pl_module, loader, self.query_loss_fn or _training_step_loss,
+                                          layers=layers, reduction=self.loss_reduction,
+                                          max_examples=self.selective_sample)
+            plans = selective_plans(factors, {n: layer_shape(m) for n, m in layers.items()}, k=self.k,
+                                    seed=self.seed)
+            states = {n: p.to_state() for n, p in plans.items()}
+        if trainer.world_size > 1:
+            states = trainer.strategy.broadcast(states, src=0)
+        return {n: plan_from_state(cfg, tensors) for n, (cfg, tensors) in states.items()}
 
     def _agreed_root(self, trainer: "pl.Trainer") -> Path:
         """The store root, rank 0's choice on every rank (``trainer.log_dir`` may differ per rank).
@@ -229,6 +268,8 @@ class GraSSCallback(Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.taps is None and self.mask == "selective":
+            self._build(trainer, pl_module, plans=self._selective_plans(trainer, pl_module))
         if self.taps is None:
             return
         self._index_key = resolve_index_key(trainer.train_dataloader, self.index_key)

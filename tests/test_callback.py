@@ -198,3 +198,37 @@ def test_checkpoint_attribution_at_the_end_equals_attribute_at_the_final_weights
     torch.testing.assert_close(result.self_influence, direct.scores.self_influence, rtol=1e-4, atol=1e-6)
     assert (Path(cb.store_dir) / "scores").exists()
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+
+
+def test_selective_masks_are_learned_once_and_used_everywhere(tmp_path):
+    from grass_callback import attribute
+    from grass_callback.projection import FactGraSSPlan, SelectiveFactGraSSPlan
+
+    trainer, model, cb = fit(tmp_path, epochs=1, mask="selective", selective_sample=32,
+                             checkpoint_attribution="end")
+    store = GradientStore(cb.store.path, readonly=True)
+    plans = plans_from_store(store)
+    assert all(isinstance(p, SelectiveFactGraSSPlan) for p in plans.values())
+    # the first layer (6 inputs + bias -> 16 outputs = 112 entries > k = 16) gets a learned mask,
+    # which is not the random mask of the same seed
+    random_plan = FactGraSSPlan(6, 16, True, k=16, seed=0, name="net.0")
+    learned = plans["net.0"]
+    assert (learned.k_in, learned.k_out) == (random_plan.k_in, random_plan.k_out)
+    assert not (torch.equal(learned.in_idx, random_plan.in_idx) and torch.equal(learned.out_idx, random_plan.out_idx))
+    train, val = data()
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m.net(b[0]), b[1])
+
+    direct = attribute(model, train, val, loss_fn, plans=plans, num_queries=6, topk=3, dtype="float32",
+                       damping_ratio=cb.damping_ratio, progress=False)
+    result = cb.last_checkpoint_result
+    assert torch.equal(result.top_ids, direct.scores.top_ids)
+    torch.testing.assert_close(result.top_scores, direct.scores.top_scores, rtol=1e-4, atol=1e-6)
+    # resuming the same store reuses its learned plans instead of learning new ones
+    cb2 = GraSSCallback(k=16, num_queries=6, topk=3, store_dir=tmp_path / "grass", storage_dtype="float32",
+                        progress=False, mask="selective", selective_sample=32)
+    t2 = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[cb2], enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False)
+    cb2.setup(t2, model, "fit")
+    assert cb2._selective_plans(t2, model)["net.0"] == learned
