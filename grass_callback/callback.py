@@ -32,6 +32,7 @@ including ranks that captured nothing.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import time
@@ -58,7 +59,7 @@ from grass_callback.capture import LayerTaps, find_layers, per_example_scale
 from grass_callback.projection import plan_from_state
 from grass_callback.data import get_batch_indices, resolve_index_key
 from grass_callback.errors import ConfigError, GraSSError
-from grass_callback.fisher import FisherStats
+from grass_callback.fisher import FisherStats, JointFisherStats
 from grass_callback.scoring import ScoreResult, merge_results
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = ["GraSSCallback"]
 
 _STATE_VERSION = 1
+_MAX_JOINT_K = 16384  # a joint Fisher of K x K float64: 2 GiB at this size
 _DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -103,6 +105,8 @@ class GraSSCallback(Callback):
         wandb_project: project of the run started when the trainer has no ``WandbLogger``.
         log_to_wandb: ``False`` writes local files only. impl: the op implementation.
         progress: progress bars on long passes.
+        scorer: ``"block"`` (default): a Fisher block per layer; ``"joint"``: one TRAK-style
+            ``K x K`` Fisher over all layers together (``K = Σ k``; for few or small layers).
         mask: ``"random"`` (default) masks, or ``"selective"``: the paper's learned masks, fitted at
             the start of training on the factors of ``selective_sample`` training examples (on
             rank 0, shared with the others; a resumed run reuses the store's plans).
@@ -134,7 +138,7 @@ class GraSSCallback(Callback):
                  keep_history: str = "period", renderer: Callable[[Any], Any] | None = None, tokenizer: Any = None,
                  wandb_project: str = "grass-callback", log_to_wandb: bool = True, impl: str = "auto",
                  progress: bool = True, rows_per_shard: int = 8192, mask: str = "random",
-                 selective_sample: int = 256) -> None:
+                 selective_sample: int = 256, scorer: str = "block") -> None:
         _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
                         rows_per_shard=rows_per_shard)
         if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:
@@ -147,6 +151,7 @@ class GraSSCallback(Callback):
         _check_choice("keep_history", keep_history, ("period", "all"))
         _check_choice("impl", impl, ("auto", "torch", "cpu", "cuda"))
         _check_choice("mask", mask, ("random", "selective"))
+        _check_choice("scorer", scorer, ("block", "joint"))
         _check_positive(selective_sample=selective_sample)
         if loss_reduction == "token_mean" and token_counts is None:
             raise ConfigError("loss_reduction='token_mean' needs token_counts=fn(batch) -> [B] token counts.")
@@ -161,7 +166,7 @@ class GraSSCallback(Callback):
         self.keep_history, self.renderer, self.tokenizer = keep_history, renderer, tokenizer
         self.wandb_project, self.log_to_wandb, self.impl, self.progress = wandb_project, log_to_wandb, impl, progress
         self.rows_per_shard = rows_per_shard
-        self.mask, self.selective_sample = mask, selective_sample
+        self.mask, self.selective_sample, self.scorer = mask, selective_sample, scorer
         # built in setup
         self.taps: LayerTaps | None = None
         self.store = None
@@ -188,7 +193,8 @@ class GraSSCallback(Callback):
     def config(self) -> dict[str, Any]:
         """What must match for a resumed run to continue the same store."""
         return {"k": self.k, "seed": self.seed, "include": self.include, "exclude": self.exclude,
-                "loss_reduction": self.loss_reduction, "storage_dtype": self.storage_dtype, "mask": self.mask}
+                "loss_reduction": self.loss_reduction, "storage_dtype": self.storage_dtype, "mask": self.mask,
+                "scorer": self.scorer}
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -211,11 +217,20 @@ class GraSSCallback(Callback):
         self.store_dir = str(root)
         self.store = open_store(root / "train", self.taps, dtype=self.storage_dtype, config=self.config,
                                 rank=trainer.global_rank, rows_per_shard=self.rows_per_shard)
-        self.fisher = FisherStats(self.taps.layer_dims)
+        self.fisher = self._new_fisher()
         if trainer.is_global_zero:
             self.reporter = self._make_reporter(trainer, root)
         rank_zero_info(f"grass_callback: tapping {len(self.taps.layers)} layers "
                        f"(k={self.k} each, {self.mask} masks), store at {root}")
+
+    def _new_fisher(self) -> FisherStats:
+        if self.scorer == "joint":
+            total = sum(self.taps.layer_dims.values())
+            if total > _MAX_JOINT_K:
+                raise ConfigError(f"scorer='joint' needs a {total} x {total} Fisher over {len(self.taps.layers)} "
+                                  f"layers (limit {_MAX_JOINT_K}); tap fewer layers, lower k or use scorer='block'.")
+            return JointFisherStats(self.taps.layer_dims)
+        return FisherStats(self.taps.layer_dims)
 
     def _selective_plans(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
         """Learned-mask plans: the store's when resuming, else learned on rank 0 and broadcast."""
@@ -370,7 +385,7 @@ class GraSSCallback(Callback):
 
     def _score_period(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", period: str) -> None:
         self.store.flush()
-        stats = FisherStats.from_state_dict(self.fisher.state_dict())
+        stats = copy.deepcopy(self.fisher)  # reduced across ranks; the running sums stay this rank's
         stats.all_reduce_(_reducer(trainer))
         if stats.count == 0:
             rank_zero_warn(f"grass_callback: no training gradients were captured in {period}; nothing to score.")
@@ -467,7 +482,7 @@ class GraSSCallback(Callback):
         root = Path(self.store_dir) / f"checkpoint-{tag}"
         store = open_store(root, self.taps, dtype=self.storage_dtype, config={**self.config, "mode": tag},
                            rank=trainer.global_rank)
-        fisher = FisherStats(self.taps.layer_dims)
+        fisher = self._new_fisher()
         loader = _on_device(trainer.train_dataloader, pl_module.device)
         was_training = pl_module.training
         pl_module.eval()

@@ -556,3 +556,56 @@ class FittedFisher:
 
     def __repr__(self) -> str:
         return f"FittedFisher(layers={self.layers}, damping_ratio={self.damping_ratio}, count={self.count})"
+
+
+# ----------------------------------------------------------------------------- joint (TRAK-style) kernel
+
+JOINT = "__joint__"
+
+
+class JointFisherStats(FisherStats):
+    """One ``K x K`` Fisher over all layers' compressed gradients concatenated (``K = Σ k_l``).
+
+    The TRAK-style alternative to per-layer blocks: the same ``update``/``fit`` interface over
+    per-layer gradients; :meth:`fit` returns a :class:`JointFittedFisher` that solves jointly and
+    hands per-layer pieces back, so scoring code works unchanged. Damping is relative to the
+    joint trace: ``λ = r · trace(F) / K``.
+    """
+
+    def __init__(self, layer_dims: Mapping[str, int], dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu", buffer_rows: int = 64) -> None:
+        self.layer_dims = _check_layer_dims(layer_dims)
+        super().__init__({JOINT: sum(self.layer_dims.values())}, dtype=dtype, device=device,
+                         buffer_rows=buffer_rows)
+
+    def update(self, grads: Mapping[str, Tensor]) -> None:
+        _check_grads(grads, self.layer_dims, "grads")
+        super().update({JOINT: torch.cat([grads[name] for name in self.layer_dims], dim=1)})
+
+    def fit(self, damping_ratio: float = 1e-3, *, max_retries: int = 4) -> "JointFittedFisher":
+        return JointFittedFisher(super().fit(damping_ratio, max_retries=max_retries), self.layer_dims)
+
+
+class JointFittedFisher:
+    """A joint fit seen per layer: ``solve``/``quadratic`` take and give ``{layer: [m, k_l]}``."""
+
+    def __init__(self, fitted: FittedFisher, layer_dims: Mapping[str, int]) -> None:
+        self.fitted, self.layers = fitted, dict(layer_dims)
+        self.damping, self.damping_ratio = fitted.damping, fitted.damping_ratio
+        self.count = fitted.count
+
+    def _joined(self, q: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        missing = [name for name in self.layers if name not in q]
+        if missing:
+            raise FisherError(f"the joint Fisher needs every layer; missing {missing}.")
+        return {JOINT: torch.cat([q[name] for name in self.layers], dim=1)}
+
+    def solve(self, q: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        joint = self.fitted.solve(self._joined(q))[JOINT]
+        return dict(zip(self.layers, joint.split(list(self.layers.values()), dim=1)))
+
+    def quadratic(self, g: Mapping[str, Tensor]) -> Tensor:
+        return self.fitted.quadratic(self._joined(g))
+
+    def condition_numbers(self) -> dict[str, float]:
+        return self.fitted.condition_numbers()

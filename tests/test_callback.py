@@ -232,3 +232,27 @@ def test_selective_masks_are_learned_once_and_used_everywhere(tmp_path):
                    enable_model_summary=False, enable_checkpointing=False)
     cb2.setup(t2, model, "fit")
     assert cb2._selective_plans(t2, model)["net.0"] == learned
+
+
+def test_joint_scorer_equals_a_dense_joint_reference(tmp_path):
+    trainer, model, cb = fit(tmp_path, epochs=1, scorer="joint")
+    store = GradientStore(cb.store.path, readonly=True)
+    names = list(store.layers)
+    rows = store.fetch(store.ids(), dtype=torch.float64)
+    g = torch.cat([rows[n] for n in names], 1)                       # [n, K]
+    fisher = g.T @ g / g.shape[0]
+    lam = cb.damping_ratio * torch.trace(fisher) / g.shape[1]
+    h = fisher + lam * torch.eye(g.shape[1], dtype=torch.float64)
+    taps = LayerTaps(model, plans=plans_from_store(store))
+    _, val = data()
+    with taps:
+        _, q = query_gradients(model, taps, val, lambda m, b: F.cross_entropy(m.net(b[0]), b[1]), max_queries=6,
+                               progress=False)
+    dense = torch.cat([q[n] for n in names], 1).double() @ torch.linalg.solve(h, g.T)   # [m, n]
+    order = dense.argsort(dim=1, descending=True)[:, :3]
+    assert torch.equal(cb.last_result.top_ids, rows.ids[order])
+    torch.testing.assert_close(cb.last_result.top_scores.double(), dense.gather(1, order), rtol=1e-4, atol=1e-6)
+    self_ref = (g * torch.linalg.solve(h, g.T).T).sum(1)
+    got = dict(zip(cb.last_result.self_influence_ids.tolist(), cb.last_result.self_influence.double().tolist()))
+    torch.testing.assert_close(torch.tensor([got[i] for i in rows.ids.tolist()], dtype=torch.float64), self_ref,
+                               rtol=1e-4, atol=1e-6)
