@@ -251,6 +251,18 @@ def score_store(store: GradientStore, fitted: FittedFisher, query_ids: Tensor, q
             bar.close()
 
 
+def _damping_from_ground_truth(fisher: FisherStats, store: GradientStore, query_grads: Mapping[str, Tensor],
+                               ground_truth: tuple[Tensor, Tensor]) -> float:
+    from grass_callback.evaluation import choose_damping, library_scores_for
+
+    masks, targets = ground_truth
+    m = next(iter(query_grads.values())).shape[0]
+    if targets.shape[1] != m:
+        raise ConfigError(f"ground_truth targets have {targets.shape[1]} query columns but there are {m} queries.")
+    scores_for = library_scores_for(fisher, lambda: store.iter_chunks(), query_grads, masks.shape[1])
+    return choose_damping(masks, targets, scores_for, queries=torch.arange(0, m, 2)).ratio
+
+
 @dataclass
 class AttributionResult:
     """What :func:`attribute` returns: scores, the fitted Fisher blocks and the store used."""
@@ -268,7 +280,8 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
               reduction: str = "mean", token_counts: Callable[[Any], Tensor] | None = None,
               store_dir: str | Path | None = None, dtype: str = "float16", self_influence: bool = True,
               num_queries: int | None = None, impl: str = "auto", device: torch.device | str | None = None,
-              progress: bool = True, plans: Mapping[str, Plan] | None = None) -> AttributionResult:
+              progress: bool = True, plans: Mapping[str, Plan] | None = None,
+              ground_truth: tuple[Tensor, Tensor] | None = None) -> AttributionResult:
     """Influence of every training example on every query, at the model's current weights.
 
     Args:
@@ -287,6 +300,10 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
         num_queries: use at most this many queries. impl: the op implementation.
         device: where batches are moved (default: left where the loader puts them).
         progress: show progress bars. plans: reuse plans (e.g. from an earlier store).
+        ground_truth: ``(masks [M, n], targets [M, m])`` from models trained on subsets (targets
+            per query, in query order, higher = better, e.g. the correct-class margin). With
+            ``damping_ratio="auto"`` the ratio is then chosen by LDS on the even-numbered queries
+            (:func:`grass_callback.evaluation.choose_damping`) instead of taken from the table.
 
     Returns:
         :class:`AttributionResult`; positive scores mean training on the example lowers the
@@ -303,6 +320,9 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
         q_ids, q_grads = query_gradients(model, taps, query_loader, loss_fn, reduction=reduction,
                                          token_counts=token_counts, max_queries=num_queries, device=device,
                                          progress=progress)
-    fitted = fisher.fit(resolve_damping(damping_ratio, k))
+    ratio = resolve_damping(damping_ratio, k)
+    if damping_ratio == "auto" and ground_truth is not None:
+        ratio = _damping_from_ground_truth(fisher, store, q_grads, ground_truth)
+    fitted = fisher.fit(ratio)
     scores = score_store(store, fitted, q_ids, q_grads, topk=topk, self_influence=self_influence, progress=progress)
     return AttributionResult(scores=scores, fisher=fitted, store=store, query_ids=q_ids, query_grads=q_grads)

@@ -102,3 +102,20 @@ def test_attribute_errors_are_clear():
         attribute(model, plain, query, loss_fn, k=16, progress=False)
     with pytest.raises(GraSSError, match="query set is empty"):
         attribute(model, train, [], loss_fn, k=16, progress=False)
+
+
+def test_auto_damping_with_ground_truth_picks_the_ratio_that_explains_it():
+    """Targets built from the scores at r = 0.1 make 0.1 the only ratio with a perfect LDS."""
+    model, train, query = make_problem(n=48, m=8, seed=3)
+    kw = dict(k=32, dtype="float32", progress=False, self_influence=False)
+    truth = attribute(model, train, query, loss_fn, damping_ratio=0.1, **kw)
+    ids, dense = dense_scores(truth, truth.store, 0.1)                 # [m, n]
+    masks = torch.rand(60, 48, generator=torch.Generator().manual_seed(0)) < 0.5
+    per_example = torch.zeros(48, dense.shape[0], dtype=torch.float64)
+    per_example[ids] = dense.T
+    targets = masks.double() @ per_example                            # [M, m]: what the scores predict
+    chosen = attribute(model, train, query, loss_fn, damping_ratio="auto", ground_truth=(masks, targets), **kw)
+    assert chosen.fisher.requested_damping_ratio == pytest.approx(0.1)
+    fixed = attribute(model, train, query, loss_fn, **kw)                # no ground truth: the k table
+    from grass_callback.evaluation import recommended_damping_ratio
+    assert fixed.fisher.requested_damping_ratio == pytest.approx(recommended_damping_ratio(32))
