@@ -60,7 +60,7 @@ from grass_callback.projection import plan_from_state
 from grass_callback.data import get_batch_indices, resolve_index_key
 from grass_callback.errors import ConfigError, GraSSError
 from grass_callback.fisher import FisherStats, JointFisherStats
-from grass_callback.scoring import ScoreResult, merge_results
+from grass_callback.scoring import ScoreEnsemble, ScoreResult, merge_results
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = ["GraSSCallback"]
 
 _STATE_VERSION = 1
+_MAX_ENSEMBLE_BYTES = 256 * 2**20
 _MAX_JOINT_K = 16384  # a joint Fisher of K x K float64: 2 GiB at this size
 _DTYPES = ("float16", "bfloat16", "float32")
 
@@ -105,6 +106,9 @@ class GraSSCallback(Callback):
         wandb_project: project of the run started when the trainer has no ``WandbLogger``.
         log_to_wandb: ``False`` writes local files only. impl: the op implementation.
         progress: progress bars on long passes.
+        ensemble: rank the influence tables by scores summed over the scoring periods so far (one
+            checkpoint each, TracIn/TRAK-style; better LDS in ``benchmarks/quality.py``); the
+            period's own scores stay in ``last_result``. On by default; off past 256 MB.
         scorer: ``"block"`` (default): a Fisher block per layer; ``"joint"``: one TRAK-style
             ``K x K`` Fisher over all layers together (``K = Σ k``; for few or small layers).
         mask: ``"random"`` (default) masks, or ``"selective"``: the paper's learned masks, fitted at
@@ -138,7 +142,7 @@ class GraSSCallback(Callback):
                  keep_history: str = "period", renderer: Callable[[Any], Any] | None = None, tokenizer: Any = None,
                  wandb_project: str = "grass-callback", log_to_wandb: bool = True, impl: str = "auto",
                  progress: bool = True, rows_per_shard: int = 8192, mask: str = "random",
-                 selective_sample: int = 256, scorer: str = "block") -> None:
+                 selective_sample: int = 256, scorer: str = "block", ensemble: bool = True) -> None:
         _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
                         rows_per_shard=rows_per_shard)
         if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:
@@ -167,6 +171,11 @@ class GraSSCallback(Callback):
         self.wandb_project, self.log_to_wandb, self.impl, self.progress = wandb_project, log_to_wandb, impl, progress
         self.rows_per_shard = rows_per_shard
         self.mask, self.selective_sample, self.scorer = mask, selective_sample, scorer
+        self.ensemble = bool(ensemble)
+        self._ensemble: ScoreEnsemble | None = None
+        self._pending_ensemble: dict[str, Any] | None = None
+        self._ensemble_warned = False
+        self.ensemble_result: ScoreResult | None = None
         # built in setup
         self.taps: LayerTaps | None = None
         self.store = None
@@ -396,12 +405,18 @@ class GraSSCallback(Callback):
         fit_seconds = time.perf_counter() - t0
         q_ids, q_grads = self._query_gradients(trainer, pl_module)
         min_step = self.period_start if self.keep_history == "period" else None
+        ensemble = self._ensemble_for(trainer, q_ids)
         result = score_store(self.store, fitted, q_ids, q_grads, topk=self.topk, min_step=min_step,
-                             ranks=[trainer.global_rank], progress=self.progress and trainer.is_global_zero)
+                             ranks=[trainer.global_rank], full=ensemble is not None,
+                             progress=self.progress and trainer.is_global_zero)
+        if ensemble is not None:
+            self._add_to_ensemble(trainer, ensemble, result)
         result = _merge_across_ranks(trainer, result)
         self._add_data_value(result)
         self.last_result = result
         self.periods_scored += 1
+        if ensemble is not None:
+            result = self.ensemble_result = ensemble.result(self.topk, self.data_value_tensors(), result)
         if trainer.is_global_zero and self.reporter is not None:
             conds = fitted.condition_numbers()
             scalars = {"capture_seconds_per_step": self._capture_seconds / max(1, self._captured_batches),
@@ -411,6 +426,32 @@ class GraSSCallback(Callback):
             self.reporter.report(result, step=trainer.global_step, period=period, scalars=scalars,
                                  data_value=self.data_value_tensors())
         self._end_period()
+
+    def _ensemble_for(self, trainer: "pl.Trainer", q_ids: Tensor) -> ScoreEnsemble | None:
+        """The running checkpoint ensemble, or ``None`` when it is off or would not fit."""
+        if not self.ensemble:
+            return None
+        n = _dataset_len(trainer.train_dataloader)
+        if n is None or ScoreEnsemble.nbytes(q_ids.numel(), n) > _MAX_ENSEMBLE_BYTES:
+            if not self._ensemble_warned:
+                rank_zero_warn(f"grass_callback: the checkpoint ensemble ({q_ids.numel()} queries x {n} examples) "
+                               "is off: the dataset size is unknown or the matrix exceeds 256 MB.")
+                self._ensemble_warned = True
+            return None
+        if self._ensemble is None or self._ensemble.num_examples != n:
+            self._ensemble = ScoreEnsemble(n)
+            if self._pending_ensemble is not None:
+                self._ensemble.load_state_dict(self._pending_ensemble)
+                self._pending_ensemble = None
+        return self._ensemble
+
+    def _add_to_ensemble(self, trainer: "pl.Trainer", ensemble: ScoreEnsemble, result: ScoreResult) -> None:
+        scores, seen = ensemble.delta(result)
+        if trainer.world_size > 1:  # each rank scored its own rows: sum the pieces
+            scores = trainer.strategy.reduce(scores, reduce_op="sum")
+            seen = trainer.strategy.reduce(seen, reduce_op="sum")
+        ensemble.add(result.query_ids, scores, seen)
+        result.full = result.full_ids = None  # not merged across ranks: the ensemble has it
 
     def _end_period(self) -> None:
         self._capture_seconds, self._captured_batches = 0.0, 0
@@ -537,7 +578,8 @@ class GraSSCallback(Callback):
         return {"version": _STATE_VERSION, "store_dir": self.store_dir, "config": dict(self.config),
                 "batches_seen": self.batches_seen, "period_start": self.period_start,
                 "periods_scored": self.periods_scored, "last_batch_epoch": self.last_batch_epoch,
-                "scored_epoch": self.scored_epoch, "data_value_ids": ids, "data_value": values}
+                "scored_epoch": self.scored_epoch, "data_value_ids": ids, "data_value": values,
+                "ensemble": self._ensemble.state_dict() if self._ensemble is not None else None}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -564,6 +606,7 @@ class GraSSCallback(Callback):
         self.scored_epoch = int(state.get("scored_epoch", -1))
         ids, values = state.get("data_value_ids"), state.get("data_value")
         self.data_value = {} if ids is None else dict(zip(ids.tolist(), values.double().tolist()))
+        self._pending_ensemble, self._ensemble = state.get("ensemble"), None
         dropped = self._drop_rows_after(self.batches_seen)
         self.fisher.reset()
         min_step = self.period_start if self.keep_history == "period" else None

@@ -374,3 +374,62 @@ def merge_results(results: Sequence[ScoreResult]) -> ScoreResult:
         full=cat("full", 1),
         full_ids=cat("full_ids"),
     )
+
+
+# ----------------------------------------------------------------------------- checkpoint ensemble
+
+
+class ScoreEnsemble:
+    """Scores summed over scoring periods (one checkpoint each, as in TracIn/TRAK ensembles).
+
+    Holds a ``[m, num_examples]`` float64 matrix of summed scores per (query, training id), so its
+    memory is bounded by the dataset, not the store. Each period adds its full score matrix
+    (``score_chunks(..., full=True)``); :meth:`result` ranks by the sum. A change in the query ids
+    restarts the sum.
+    """
+
+    def __init__(self, num_examples: int) -> None:
+        self.num_examples = int(num_examples)
+        self.query_ids: Tensor | None = None
+        self.total: Tensor | None = None      # [m, num_examples]
+        self.seen: Tensor | None = None       # [num_examples] bool: ids scored at least once
+        self.periods = 0
+
+    @staticmethod
+    def nbytes(num_queries: int, num_examples: int) -> int:
+        return 8 * num_queries * num_examples
+
+    def delta(self, result: ScoreResult) -> tuple[Tensor, Tensor]:
+        """This period's ``(scores [m, num_examples], seen [num_examples])`` from a full result."""
+        if result.full is None or result.full_ids is None:
+            raise ScoringError("the ensemble needs the full score matrix: score with full=True.")
+        m = result.query_ids.numel()
+        scores = torch.zeros(m, self.num_examples, dtype=torch.float64)
+        scores.index_add_(1, result.full_ids.long(), result.full.to(torch.float64))
+        seen = torch.zeros(self.num_examples, dtype=torch.float64)
+        seen[result.full_ids.long()] = 1.0
+        return scores, seen
+
+    def add(self, query_ids: Tensor, scores: Tensor, seen: Tensor) -> None:
+        if self.query_ids is None or not torch.equal(self.query_ids, query_ids):
+            self.query_ids, self.total, self.seen, self.periods = query_ids.clone(), None, None, 0
+        self.total = scores.clone() if self.total is None else self.total + scores
+        self.seen = (seen > 0) if self.seen is None else self.seen | (seen > 0)
+        self.periods += 1
+
+    def result(self, topk: int, data_value: tuple[Tensor, Tensor], base: ScoreResult) -> ScoreResult:
+        """Top-k by the summed scores; self-influence from ``base`` (this period), data value given."""
+        k = min(topk, int(self.seen.sum()))
+        top_scores, top_ids = self.total.masked_fill(~self.seen, float("-inf")).topk(k, dim=1)
+        bottom_scores, bottom_ids = self.total.masked_fill(~self.seen, float("inf")).topk(k, dim=1, largest=False)
+        return ScoreResult(query_ids=self.query_ids, top_ids=top_ids, top_scores=top_scores.float(),
+                           bottom_ids=bottom_ids, bottom_scores=bottom_scores.float(),
+                           data_value_ids=data_value[0], data_value=data_value[1],
+                           self_influence_ids=base.self_influence_ids, self_influence=base.self_influence)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"query_ids": self.query_ids, "total": self.total, "seen": self.seen, "periods": self.periods}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.query_ids, self.total, self.seen = state.get("query_ids"), state.get("total"), state.get("seen")
+        self.periods = int(state.get("periods", 0))
