@@ -111,11 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     caught = int(torch.isin(top, flipped).sum())
     print(f"\nflipped labels among the {n_flip} highest self-influence examples: {caught} "
           f"({caught / n_flip:.0%}; chance {FLIP_FRACTION:.0%})")
-    for q in range(min(3, len(result.query_ids))):
-        qid = int(result.query_ids[q])
+    ranked = grass.ensemble_result or result  # tables rank by scores summed over the epochs
+    for q in range(min(3, len(ranked.query_ids))):
+        qid = int(ranked.query_ids[q])
         print(f"validation image {qid} (label {int(val_set[qid][1])}):")
-        for label, ids, scores in (("proponents", result.top_ids[q], result.top_scores[q]),
-                                   ("opponents", result.bottom_ids[q], result.bottom_scores[q])):
+        for label, ids, scores in (("proponents", ranked.top_ids[q], ranked.top_scores[q]),
+                                   ("opponents", ranked.bottom_ids[q], ranked.bottom_scores[q])):
             shown = ", ".join(f"#{int(i)} (label {int(train_set[int(i)][1])}, {float(s):+.3g})"
                               for i, s in zip(ids[:3], scores[:3]))
             print(f"  top {label}: {shown}")
