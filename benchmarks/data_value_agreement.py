@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+    from torchmetrics.functional import spearman_corrcoef
+
+    return float(spearman_corrcoef(a.float(), b.float()))
 
 
 def by_id(ids: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
