@@ -33,7 +33,7 @@ from grass_callback.scoring import ScoreResult, precondition_queries, score_chun
 from grass_callback.store import GradientStore
 
 __all__ = ["attribute", "AttributionResult", "capture_pass", "query_gradients", "score_store",
-           "open_store", "plans_from_store", "resolve_damping", "LossFn", "DEFAULT_DAMPING_RATIO"]
+           "open_store", "plans_from_store", "record_rows", "resolve_damping", "LossFn", "DEFAULT_DAMPING_RATIO"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 #: Relative damping ``λ = r · trace(F) / k``: ``"auto"`` takes the best ratio for ``k`` measured
@@ -132,6 +132,25 @@ def _leading_dim(batch: Any) -> int:
     return 0
 
 
+def record_rows(ids: Tensor, grads: Mapping[str, Tensor], step: int, epoch: int, *,
+                store: GradientStore | None, fisher: FisherStats | None) -> Tensor:
+    """One batch's compressed rows into the store and the Fisher; returns the finite-row mask.
+
+    Rows are cast to the storage dtype first, so the Fisher sees exactly what the store keeps (a
+    resumed run rebuilds it from the store bit for bit). Rows with NaN/Inf in any layer are left
+    out of both (the store counts them).
+    """
+    cast = {n: g.detach().cpu().to(store.dtype if store is not None else g.dtype) for n, g in grads.items()}
+    keep = torch.ones(ids.numel(), dtype=torch.bool)
+    for g in cast.values():
+        keep &= torch.isfinite(g).all(dim=1)
+    if store is not None:
+        store.append(ids, step, cast, epoch=epoch)
+    if fisher is not None:
+        fisher.update(cast if bool(keep.all()) else {n: g[keep] for n, g in cast.items()})
+    return keep
+
+
 def capture_pass(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn: LossFn, *,
                  store: GradientStore | None = None, fisher: FisherStats | None = None,
                  index_key: str | int | None = None, reduction: str = "mean",
@@ -158,19 +177,12 @@ def capture_pass(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn: L
         if ids.numel() != next(iter(grads.values())).shape[0]:
             raise CaptureError(f"the batch has {ids.numel()} indices but the tapped layers saw "
                                f"{next(iter(grads.values())).shape[0]} examples; is the batch dimension first?")
-        cast = {n: g.detach().cpu().to(store.dtype if store is not None else g.dtype) for n, g in grads.items()}
-        keep = torch.ones(ids.numel(), dtype=torch.bool)
-        for g in cast.values():
-            keep &= torch.isfinite(g).all(dim=1)
-        if store is not None:
-            store.append(ids, step, cast, epoch=epoch)  # drops (and counts) the same rows
-        elif not bool(keep.all()) and not warned:
+        keep = record_rows(ids, grads, step, epoch, store=store, fisher=fisher)
+        if store is None and not bool(keep.all()) and not warned:
             warned = True
             warnings.warn(f"grass_callback: {int((~keep).sum())} rows with NaN/Inf gradients (ids "
                           f"{ids[~keep].tolist()[:8]}) left out of the Fisher statistics; later ones "
                           "are left out silently.", stacklevel=2)
-        if fisher is not None:
-            fisher.update({n: (g if bool(keep.all()) else g[keep]).float() for n, g in cast.items()})
         rows += int(keep.sum())
     if store is not None:
         store.flush()

@@ -52,6 +52,7 @@ from grass_callback.attribution import (
     capture_pass,
     open_store,
     query_gradients,
+    record_rows,
     resolve_damping,
     score_store,
 )
@@ -344,10 +345,7 @@ class GraSSCallback(Callback):
         if next(iter(grads.values())).shape[0] != self._ids.numel():
             raise GraSSError(f"the batch carries {self._ids.numel()} indices but the tapped layers saw "
                              f"{next(iter(grads.values())).shape[0]} examples; is the batch dimension first?")
-        # the Fisher sees exactly what the store keeps, so a resumed run rebuilds it bit for bit
-        rows = {n: g.detach().to("cpu").to(self.store.dtype) for n, g in grads.items()}
-        self.store.append(self._ids, self.batches_seen, rows, epoch=trainer.current_epoch)
-        self.fisher.update(_finite_rows(rows))  # the store drops non-finite rows too (and counts them)
+        record_rows(self._ids, grads, self.batches_seen, trainer.current_epoch, store=self.store, fisher=self.fisher)
         self._capture_seconds += time.perf_counter() - start + self.taps.pop_compute_seconds()
         self._captured_batches += 1
         self._ids = None
@@ -687,14 +685,6 @@ def _check_positive(**values: Any) -> None:
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {choices}, got {value!r}.")
-
-
-def _finite_rows(rows: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """float32 copies of the rows that are finite in every layer."""
-    keep = torch.ones(next(iter(rows.values())).shape[0], dtype=torch.bool)
-    for r in rows.values():
-        keep &= torch.isfinite(r).all(dim=1)
-    return {n: (r if bool(keep.all()) else r[keep]).float() for n, r in rows.items()}
 
 
 def _dataset_len(loader: Any) -> int | None:

@@ -226,7 +226,7 @@ class FisherStats:
     def _add_pending(self) -> None:
         if self._pending_rows:
             for name, total in self._totals.items():
-                g = torch.cat(self._pending[name]).to(device=self.device, dtype=self.dtype)
+                g = torch.cat(self._pending[name])
                 total.addmm_(g.T, g)
                 self._pending[name] = []
             self._pending_rows = 0
@@ -246,7 +246,8 @@ class FisherStats:
         """Add a batch: ``grads[name]`` is ``Tensor[B, k_l]`` for every layer (all of them)."""
         rows = _check_grads(grads, self._layers, "grads")
         for name in self._layers:
-            self._pending[name].append(grads[name].detach().clone())
+            # one copy, straight into the accumulation dtype (the caller may reuse its tensors)
+            self._pending[name].append(grads[name].detach().to(device=self.device, dtype=self.dtype, copy=True))
         self._pending_rows += rows
         self.count += rows
         if self._pending_rows >= self.buffer_rows:
