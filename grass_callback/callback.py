@@ -316,8 +316,8 @@ class GraSSCallback(Callback):
             return
         self._ids = None
         self.taps.clear()  # a backward whose rows were not stored must not leak into this batch
-        self.taps._enabled = self._capturing(trainer)
-        if self.taps._enabled:
+        self.taps.enabled = self._capturing(trainer)
+        if self.taps.enabled:
             self._begin_batch(trainer, batch)
 
     def _begin_batch(self, trainer: "pl.Trainer", batch: Any) -> None:

@@ -243,6 +243,15 @@ class LayerTaps:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    @property
+    def enabled(self) -> bool:
+        """Whether forward/backward passes feed the taps (see also :meth:`paused`)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Forward/backward passes inside do not feed the taps."""

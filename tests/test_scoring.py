@@ -11,7 +11,6 @@ from grass_callback import scoring
 from grass_callback.errors import GraSSError
 from grass_callback.fisher import FisherStats, FittedFisher
 from grass_callback.scoring import (
-    ScoreResult,
     ScoringError,
     merge_results,
     precondition_queries,
