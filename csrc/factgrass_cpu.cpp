@@ -3,9 +3,12 @@
 // For example b: gather the masked input columns (with the constant-1 bias column) and the
 // masked output-gradient columns of all tokens into thread-local panels, form the small
 // product  sum_t dout[t, a] * x[t, b]  one 4 x 16 register tile at a time, and scatter each
-// tile through the SJLT tables into the k-sized output. Scratch per thread is
-// O(T (k_in + k_out)) plus one tile; nothing of size d_in * d_out or T * k' is ever allocated. Parallel over examples with at::parallel_for (OpenMP in torch's
-// CPU builds, so torch.set_num_threads applies).
+// tile through the SJLT tables into the k-sized output. The masks are sorted; neighbouring
+// kept columns (the default plans keep them in runs of 8) are copied as one contiguous segment,
+// and the memory lines of later tokens are prefetched, because on wide layers the gather, not
+// the arithmetic, is what costs. Scratch per thread is O(T (k_in + k_out)) plus one tile;
+// nothing of size d_in * d_out or T * k' is ever allocated. Parallel over examples with
+// at::parallel_for (OpenMP in torch's CPU builds, so torch.set_num_threads applies).
 //
 // The op schema is declared here once; the CUDA implementation registers against it from
 // factgrass_cuda_binding.cpp when torch has CUDA.
@@ -64,6 +67,44 @@ std::vector<int64_t> cache_lines(const int64_t* idx, int64_t n, int64_t width) {
   return lines;
 }
 
+// A run of mask positions [pos, pos + len) that reads columns [col, col + len) and stays inside
+// one panel: the gather copies it as one contiguous block. The bias column (col == width) gets
+// a segment of its own with col = -1 (constant 1).
+struct Segment {
+  int64_t col, pos, len;
+};
+
+std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t width, int64_t panel) {
+  std::vector<Segment> segs;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t col = idx[i] >= width ? -1 : idx[i];
+    if (!segs.empty()) {
+      Segment& s = segs.back();
+      if (col >= 0 && s.col >= 0 && col == s.col + s.len && i % panel != 0) {
+        ++s.len;
+        continue;
+      }
+    }
+    segs.push_back({col, i, 1});
+  }
+  return segs;
+}
+
+// Copy the masked columns of one token row into the packed panels (panel width P, T tokens).
+template <typename scalar_t, typename acc_t, int P>
+inline void gather_row(const scalar_t* __restrict__ row, const std::vector<Segment>& segs, int64_t t,
+                       int64_t T, acc_t* __restrict__ panels) {
+  for (const Segment& s : segs) {
+    acc_t* dst = panels + (s.pos / P) * T * P + t * P + s.pos % P;
+    if (s.col < 0) {
+      dst[0] = acc_t(1);
+      continue;
+    }
+    const scalar_t* src = row + s.col;
+    for (int64_t q = 0; q < s.len; ++q) dst[q] = static_cast<acc_t>(src[q]);
+  }
+}
+
 template <typename scalar_t>
 inline void prefetch_lines(const scalar_t* row, const std::vector<int64_t>& lines) {
   for (const int64_t offset : lines) __builtin_prefetch(row + offset);
@@ -79,6 +120,8 @@ void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t
   const int64_t n_in = (k_in + RB - 1) / RB, n_out = (k_out + RA - 1) / RA;  // panels
   const std::vector<int64_t> in_lines = cache_lines<scalar_t>(in_idx, k_in, d_in);
   const std::vector<int64_t> out_lines = cache_lines<scalar_t>(out_idx, k_out, d_out);
+  const std::vector<Segment> in_segs = segments(in_idx, k_in, d_in, RB);
+  const std::vector<Segment> out_segs = segments(out_idx, k_out, d_out, RA);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xs(static_cast<size_t>(n_in * T * RB), acc_t(0));   // input panels
     std::vector<acc_t> ds(static_cast<size_t>(n_out * T * RA), acc_t(0));  // output-grad panels
@@ -93,12 +136,8 @@ void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t
           prefetch_lines(xr + kAhead * d_in, in_lines);
           prefetch_lines(dr + kAhead * d_out, out_lines);
         }
-        for (int64_t i = 0; i < k_in; ++i) {
-          const int64_t col = in_idx[i];
-          xs[(i / RB) * T * RB + t * RB + i % RB] = col == d_in ? acc_t(1) : static_cast<acc_t>(xr[col]);
-        }
-        for (int64_t a = 0; a < k_out; ++a)
-          ds[(a / RA) * T * RA + t * RA + a % RA] = static_cast<acc_t>(dr[out_idx[a]]);
+        gather_row<scalar_t, acc_t, RB>(xr, in_segs, t, T, xs.data());
+        gather_row<scalar_t, acc_t, RA>(dr, out_segs, t, T, ds.data());
       }
       acc_t* ob = out + b * k;
       std::fill(ob, ob + k, acc_t(0));
@@ -123,6 +162,17 @@ void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t
       }
     }
   });
+}
+
+template <typename index_t>
+void check_range(const index_t* v, int64_t n, int64_t lo, int64_t hi, const char* what) {
+  index_t mn = 0, mx = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    mn = i == 0 || v[i] < mn ? v[i] : mn;
+    mx = i == 0 || v[i] > mx ? v[i] : mx;
+  }
+  TORCH_CHECK(n == 0 || (mn >= lo && mx < hi), "factgrass: ", what, " (got values in [", mn, ", ", mx,
+              "], allowed [", lo, ", ", hi - 1, "]).");
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& in_idx,
@@ -156,18 +206,12 @@ at::Tensor factgrass_cpu(const at::Tensor& x_, const at::Tensor& grad_out_, cons
   const at::Tensor in_idx = in_idx_.contiguous(), out_idx = out_idx_.contiguous();
   const at::Tensor bucket = bucket_.contiguous(), weight = weight_.contiguous();
   const int64_t B = x.size(0), T = x.size(1), d_in = x.size(2), d_out = grad_out.size(2);
-  if (in_idx.numel() > 0) {
-    TORCH_CHECK(in_idx.min().item<int64_t>() >= 0 && in_idx.max().item<int64_t>() <= d_in,
-                "factgrass: in_idx values must lie in [0, ", d_in, "] (d_in is the bias column); the plan is for another layer.");
-  }
-  if (out_idx.numel() > 0) {
-    TORCH_CHECK(out_idx.min().item<int64_t>() >= 0 && out_idx.max().item<int64_t>() < d_out,
-                "factgrass: out_idx values must lie in [0, ", d_out, "); the plan is for another layer.");
-  }
-  if (bucket.numel() > 0) {
-    TORCH_CHECK(bucket.min().item<int32_t>() >= 0 && bucket.max().item<int32_t>() < k,
-                "factgrass: bucket values must lie in [0, k=", k, "); the tables belong to another plan.");
-  }
+  check_range(in_idx.data_ptr<int64_t>(), in_idx.numel(), 0, d_in + 1,
+              "in_idx values must lie in [0, d_in] (d_in is the bias column); the plan is for another layer");
+  check_range(out_idx.data_ptr<int64_t>(), out_idx.numel(), 0, d_out,
+              "out_idx values must lie in [0, d_out); the plan is for another layer");
+  check_range(bucket.data_ptr<int32_t>(), bucket.numel(), 0, k,
+              "bucket values must lie in [0, k); the tables belong to another plan");
   const bool f64 = x.scalar_type() == at::kDouble;
   at::Tensor out = at::empty({B, k}, x.options().dtype(f64 ? at::kDouble : at::kFloat));
   at::Tensor scale = scale_.has_value() ? scale_->contiguous() : at::Tensor();

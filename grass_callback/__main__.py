@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--out", default="grass-attribution", help="output folder (stores, CSV tables, W&B run)")
     att.add_argument("--k", type=int, default=1024)
     att.add_argument("--seed", type=int, default=0)
+    att.add_argument("--mask-run", default="auto",
+                     help="mask columns kept in runs of this many (auto: 8 at the default k; 1: coordinate-wise)")
     att.add_argument("--topk", type=int, default=10)
     att.add_argument("--num-queries", type=int, default=16)
     att.add_argument("--damping-ratio", default="auto", help="a number, or auto (the benchmark's best for k)")
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                                    include=args.include, exclude=args.exclude,
                                    damping_ratio=args.damping_ratio if args.damping_ratio == "auto"
                                    else float(args.damping_ratio),
-                                   progress=not args.quiet)
+                                   progress=not args.quiet,
+                                   mask_run=args.mask_run if args.mask_run == "auto" else int(args.mask_run))
     run = None if args.no_wandb else resolve_wandb_run(save_dir=str(out), project="grass-callback",
                                                          config={"checkpoints": args.ckpt, "k": args.k})
     query_ds = getattr(query, "dataset", None)

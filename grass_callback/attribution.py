@@ -293,7 +293,7 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
               store_dir: str | Path | None = None, dtype: str = "float16", self_influence: bool = True,
               num_queries: int | None = None, impl: str = "auto", device: torch.device | str | None = None,
               progress: bool = True, plans: Mapping[str, Plan] | None = None,
-              ground_truth: tuple[Tensor, Tensor] | None = None) -> AttributionResult:
+              ground_truth: tuple[Tensor, Tensor] | None = None, mask_run: int | str = "auto") -> AttributionResult:
     """Influence of every training example on every query, at the model's current weights.
 
     Args:
@@ -302,7 +302,8 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
         query_loader: batches of query examples.
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` reduced as ``reduction`` says.
         index_key: the batch field holding dataset indices (default: ``"index"`` / last element).
-        include, exclude: layer-name globs. k, seed: the FactGraSS plans (per layer).
+        include, exclude: layer-name globs. k, seed, mask_run: the FactGraSS plans (per layer;
+            ``mask_run`` as in :class:`~grass_callback.projection.FactGraSSPlan`).
         damping_ratio: relative damping of each Fisher block, or ``"auto"`` (the benchmark's best
             ratio for ``k``). topk: proponents/opponents per query.
         reduction: how ``loss_fn`` reduces over the batch: ``"mean"``, ``"sum"``, ``"token_mean"``
@@ -321,9 +322,10 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
         :class:`AttributionResult`; positive scores mean training on the example lowers the
         query's loss.
     """
-    taps = LayerTaps(model, plans=plans, include=include, exclude=exclude, k=k, seed=seed, impl=impl)
+    taps = LayerTaps(model, plans=plans, include=include, exclude=exclude, k=k, seed=seed, impl=impl,
+                     plan_options={"mask_run": mask_run})
     store_path = Path(store_dir) if store_dir is not None else Path(tempfile.mkdtemp(prefix="grass-store-"))
-    config = {"k": k, "seed": seed, "reduction": reduction, "mode": "checkpoint"}
+    config = {"k": k, "seed": seed, "reduction": reduction, "mode": "checkpoint", "mask_run": mask_run}
     store = open_store(store_path, taps, dtype=dtype, config=config)
     fisher = FisherStats(taps.layer_dims)
     with taps:

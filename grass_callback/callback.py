@@ -115,6 +115,9 @@ class GraSSCallback(Callback):
         mask: ``"random"`` (default) masks, or ``"selective"``: the paper's learned masks, fitted at
             the start of training on the factors of ``selective_sample`` training examples (on
             rank 0, shared with the others; a resumed run reuses the store's plans).
+        mask_run: random masks keep columns in runs of this many neighbours (``"auto"``: 8 at the
+            default ``k``; ``1``: the paper's coordinate-wise masks, slower to gather on wide
+            layers; see :func:`grass_callback.projection.run_mask`).
         rows_per_shard: rows per store shard (default 8192); buffered rows are also committed at
             every checkpoint and scoring period.
 
@@ -143,7 +146,8 @@ class GraSSCallback(Callback):
                  keep_history: str = "period", renderer: Callable[[Any], Any] | None = None, tokenizer: Any = None,
                  wandb_project: str = "grass-callback", log_to_wandb: bool = True, impl: str = "auto",
                  progress: bool = True, rows_per_shard: int = 8192, mask: str = "random",
-                 selective_sample: int = 256, scorer: str = "block", ensemble: bool = True) -> None:
+                 selective_sample: int = 256, scorer: str = "block", ensemble: bool = True,
+                 mask_run: int | str = "auto") -> None:
         _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
                         rows_per_shard=rows_per_shard)
         if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:
@@ -158,6 +162,8 @@ class GraSSCallback(Callback):
         _check_choice("mask", mask, ("random", "selective"))
         _check_choice("scorer", scorer, ("block", "joint"))
         _check_positive(selective_sample=selective_sample)
+        if mask_run != "auto" and (not isinstance(mask_run, int) or isinstance(mask_run, bool) or mask_run < 1):
+            raise ConfigError(f"mask_run must be 'auto' or a positive integer (1: coordinate-wise masks), got {mask_run!r}.")
         if loss_reduction == "token_mean" and token_counts is None:
             raise ConfigError("loss_reduction='token_mean' needs token_counts=fn(batch) -> [B] token counts.")
         self.include, self.exclude, self.k, self.seed = include, exclude, k, seed
@@ -172,7 +178,7 @@ class GraSSCallback(Callback):
         self.wandb_project, self.log_to_wandb, self.impl, self.progress = wandb_project, log_to_wandb, impl, progress
         self.rows_per_shard = rows_per_shard
         self.mask, self.selective_sample, self.scorer = mask, selective_sample, scorer
-        self.ensemble = bool(ensemble)
+        self.ensemble, self.mask_run = bool(ensemble), mask_run
         self._ensemble: ScoreEnsemble | None = None
         self._pending_ensemble: dict[str, Any] | None = None
         self._ensemble_warned = False
@@ -204,7 +210,7 @@ class GraSSCallback(Callback):
         """What must match for a resumed run to continue the same store."""
         return {"k": self.k, "seed": self.seed, "include": self.include, "exclude": self.exclude,
                 "loss_reduction": self.loss_reduction, "storage_dtype": self.storage_dtype, "mask": self.mask,
-                "scorer": self.scorer}
+                "scorer": self.scorer, "mask_run": self.mask_run}
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -222,7 +228,7 @@ class GraSSCallback(Callback):
 
     def _build(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", plans: Any) -> None:
         self.taps = LayerTaps(pl_module, plans=plans, include=self.include, exclude=self.exclude, k=self.k,
-                              seed=self.seed, impl=self.impl)
+                              seed=self.seed, impl=self.impl, plan_options={"mask_run": self.mask_run})
         root = self._agreed_root(trainer)
         self.store_dir = str(root)
         self.store = open_store(root / "train", self.taps, dtype=self.storage_dtype, config=self.config,

@@ -38,7 +38,7 @@ def attribute_checkpoints(load_model: Callable[[str], nn.Module], checkpoints: S
                           index_key: Any = None, include: Any = None, exclude: Any = None, k: int = 1024,
                           seed: int = 0, damping_ratio: float | str = DEFAULT_DAMPING_RATIO, topk: int = 10,
                           reduction: str = "mean", num_queries: int | None = None, dtype: str = "float16",
-                          progress: bool = True) -> ScoreResult:
+                          progress: bool = True, mask_run: int | str = "auto") -> ScoreResult:
     """Ensembled influence over ``checkpoints``; ``load_model(path)`` returns the model at a checkpoint.
 
     ``train_loader`` must yield the same examples in the same order on every pass (no shuffling).
@@ -49,9 +49,11 @@ def attribute_checkpoints(load_model: Callable[[str], nn.Module], checkpoints: S
     stores, fitted, queries, q_ids = [], {}, {}, None
     for c, path in enumerate(checkpoints):
         model = load_model(str(path))
-        taps = LayerTaps(model, include=include, exclude=exclude, k=k, seed=seed)
+        taps = LayerTaps(model, include=include, exclude=exclude, k=k, seed=seed,
+                         plan_options={"mask_run": mask_run})
         store = open_store(Path(out_dir) / f"ckpt-{c}", taps, dtype=dtype,
-                           config={"k": k, "seed": seed, "checkpoint": str(path), "reduction": reduction})
+                           config={"k": k, "seed": seed, "checkpoint": str(path), "reduction": reduction,
+                                   "mask_run": mask_run})
         if store.num_rows:
             raise GraSSError(f"{store.path} already holds rows; use a fresh out_dir for a new attribution.")
         stats = FisherStats(taps.layer_dims)

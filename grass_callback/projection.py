@@ -47,6 +47,8 @@ __all__ = [
     "plan_from_state",
     "derive_generator",
     "random_mask",
+    "run_mask",
+    "auto_mask_run",
     "sjlt_tables",
     "sjlt_apply",
 ]
@@ -68,6 +70,42 @@ def random_mask(n: int, size: int, gen: torch.Generator) -> Tensor:
     if not 0 < size <= n:
         raise PlanError(f"a mask of size {size} cannot be drawn from {n} coordinates; use 1..{n}.")
     return torch.randperm(n, generator=gen)[:size].sort().values
+
+
+def run_mask(n: int, size: int, run: int, gen: torch.Generator) -> Tensor:
+    """``size`` sorted indices from ``range(n)`` kept in runs of ``run`` neighbouring coordinates.
+
+    ``run = 1`` is :func:`random_mask` (the same draws). Otherwise the coordinates are rotated by a
+    uniform random offset, cut into runs of ``run`` (the last one shorter when ``run`` does not
+    divide ``n``), and whole runs are taken in random order until ``size`` coordinates are kept (the
+    last run taken is cut short). Because of the random rotation every coordinate is kept with
+    probability exactly ``size / n``, as with the coordinate-wise mask; only the joint draw
+    differs. A kernel gathering ``size`` columns of a wide row then touches about ``size / run``
+    memory lines instead of up to ``size``.
+    """
+    if run < 1:
+        raise PlanError(f"mask_run must be a positive integer, got {run}.")
+    if run == 1:
+        return random_mask(n, size, gen)
+    if not 0 < size <= n:
+        raise PlanError(f"a mask of size {size} cannot be drawn from {n} coordinates; use 1..{n}.")
+    shift = int(torch.randint(0, n, (1,), generator=gen))
+    n_runs = -(-n // run)
+    order = torch.randperm(n_runs, generator=gen)
+    lengths = torch.clamp(n - order * run, max=run)  # the run at the end of the rotated frame is short
+    taken = torch.cumsum(lengths, 0)
+    last = int(torch.searchsorted(taken, torch.tensor(size)))  # runs 0..last cover `size`
+    keep = lengths[: last + 1].clone()
+    keep[-1] -= int(taken[last]) - size
+    starts = order[: last + 1] * run
+    idx = torch.cat([torch.arange(int(s), int(s) + int(m)) for s, m in zip(starts, keep)])
+    return torch.remainder(idx + shift, n).sort().values
+
+
+def auto_mask_run(size: int) -> int:
+    """Default run length of a factor mask of ``size`` coordinates: 8, shorter for small masks so
+    that a mask always holds at least 8 runs (1 below 16 coordinates)."""
+    return max(1, min(8, 1 << max(0, (size // 8).bit_length() - 1))) if size >= 16 else 1
 
 
 def sjlt_tables(n: int, k: int, c: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -193,6 +231,16 @@ def _check_positive(**values: int) -> None:
 # --------------------------------------------------------------------------- FactGraSS
 
 
+def _mask_runs(mask_run: Any, k_in: int, k_out: int) -> tuple[int, int]:
+    """``(run_in, run_out)`` from ``"auto"``, one int, or a pair."""
+    if mask_run == "auto":
+        return auto_mask_run(k_in), auto_mask_run(k_out)
+    runs = tuple(mask_run) if isinstance(mask_run, (list, tuple)) else (mask_run, mask_run)
+    if len(runs) != 2 or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in runs):
+        raise PlanError(f"mask_run must be 'auto', a positive integer or a pair of them; got {mask_run!r}.")
+    return int(runs[0]), int(runs[1])
+
+
 class FactGraSSPlan(Plan):
     """FactGraSS for one linear layer: mask both factors, sketch the ``k_out x k_in`` product.
 
@@ -204,6 +252,10 @@ class FactGraSSPlan(Plan):
             above ``k``, the plan keeps every masked coordinate exactly (``k = k'``, identity
             sketch), so small layers are compressed without error.
         c: non-zeros per coordinate in the SJLT (the paper uses 1).
+        mask_run: the masks keep coordinates in runs of this many neighbours (:func:`run_mask`;
+            every coordinate is still kept with probability ``k_in / d_in``). ``"auto"``
+            (default): :func:`auto_mask_run` per factor, 8 for the default ``k``; ``1``: the
+            paper's coordinate-wise masks; a pair ``(run_in, run_out)`` sets each factor.
         seed, name: where the random draws come from.
 
     Raises:
@@ -214,7 +266,7 @@ class FactGraSSPlan(Plan):
 
     def __init__(self, d_in: int, d_out: int, bias: bool = False, k: int = 1024,
                  k_in: int | None = None, k_out: int | None = None, c: int = 1,
-                 seed: int = 0, name: str = "") -> None:
+                 seed: int = 0, name: str = "", mask_run: Any = "auto") -> None:
         _check_positive(d_in=d_in, d_out=d_out, k=k, c=c)
         self.shape = LayerShape(int(d_in), int(d_out), bool(bias))
         self.seed, self.name, self.c = int(seed), str(name), int(c)
@@ -244,6 +296,7 @@ class FactGraSSPlan(Plan):
                     f"or lower k.")
             k = k_prime  # small layer: keep every masked coordinate exactly
         self.k, self.k_in, self.k_out = int(k), int(k_in), int(k_out)
+        self.run_in, self.run_out = _mask_runs(mask_run, self.k_in, self.k_out)
         self.identity_sketch = self.k == k_prime
         if self.identity_sketch and self.c != 1:
             self.c = 1
@@ -253,8 +306,8 @@ class FactGraSSPlan(Plan):
     def _build(self) -> None:
         gen_in = derive_generator(self.seed, self.name, "factgrass/in")
         gen_out = derive_generator(self.seed, self.name, "factgrass/out")
-        self.in_idx = random_mask(self.shape.d_in_eff, self.k_in, gen_in)
-        self.out_idx = random_mask(self.shape.d_out, self.k_out, gen_out)
+        self.in_idx = run_mask(self.shape.d_in_eff, self.k_in, self.run_in, gen_in)
+        self.out_idx = run_mask(self.shape.d_out, self.k_out, self.run_out, gen_out)
         k_prime = self.k_in * self.k_out
         if self.identity_sketch:
             self.bucket = torch.arange(k_prime, dtype=torch.int32).unsqueeze(0)
@@ -283,7 +336,7 @@ class FactGraSSPlan(Plan):
     def config(self) -> dict[str, Any]:
         return {"d_in": self.shape.d_in, "d_out": self.shape.d_out, "bias": self.shape.bias,
                 "k": self.k, "k_in": self.k_in, "k_out": self.k_out, "c": self.c,
-                "seed": self.seed, "name": self.name}
+                "seed": self.seed, "name": self.name, "mask_run": [self.run_in, self.run_out]}
 
     def tensors(self) -> dict[str, Tensor]:
         return {"in_idx": self.in_idx, "out_idx": self.out_idx, "bucket": self.bucket, "sign": self.sign}
@@ -515,6 +568,8 @@ def plan_from_state(config: Mapping[str, Any], tensors: Mapping[str, Tensor] | N
         shape = LayerShape(*layer) if layer is not None else None
         plan: Plan = cls(shape=shape, **config)
     else:
+        if issubclass(cls, FactGraSSPlan):
+            config.setdefault("mask_run", 1)  # saved before masks came in runs: coordinate-wise
         plan = cls(**config)
     if tensors is not None:
         rebuilt = plan.tensors()
@@ -619,10 +674,11 @@ class SelectiveFactGraSSPlan(FactGraSSPlan):
 
     def __init__(self, d_in: int, d_out: int, bias: bool = False, k: int = 1024, *,
                  in_idx: Any = None, out_idx: Any = None, c: int = 1, seed: int = 0, name: str = "",
-                 k_in: int | None = None, k_out: int | None = None) -> None:
+                 k_in: int | None = None, k_out: int | None = None, mask_run: Any = "auto") -> None:
         _check_positive(d_in=d_in, d_out=d_out, k=k)
         if in_idx is None and out_idx is None:  # nothing learned yet: the random plan's masks, kept explicitly
-            ref = FactGraSSPlan(d_in, d_out, bias, k=k, k_in=k_in, k_out=k_out, c=c, seed=seed, name=name)
+            ref = FactGraSSPlan(d_in, d_out, bias, k=k, k_in=k_in, k_out=k_out, c=c, seed=seed, name=name,
+                                mask_run=mask_run)
             in_idx, out_idx, k = ref.in_idx, ref.out_idx, ref.k
         elif in_idx is None or out_idx is None:
             raise PlanError("a selective plan needs both in_idx and out_idx (or neither, for random masks).")
@@ -632,7 +688,7 @@ class SelectiveFactGraSSPlan(FactGraSSPlan):
         if (k_in is not None and k_in != n_in) or (k_out is not None and k_out != n_out):
             raise PlanError(f"k_in/k_out ({k_in}, {k_out}) differ from the learned masks' sizes ({n_in}, {n_out}).")
         super().__init__(d_in, d_out, bias, k=min(int(k), n_in * n_out), k_in=n_in, k_out=n_out, c=c,
-                         seed=seed, name=name)
+                         seed=seed, name=name, mask_run=mask_run)
 
     def _build(self) -> None:
         super()._build()  # SJLT tables from (seed, name), as the random-mask plan

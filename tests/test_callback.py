@@ -144,6 +144,8 @@ def test_clear_errors(tmp_path):
         GraSSCallback(storage_dtype="int8")
     with pytest.raises(ConfigError, match="token_counts"):
         GraSSCallback(loss_reduction="token_mean")
+    with pytest.raises(ConfigError, match="mask_run must be 'auto' or a positive integer"):
+        GraSSCallback(mask_run=0)
 
     class NoIndex(TinyModule):
         def training_step(self, batch, batch_idx):

@@ -52,9 +52,11 @@ def _assert_close(got, want, atol, rtol, label):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_cpu_kernel_matches_reference(needs_kernel, dtype, atol, rtol, shape, bias, with_scale):
+@pytest.mark.parametrize("mask_run", ["auto", 1, 5])  # 5: runs that straddle the kernel's panels
+def test_cpu_kernel_matches_reference(needs_kernel, dtype, atol, rtol, shape, bias, with_scale, mask_run):
     B, T, d_in, d_out, k, k_in, k_out, c = shape
-    plan = FactGraSSPlan(d_in, d_out, bias, k=k, k_in=k_in, k_out=k_out, c=c, seed=5, name="l")
+    plan = FactGraSSPlan(d_in, d_out, bias, k=k, k_in=k_in, k_out=k_out, c=c, seed=5, name="l",
+                         mask_run=mask_run)
     x, d = _inputs(B, T, d_in, d_out, dtype)
     scale = torch.rand(B) + 0.5 if with_scale else None
     got = factgrass(x, d, plan, scale=scale, impl="cpu")

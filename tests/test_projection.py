@@ -20,6 +20,7 @@ from grass_callback.projection import (
     materialize,
     plan_from_state,
     random_mask,
+    run_mask,
     sjlt_tables,
 )
 
@@ -29,6 +30,55 @@ def test_random_mask_sorted_without_replacement() -> None:
     assert idx.dtype == torch.int64
     assert torch.all(idx[1:] > idx[:-1])  # strictly increasing: sorted and distinct
     assert idx.min() >= 0 and idx.max() < 1000
+
+
+def _runs(idx: torch.Tensor) -> int:
+    """Number of maximal runs of consecutive integers in a sorted index tensor."""
+    return 1 + int((idx[1:] != idx[:-1] + 1).sum())
+
+
+@pytest.mark.parametrize("n, size, run", [(1000, 64, 8), (4096, 64, 8), (129, 64, 8), (65, 64, 8),
+                                          (37, 10, 4), (50, 50, 8)])
+def test_run_mask_keeps_sorted_distinct_runs(n: int, size: int, run: int) -> None:
+    idx = run_mask(n, size, run, derive_generator(1, "layer", "m"))
+    assert idx.dtype == torch.int64 and idx.numel() == size
+    assert torch.all(idx[1:] > idx[:-1]) and idx.min() >= 0 and idx.max() < n
+    # ceil(size/run) runs, + 1 where the wrap-around or the short end run splits one
+    assert _runs(idx) <= -(-size // run) + 2
+    assert torch.equal(run_mask(n, size, 1, derive_generator(1, "layer", "m")),
+                       random_mask(n, size, derive_generator(1, "layer", "m")))
+
+
+@pytest.mark.parametrize("n, size, run", [(13, 5, 4), (40, 16, 8), (33, 3, 2)])
+def test_run_mask_keeps_every_coordinate_with_probability_size_over_n(n: int, size: int, run: int) -> None:
+    draws = 6000
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.zeros(n)
+    for _ in range(draws):
+        counts[run_mask(n, size, run, gen)] += 1
+    p = size / n
+    sigma = (p * (1 - p) / draws) ** 0.5
+    assert (counts / draws - p).abs().max() < 5 * sigma  # binomial spread, no position favoured
+
+
+def test_factgrass_masks_come_in_runs_by_default_and_old_states_stay_coordinatewise() -> None:
+    plan = FactGraSSPlan(4096, 4096, name="wide")
+    assert (plan.run_in, plan.run_out) == (8, 8)
+    assert _runs(plan.in_idx) <= 10 and _runs(plan.out_idx) <= 10
+    per_coord = FactGraSSPlan(4096, 4096, name="wide", mask_run=1)
+    assert _runs(per_coord.in_idx) > 50  # 64 scattered columns of 4096
+    config, tensors = per_coord.to_state()
+    assert config["mask_run"] == [1, 1]
+    del config["mask_run"]  # a plan saved before runs existed
+    assert plan_from_state(config, tensors) == per_coord
+    assert FactGraSSPlan(256, 64, k=256, name="s").run_in == 4  # 32 a side: at least 8 runs
+    assert FactGraSSPlan(4096, 512, name="p", mask_run=(2, 16)).config()["mask_run"] == [2, 16]
+
+
+@pytest.mark.parametrize("bad", [0, -3, "big", (1, 2, 3), 1.5, True])
+def test_mask_run_validation(bad) -> None:
+    with pytest.raises(PlanError, match="mask_run"):
+        FactGraSSPlan(64, 64, k=256, mask_run=bad)
 
 
 def test_generators_depend_on_seed_name_and_purpose() -> None:
