@@ -28,6 +28,26 @@ def time_it(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, max_seco
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], repeat: int = 7, max_seconds: float = 60.0,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median time of each function in seconds, the functions called in turn (round ``r`` calls
+    every function once, starting at a different one each round), so that a slow spell of a
+    shared machine hits them alike. Fewer rounds when a round is slow (at least three)."""
+    names = list(fns)
+    for name in names:  # warm-up
+        fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    for r in range(repeat):
+        if r >= 3 and time.perf_counter() - start > max_seconds:
+            break
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = clock()
+            fns[name]()
+            times[name].append(clock() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _status(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):

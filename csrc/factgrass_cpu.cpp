@@ -1,14 +1,16 @@
 // FactGraSS on the CPU: one fused pass per example, OpenMP over examples.
 //
 // For example b: gather the masked input columns (with the constant-1 bias column) and the
-// masked output-gradient columns of all tokens into thread-local panels, form the small
-// product  sum_t dout[t, a] * x[t, b]  one 4 x 16 register tile at a time, and scatter each
-// tile through the SJLT tables into the k-sized output. The masks are sorted; neighbouring
-// kept columns (the default plans keep them in runs of 8) are copied as one contiguous segment,
-// and the memory lines of later tokens are prefetched, because on wide layers the gather, not
-// the arithmetic, is what costs. Scratch per thread is O(T (k_in + k_out)) plus one tile;
-// nothing of size d_in * d_out or T * k' is ever allocated. Parallel over examples with
-// at::parallel_for (OpenMP in torch's CPU builds, so torch.set_num_threads applies).
+// masked output-gradient columns of all tokens into thread-local buffers, form the small
+// product  sum_t dout[t, a] * x[t, b]  (k_out x k_in), and scatter it through the SJLT tables
+// into the k-sized output. The small product comes from a 4 x 16 register-tile micro-kernel
+// for short sequences and from one single-threaded BLAS GEMM per example (at::mm_out on the
+// thread's buffers) from kGemmMinTokens tokens on. The masks are sorted; neighbouring kept
+// columns (the default plans keep them in runs of 8) are copied as one contiguous segment, and
+// the memory lines of later tokens are prefetched, because on wide layers the gather is what
+// costs. Scratch per thread is O(T (k_in + k_out) + k_in k_out); nothing of size d_in * d_out
+// is ever allocated. Parallel over examples with at::parallel_for (OpenMP in torch's CPU
+// builds, so torch.set_num_threads applies).
 //
 // The op schema is declared here once; the CUDA implementation registers against it from
 // factgrass_cuda_binding.cpp when torch has CUDA.
@@ -90,10 +92,11 @@ std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t width, int6
   return segs;
 }
 
-// Copy the masked columns of one token row into the packed panels (panel width P, T tokens).
-template <typename scalar_t, typename acc_t, int P>
+// Copy the masked columns of one token row into panels of width P (T tokens each): position i
+// of token t lands at panels[(i / P) T P + t P + i % P]. P = k gives one row-major [T, k] matrix.
+template <typename scalar_t, typename acc_t>
 inline void gather_row(const scalar_t* __restrict__ row, const std::vector<Segment>& segs, int64_t t,
-                       int64_t T, acc_t* __restrict__ panels) {
+                       int64_t T, int64_t P, acc_t* __restrict__ panels) {
   for (const Segment& s : segs) {
     acc_t* dst = panels + (s.pos / P) * T * P + t * P + s.pos % P;
     if (s.col < 0) {
@@ -110,6 +113,22 @@ inline void prefetch_lines(const scalar_t* row, const std::vector<int64_t>& line
   for (const int64_t offset : lines) __builtin_prefetch(row + offset);
 }
 
+// Below this many tokens the small product is formed by the register-tile micro-kernel; from
+// here on by one single-threaded BLAS GEMM per example (at::mm_out inside the parallel region),
+// which runs near the core's peak while the call overhead (a few microseconds) is amortised.
+constexpr int64_t kGemmMinTokens = 64;
+
+// Scatter the small product (flat index e = a k_in + b, values tile[e]) through the SJLT tables.
+template <typename acc_t>
+inline void sketch(const acc_t* small, const int32_t* bucket, const float* weight, int64_t c,
+                   int64_t k_prime, acc_t* ob) {
+  for (int64_t j = 0; j < c; ++j) {
+    const int32_t* bj = bucket + j * k_prime;
+    const float* wj = weight + j * k_prime;
+    for (int64_t e = 0; e < k_prime; ++e) ob[bj[e]] += static_cast<acc_t>(wj[e]) * small[e];
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t* in_idx,
                           const int64_t* out_idx, const int32_t* bucket, const float* weight,
@@ -117,15 +136,20 @@ void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t
                           int64_t d_out, int64_t k_in, int64_t k_out, int64_t c, int64_t k) {
   constexpr int RA = Tile<acc_t>::RA, RB = Tile<acc_t>::RB;
   const int64_t k_prime = k_in * k_out;
-  const int64_t n_in = (k_in + RB - 1) / RB, n_out = (k_out + RA - 1) / RA;  // panels
+  const bool gemm = T >= kGemmMinTokens;
+  // panels of width RB / RA for the micro-kernel; plain row-major [T, k] matrices for the GEMM
+  const int64_t pin = gemm ? k_in : RB, pout = gemm ? k_out : RA;
+  const int64_t n_in = (k_in + pin - 1) / pin, n_out = (k_out + pout - 1) / pout;
   const std::vector<int64_t> in_lines = cache_lines<scalar_t>(in_idx, k_in, d_in);
   const std::vector<int64_t> out_lines = cache_lines<scalar_t>(out_idx, k_out, d_out);
-  const std::vector<Segment> in_segs = segments(in_idx, k_in, d_in, RB);
-  const std::vector<Segment> out_segs = segments(out_idx, k_out, d_out, RA);
+  const std::vector<Segment> in_segs = segments(in_idx, k_in, d_in, pin);
+  const std::vector<Segment> out_segs = segments(out_idx, k_out, d_out, pout);
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xs(static_cast<size_t>(n_in * T * RB), acc_t(0));   // input panels
-    std::vector<acc_t> ds(static_cast<size_t>(n_out * T * RA), acc_t(0));  // output-grad panels
-    acc_t tile[RA * RB];
+    std::vector<acc_t> xs(static_cast<size_t>(n_in * T * pin), acc_t(0));    // gathered inputs
+    std::vector<acc_t> ds(static_cast<size_t>(n_out * T * pout), acc_t(0));  // gathered output grads
+    std::vector<acc_t> small(static_cast<size_t>(gemm ? k_prime : RA * RB));  // the small product
+    const at::TensorOptions opts = at::TensorOptions().dtype(acc_type);
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* xb = x + b * T * d_in;
       const scalar_t* db = dout + b * T * d_out;
@@ -136,22 +160,34 @@ void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t
           prefetch_lines(xr + kAhead * d_in, in_lines);
           prefetch_lines(dr + kAhead * d_out, out_lines);
         }
-        gather_row<scalar_t, acc_t, RB>(xr, in_segs, t, T, xs.data());
-        gather_row<scalar_t, acc_t, RA>(dr, out_segs, t, T, ds.data());
+        if (gemm) {
+          gather_row<scalar_t, acc_t>(xr, in_segs, t, T, k_in, xs.data());
+          gather_row<scalar_t, acc_t>(dr, out_segs, t, T, k_out, ds.data());
+        } else {
+          gather_row<scalar_t, acc_t>(xr, in_segs, t, T, RB, xs.data());
+          gather_row<scalar_t, acc_t>(dr, out_segs, t, T, RA, ds.data());
+        }
       }
       acc_t* ob = out + b * k;
       std::fill(ob, ob + k, acc_t(0));
-      for (int64_t pa = 0; pa < n_out; ++pa) {
-        const int64_t na = std::min<int64_t>(RA, k_out - pa * RA);
-        for (int64_t pb = 0; pb < n_in; ++pb) {
-          const int64_t nb = std::min<int64_t>(RB, k_in - pb * RB);
-          micro_kernel<acc_t>(xs.data() + pb * T * RB, ds.data() + pa * T * RA, T, tile);
-          for (int64_t r = 0; r < na; ++r) {  // sketch: scatter through the SJLT tables
-            const int64_t e0 = (pa * RA + r) * k_in + pb * RB;
-            for (int64_t j = 0; j < c; ++j) {
-              const int32_t* bj = bucket + j * k_prime + e0;
-              const float* wj = weight + j * k_prime + e0;
-              for (int64_t q = 0; q < nb; ++q) ob[bj[q]] += static_cast<acc_t>(wj[q]) * tile[r * RB + q];
+      if (gemm) {  // small[a, b] = sum_t ds[t, a] xs[t, b]
+        at::Tensor small_t = at::from_blob(small.data(), {k_out, k_in}, opts);
+        at::mm_out(small_t, at::from_blob(ds.data(), {T, k_out}, opts).t(),
+                   at::from_blob(xs.data(), {T, k_in}, opts));
+        sketch<acc_t>(small.data(), bucket, weight, c, k_prime, ob);
+      } else {
+        for (int64_t pa = 0; pa < n_out; ++pa) {
+          const int64_t na = std::min<int64_t>(RA, k_out - pa * RA);
+          for (int64_t pb = 0; pb < n_in; ++pb) {
+            const int64_t nb = std::min<int64_t>(RB, k_in - pb * RB);
+            micro_kernel<acc_t>(xs.data() + pb * T * RB, ds.data() + pa * T * RA, T, small.data());
+            for (int64_t r = 0; r < na; ++r) {  // sketch: scatter through the SJLT tables
+              const int64_t e0 = (pa * RA + r) * k_in + pb * RB;
+              for (int64_t j = 0; j < c; ++j) {
+                const int32_t* bj = bucket + j * k_prime + e0;
+                const float* wj = weight + j * k_prime + e0;
+                for (int64_t q = 0; q < nb; ++q) ob[bj[q]] += static_cast<acc_t>(wj[q]) * small[r * RB + q];
+              }
             }
           }
         }
