@@ -1,6 +1,6 @@
 """Training-step overhead of capturing FactGraSS gradients in a small GPT-2 (CPU).
 
-    .venv/bin/python benchmarks/overhead.py            # 20 timed rounds (about 3 min quiet, 7 min loaded)
+    .venv/bin/python benchmarks/overhead.py            # 40 timed rounds (about 6 min quiet, 12 min loaded)
     .venv/bin/python benchmarks/overhead.py --quick    # 6 timed rounds (about 1-2 min)
     .venv/bin/python benchmarks/overhead.py --json out/overhead.json
 
@@ -216,7 +216,7 @@ def compress_by_layer(taps: LayerTaps, B: int, T: int, scale: torch.Tensor, repe
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="6 timed steps (about 1-2 minutes)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 20, quick 6)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 40, quick 6)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, quick 2)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -229,7 +229,7 @@ def main() -> None:
                              "verdict uses CPU time, otherwise wall time")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args()
-    steps = args.steps if args.steps is not None else (6 if args.quick else 20)
+    steps = args.steps if args.steps is not None else (6 if args.quick else 40)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
     B, T = args.batch, args.seq
     if args.threads:

@@ -21,9 +21,10 @@ gradient first), scored with per-layer Fisher influence ``Σ_l g_q^T (F_l + λ_l
 ``λ_l = r · trace(F_l) / k_l``, computed exactly by :class:`grass_callback.evaluation.KernelInfluence`
 (checked against ``FisherStats.fit`` + ``score_chunks`` below). ``exact``: uncompressed per-layer
 gradients; ``*-joint``: the TRAK-style scorer, one Fisher over all layers concatenated;
-``factgrass`` keeps mask columns in runs (the default ``mask_run="auto"``: runs of 2, 4, 8 at k =
-64, 256, 1024; on fc1 these are neighbouring pixels of one image row, the least favourable case for
-runs); ``factgrass-coord``: the paper's coordinate-wise masks (``mask_run=1``), same SJLT tables;
+``factgrass`` uses the default masks (``mask_run="auto"``: runs of neighbouring columns where a
+mask keeps at most a quarter of a layer's columns: here runs of 2 at k = 64 and of 4 on fc1's
+output at k = 256, none at k = 1024); ``factgrass-coord``: the paper's coordinate-wise masks
+everywhere (``mask_run=1``), same SJLT tables;
 ``factgrass-sel``: FactGraSS with learned (selective) masks, same SJLT tables as ``factgrass``;
 ``dot``: gradient dot products; ``random``: Gaussian scores. The damping ratio ``r`` is chosen per
 method, k and seed from ``1e-6 .. 1e1`` on the first half of the queries

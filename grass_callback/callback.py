@@ -116,8 +116,9 @@ class GraSSCallback(Callback):
             the start of training on the factors of ``selective_sample`` training examples (on
             rank 0, shared with the others; a resumed run reuses the store's plans).
         mask_run: random masks keep columns in runs of this many neighbours (``"auto"``: 8 at the
-            default ``k``; ``1``: the paper's coordinate-wise masks, slower to gather on wide
-            layers; see :func:`grass_callback.projection.run_mask`).
+            default ``k`` on layers where the mask keeps at most a quarter of the columns, else 1;
+            ``1``: the paper's coordinate-wise masks, slower to gather on wide layers; see
+            :func:`grass_callback.projection.run_mask`).
         rows_per_shard: rows per store shard (default 8192); buffered rows are also committed at
             every checkpoint and scoring period.
 

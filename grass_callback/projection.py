@@ -102,10 +102,17 @@ def run_mask(n: int, size: int, run: int, gen: torch.Generator) -> Tensor:
     return torch.remainder(idx + shift, n).sort().values
 
 
-def auto_mask_run(size: int) -> int:
-    """Default run length of a factor mask of ``size`` coordinates: 8, shorter for small masks so
-    that a mask always holds at least 8 runs (1 below 16 coordinates)."""
-    return max(1, min(8, 1 << max(0, (size // 8).bit_length() - 1))) if size >= 16 else 1
+def auto_mask_run(size: int, n: int) -> int:
+    """Default run length of a mask keeping ``size`` of ``n`` coordinates.
+
+    Runs only where they pay: when the mask keeps at most a quarter of the coordinates (a
+    coordinate-wise mask of a larger fraction touches nearly every memory line of a row anyway,
+    and a narrow layer offers few runs to choose from). Then 8, shorter for small masks so that
+    a mask holds at least 8 runs (1 below 16 coordinates); otherwise 1.
+    """
+    if size < 16 or 4 * size > n:
+        return 1
+    return min(8, 1 << ((size // 8).bit_length() - 1))
 
 
 def sjlt_tables(n: int, k: int, c: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -231,10 +238,10 @@ def _check_positive(**values: int) -> None:
 # --------------------------------------------------------------------------- FactGraSS
 
 
-def _mask_runs(mask_run: Any, k_in: int, k_out: int) -> tuple[int, int]:
+def _mask_runs(mask_run: Any, k_in: int, k_out: int, d_in_eff: int, d_out: int) -> tuple[int, int]:
     """``(run_in, run_out)`` from ``"auto"``, one int, or a pair."""
     if mask_run == "auto":
-        return auto_mask_run(k_in), auto_mask_run(k_out)
+        return auto_mask_run(k_in, d_in_eff), auto_mask_run(k_out, d_out)
     runs = tuple(mask_run) if isinstance(mask_run, (list, tuple)) else (mask_run, mask_run)
     if len(runs) != 2 or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in runs):
         raise PlanError(f"mask_run must be 'auto', a positive integer or a pair of them; got {mask_run!r}.")
@@ -254,8 +261,9 @@ class FactGraSSPlan(Plan):
         c: non-zeros per coordinate in the SJLT (the paper uses 1).
         mask_run: the masks keep coordinates in runs of this many neighbours (:func:`run_mask`;
             every coordinate is still kept with probability ``k_in / d_in``). ``"auto"``
-            (default): :func:`auto_mask_run` per factor, 8 for the default ``k``; ``1``: the
-            paper's coordinate-wise masks; a pair ``(run_in, run_out)`` sets each factor.
+            (default): :func:`auto_mask_run` per factor: 8 at the default ``k`` where the mask
+            keeps at most a quarter of the columns, else 1; ``1``: the paper's coordinate-wise
+            masks; a pair ``(run_in, run_out)`` sets each factor.
         seed, name: where the random draws come from.
 
     Raises:
@@ -296,7 +304,7 @@ class FactGraSSPlan(Plan):
                     f"or lower k.")
             k = k_prime  # small layer: keep every masked coordinate exactly
         self.k, self.k_in, self.k_out = int(k), int(k_in), int(k_out)
-        self.run_in, self.run_out = _mask_runs(mask_run, self.k_in, self.k_out)
+        self.run_in, self.run_out = _mask_runs(mask_run, self.k_in, self.k_out, d_in_eff, self.shape.d_out)
         self.identity_sketch = self.k == k_prime
         if self.identity_sketch and self.c != 1:
             self.c = 1

@@ -66,7 +66,7 @@ def test_attribute_scores_equal_a_dense_reference(tmp_path):
     # the store carries the plans, rebuilt identically for later query gradients
     plans = plans_from_store(res.store)
     assert set(plans) == {"0", "2", "4"} and plans["2"].k == 64
-    assert (plans["2"].run_in, plans["2"].run_out) == (2, 2)  # "auto" for 16-column factor masks
+    assert (plans["2"].run_in, plans["2"].run_out) == (1, 1)  # "auto": 16 of 32 columns, no runs
 
 
 def test_mask_run_reaches_the_plans_and_the_store(tmp_path):
@@ -77,8 +77,9 @@ def test_mask_run_reaches_the_plans_and_the_store(tmp_path):
     assert all((p.run_in, p.run_out) == (1, 1) for p in plans.values())
     again = attribute(model, train, query, loss_fn, mask_run=1, store_dir=tmp_path / "b", **kw)
     torch.testing.assert_close(again.scores.top_scores, res.scores.top_scores)
-    runs = attribute(model, train, query, loss_fn, store_dir=tmp_path / "c", **kw)
-    assert not torch.equal(plans_from_store(runs.store)["2"].in_idx, plans["2"].in_idx)
+    runs = plans_from_store(attribute(model, train, query, loss_fn, mask_run=2, store_dir=tmp_path / "c", **kw).store)
+    assert (runs["2"].run_in, runs["2"].run_out) == (2, 2)
+    assert not torch.equal(runs["2"].in_idx, plans["2"].in_idx)
 
 
 def spearman(a, b):

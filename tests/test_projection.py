@@ -71,7 +71,9 @@ def test_factgrass_masks_come_in_runs_by_default_and_old_states_stay_coordinatew
     assert config["mask_run"] == [1, 1]
     del config["mask_run"]  # a plan saved before runs existed
     assert plan_from_state(config, tensors) == per_coord
-    assert FactGraSSPlan(256, 64, k=256, name="s").run_in == 4  # 32 a side: at least 8 runs
+    small = FactGraSSPlan(256, 64, k=256, name="s")  # 32 a side: at least 8 runs
+    assert (small.run_in, small.run_out) == (4, 1)  # no runs where a mask keeps over a quarter
+    assert (FactGraSSPlan(128, 128, name="n").run_in, FactGraSSPlan(256, 256, name="n").run_in) == (1, 8)
     assert FactGraSSPlan(4096, 512, name="p", mask_run=(2, 16)).config()["mask_run"] == [2, 16]
 
 
