@@ -12,6 +12,13 @@ on batch ``i``, in an order rotated by ``i``), so machine noise hits them alike.
 median step time of each variant, its ratio to the plain step (ratio of medians, and the median
 of the per-round paired ratios), and where the extra time goes.
 
+The verdict is the **paired** figure, the median over rounds of (variant step / plain step in
+the same round), plus the amortised shard commit. A spell of load on the shared machine slows
+every variant of the rounds it covers (even in CPU time: caches and memory bandwidth are
+shared), so a ratio of medians taken over different rounds swings with where the spells fall:
+three runs of this script gave 1.051, 1.032 and 1.130 for the full path while the paired
+figure gave 1.028, 1.034 and 1.018.
+
 Threads: by default torch runs single-threaded (``--threads 1``) and the verdict uses process
 CPU time per step. On a shared 2-core machine a 2-thread OpenMP step is slowed 10-50x, unevenly,
 whenever another process wants a core (one thread waits for the other at every parallel region),
@@ -319,7 +326,7 @@ def main() -> None:
                "wall min ratio": min(wall_s) / min(plain.times),
                "cpu ms": med(cpu_s) * 1e3, "cpu ratio": med(cpu_s) / med(plain.cpu),
                "cpu paired": med([t / p for t, p in zip(cpu_s, plain.cpu)])}
-        row["step ms"], row["ratio"] = row[f"{primary} ms"], row[f"{primary} ratio"]
+        row["step ms"], row["ratio"] = row[f"{primary} ms"], row[f"{primary} paired"]
         for key in PARTS:
             if key in v.parts:
                 vals = v.parts[key]
@@ -328,14 +335,14 @@ def main() -> None:
         if v.store:
             commit_ms = commits[(v.k, v.exclude)]["per step ms"]
             row["commit/step ms"] = commit_ms
-            row["ratio+commit"] = (row["step ms"] + commit_ms) / rows[0]["step ms"]
-        row["meets 1.05"] = "yes" if row["ratio"] <= TARGET else "no"
+            row["ratio+commit"] = row["ratio"] + commit_ms / rows[0]["step ms"]
+        row["meets 1.05"] = "yes" if row.get("ratio+commit", row["ratio"]) <= TARGET else "no"
         rows.append(row)
 
     print()
     print("wall: median wall time per step, its ratio to plain's median, the median over rounds of the ratio "
           "within a round (paired), fastest vs fastest plain (min ratio); cpu: process CPU time, "
-          f"insensitive to other processes' load when single-threaded. Verdict on {primary} time.")
+          f"insensitive to other processes' load when single-threaded. Verdict: {primary} paired + commit.")
     print_table(rows, ["variant", "k", "fisher", "wall ms", "wall ratio", "wall paired", "wall min ratio",
                        "cpu ms", "cpu ratio", "cpu paired", "ratio+commit", "meets 1.05"])
     print()
@@ -352,28 +359,28 @@ def main() -> None:
     extra = {p: full.get(f"{p} ms", 0.0) for p in ("compress", "collect", "cast", "store", "finite", "fisher")}
     commit = commits[(args.k, None)]
     print(f"full path, extra over plain ({primary}): {full['step ms'] - rows[0]['step ms']:.1f} ms/step = "
-          f"{100 * (full['ratio'] - 1):.1f}% of the plain step "
+          f"{100 * (full['step ms'] / rows[0]['step ms'] - 1):.1f}% of the plain step "
           f"({', '.join(f'{p} {ms:.1f}' for p, ms in extra.items())} ms; "
           f"shard commit {commit['seconds']:.2f} s wall per {commit['rows']} rows ({commit['shard MB']:.0f} MB) = "
           f"{commit['per step ms']:.2f} ms/step amortised)")
-    print(f"HEADLINE: (b) full / (a) plain = {full['cpu ratio']:.3f} cpu, {full['wall ratio']:.3f} wall "
-          f"(paired {full['cpu paired']:.3f} / {full['wall paired']:.3f}); (c) compress / (a) plain = "
-          f"{rows[2]['cpu ratio']:.3f} cpu, {rows[2]['wall ratio']:.3f} wall (paired {rows[2]['cpu paired']:.3f} / "
-          f"{rows[2]['wall paired']:.3f}); target (b)/(a) <= {TARGET}")
-    if full["ratio"] > TARGET:
+    print(f"HEADLINE: (b) full / (a) plain, paired {primary} + commit = {full['ratio+commit']:.3f} "
+          f"(paired {full['cpu paired']:.3f} cpu / {full['wall paired']:.3f} wall; ratio of medians "
+          f"{full['cpu ratio']:.3f} cpu / {full['wall ratio']:.3f} wall); (c) compress / (a) plain, paired = "
+          f"{rows[2]['cpu paired']:.3f} cpu / {rows[2]['wall paired']:.3f} wall; target (b)/(a) <= {TARGET}")
+    if full["ratio+commit"] > TARGET:
         tried = [r for r in rows[3:] if r["variant"].startswith("full")]
-        winners = [f"{r['variant']} ({r['ratio']:.3f})" for r in tried if r["ratio"] <= TARGET]
+        winners = [f"{r['variant']} ({r['ratio+commit']:.3f})" for r in tried if r["ratio+commit"] <= TARGET]
         if not tried:
             print("above target; rerun without --no-extras to try the float32 Fisher, k=256 and other knobs")
         elif winners:
-            print(f"above target ({full['ratio']:.3f} {primary}); knobs that bring the full path under "
+            print(f"above target ({full['ratio+commit']:.3f}); knobs that bring the full path under "
                   f"{TARGET}: {', '.join(winners)}")
         else:
-            best = min(tried, key=lambda r: r["ratio"])
-            print(f"above target ({full['ratio']:.3f} {primary}); no knob tried gets the full path under {TARGET} "
-                  f"(best: {best['variant']} at {best['ratio']:.3f})")
+            best = min(tried, key=lambda r: r["ratio+commit"])
+            print(f"above target ({full['ratio+commit']:.3f}); no knob tried gets the full path under {TARGET} "
+                  f"(best: {best['variant']} at {best['ratio+commit']:.3f})")
     else:
-        print(f"meets the target on {primary} time")
+        print(f"meets the target ({full['ratio+commit']:.3f}, paired {primary} time + commit)")
     print(f"wall time {time.perf_counter() - wall:.0f} s")
 
     write_json(args.json, {

@@ -290,7 +290,8 @@ def run_methods(args, gt, data, ev: Evaluator, shapes: dict) -> tuple[list[dict]
                   "gaussian": "gaussian"}
     for k in args.ks:
         for seed in range(args.seeds):
-            plans = {name: make_plan("factgrass", s, k=k, seed=seed, name=name) for name, s in shapes.items()}
+            plans = {name: make_plan("factgrass", s, k=k, seed=seed, name=name, mask_run=args.mask_run)
+                     for name, s in shapes.items()}
             grads, ms = compress_all(plans, factors)
             tr, q = split(grads, n)
             ki = KernelInfluence(tr, q)
@@ -496,6 +497,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {ALL_METHODS} (factgrass and exact always run)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see the docstring)")
     parser.add_argument("--no-extras", action="store_true", help="skip ensembling and mislabel detection")
+    parser.add_argument("--mask-run", default="auto", type=lambda v: v if v == "auto" else int(v),
+                        help="mask_run of the factgrass plans (default auto; factgrass-coord always uses 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.models = args.models or (40 if args.quick else 100)

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--out", default="grass-attribution", help="output folder (stores, CSV tables, W&B run)")
     att.add_argument("--k", type=int, default=1024)
     att.add_argument("--seed", type=int, default=0)
-    att.add_argument("--mask-run", default="auto",
+    att.add_argument("--mask-run", default="auto", type=_mask_run,
                      help="mask columns kept in runs of this many (auto: 8 at the default k; 1: coordinate-wise)")
     att.add_argument("--topk", type=int, default=10)
     att.add_argument("--num-queries", type=int, default=16)
@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--no-wandb", action="store_true")
     att.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _mask_run(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                    damping_ratio=args.damping_ratio if args.damping_ratio == "auto"
                                    else float(args.damping_ratio),
                                    progress=not args.quiet,
-                                   mask_run=args.mask_run if args.mask_run == "auto" else int(args.mask_run))
+                                   mask_run=args.mask_run)
     run = None if args.no_wandb else resolve_wandb_run(save_dir=str(out), project="grass-callback",
                                                          config={"checkpoints": args.ckpt, "k": args.k})
     query_ds = getattr(query, "dataset", None)

@@ -6,6 +6,7 @@ import csv
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from grass_callback.checkpoints import attribute_checkpoints
@@ -64,3 +65,15 @@ def test_cli_example_finds_flipped_labels(tmp_path):
     top = [int(r["train_id"]) for r in rows("self_influence.csv")[: len(flipped)]]
     caught = len(set(top) & set(flipped.tolist()))
     assert caught >= 0.25 * len(flipped), caught  # chance is 10%
+
+
+def test_cli_mask_run_argument(capsys):
+    from grass_callback.__main__ import _parser
+
+    base = ["attribute", "--ckpt", "a.ckpt", "--model", "pkg:Model", "--data", "pkg:Data"]
+    assert _parser().parse_args(base).mask_run == "auto"
+    assert _parser().parse_args(base + ["--mask-run", "4"]).mask_run == 4
+    for bad in ("0", "-2", "eight"):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(base + ["--mask-run", bad])
+        assert "expected 'auto' or a positive integer" in capsys.readouterr().err
