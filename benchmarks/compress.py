@@ -12,7 +12,9 @@ threads). ``peak MB`` is the resident memory the call added at its peak (Linux V
 before each call).
 ``kernel`` and ``reference`` use the default plan, whose masks keep columns in runs of 8
 (``mask_run="auto"``); ``kernel-coord`` is the kernel on the paper's coordinate-wise masks
-(``mask_run=1``), whose 64 scattered columns make it read almost every cache line of a wide row.
+(``mask_run=1``), whose 64 scattered columns make it read almost every cache line of a wide row;
+``read inputs`` is one pass over ``x`` and ``grad_out`` (two ``sum`` calls), the cost of reading
+everything.
 Materialize-then-SJLT forms the per-example gradients; it is skipped where they would exceed
 ``--materialize-limit-gb``.
 """
@@ -49,6 +51,7 @@ def run_case(d_in: int, d_out: int, T: int, k: int, B: int, materialize_limit: f
         "kernel": lambda: factgrass(x, d, fact, impl="cpu"),
         "reference": lambda: factgrass(x, d, fact, impl="torch"),
         "kernel-coord": lambda: factgrass(x, d, coord, impl="cpu"),
+        "read inputs": lambda: (x.sum(), d.sum()),
         "logra": lambda: logra.compress(x, d),
     }
     if B * d_in * d_out * 4 / 2**30 <= materialize_limit:
@@ -93,7 +96,7 @@ def main() -> None:
         print(f"  done {d_out}x{d_in} T={T} k={k}: kernel {rows[-1]['kernel ms']:.2f} ms, "
               f"{rows[-1]['logra/kernel']:.1f}x faster than LoGra", flush=True)
     print()
-    print_table(rows, ["shape", "T", "k", "kernel ms", "reference ms", "kernel-coord ms", "logra ms",
+    print_table(rows, ["shape", "T", "k", "kernel ms", "reference ms", "kernel-coord ms", "read inputs ms", "logra ms",
                       "materialize+sjlt ms", "logra/kernel", "reference/kernel", "logra/kernel-coord",
                       "kernel peak MB", "logra peak MB", "materialize+sjlt peak MB"])
     write_json(args.json, {"batch": args.batch, "threads": torch.get_num_threads(), "rows": rows})
