@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grass_callback import store as store_mod
+from grass_callback import _store_format as format_mod
+from grass_callback import _store_read as read_mod
 from grass_callback.errors import GraSSError, StoreError, StoreMismatchError
 from grass_callback.store import GradientStore, StoreChunk
 
@@ -279,13 +280,13 @@ def test_failed_shard_write_keeps_rows_and_manifest(tmp_path, monkeypatch):
     _append(s, [40, 41], 2)
     manifest_before = (path / "manifest-r000.json").read_bytes()
     files_before = {p.name for p in path.iterdir()}
-    real_save = store_mod.save_file
+    real_save = format_mod.save_file
 
     def disk_full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")  # a half written temp
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_mod, "save_file", disk_full)
+    monkeypatch.setattr(format_mod, "save_file", disk_full)
     with pytest.raises(StoreError, match="disk is full") as info:
         s.flush()
     assert isinstance(info.value.__cause__, OSError)
@@ -295,7 +296,7 @@ def test_failed_shard_write_keeps_rows_and_manifest(tmp_path, monkeypatch):
     assert s.buffered_rows == 2
     assert sorted(GradientStore(path, readonly=True).ids().tolist()) == list(range(6))
 
-    monkeypatch.setattr(store_mod, "save_file", real_save)
+    monkeypatch.setattr(format_mod, "save_file", real_save)
     s.flush()
     assert s.buffered_rows == 0
     assert sorted(GradientStore(path, readonly=True).ids().tolist()) == list(range(6)) + [40, 41]
@@ -337,7 +338,7 @@ def test_failed_auto_commit_in_append_keeps_batch(tmp_path, monkeypatch):
     def fail(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_mod, "save_file", fail)
+    monkeypatch.setattr(format_mod, "save_file", fail)
     with pytest.raises(StoreError):
         _append(s, [0, 1, 2, 3, 4], 0)
     assert s.buffered_rows == 5 and len(s) == 0
@@ -535,7 +536,7 @@ def test_iter_chunks_reads_shards_lazily(tmp_path, monkeypatch):
     s, _ = _fill(tmp_path / "st", range(6), rows_per_shard=3)
     s.close()
     opened, open_now, peak = [], [0], [0]
-    real = store_mod.safe_open
+    real = read_mod.safe_open
 
     class Counting:
         def __init__(self, *a, **kw):
@@ -551,7 +552,7 @@ def test_iter_chunks_reads_shards_lazily(tmp_path, monkeypatch):
             open_now[0] -= 1
             return self._cm.__exit__(*exc)
 
-    monkeypatch.setattr(store_mod, "safe_open", Counting)
+    monkeypatch.setattr(read_mod, "safe_open", Counting)
     it = s.iter_chunks(chunk_rows=2)
     first = next(it)
     assert len(first) == 2 and len(opened) == 1  # the first chunk needs only the first shard

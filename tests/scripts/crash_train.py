@@ -58,7 +58,7 @@ POINTS: dict[str, tuple[str, str, str]] = {
     # shard renamed onto its final name, the manifest not updated yet (an orphan shard)
     "shard_renamed": ("grass_callback.store", "GradientStore._write_shard", "after"),
     # a manifest (or meta.json) temp file written, not renamed
-    "manifest_tmp": ("grass_callback.store", "_write_bytes", "after"),
+    "manifest_tmp": ("grass_callback._store_format", "_write_bytes", "after"),
     # a manifest renamed into place (shard committed), the caller not told yet
     "manifest_done": ("grass_callback.store", "GradientStore._write_manifest", "after"),
     # a flush (at a checkpoint, at scoring, at the end) about to start
