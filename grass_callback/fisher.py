@@ -166,6 +166,20 @@ def _read_safetensors(path: str | os.PathLike, expected_format: str) -> tuple[di
     return tensors, meta
 
 
+def _save_layered(state: dict[str, Any], field: str, prefix: str, path: str | os.PathLike) -> None:
+    """Save a state dict whose ``field`` maps layers to tensors, as ``<prefix>/<layer>`` tensors."""
+    tensors = {f"{prefix}/{name}": t for name, t in state.pop(field).items()}
+    state["layers"] = list(state["layers"].items())  # JSON objects lose no order, but be explicit
+    _atomic_save(tensors, state, path)
+
+
+def _load_layered(path: str | os.PathLike, expected_format: str, field: str, prefix: str) -> dict[str, Any]:
+    """The state dict :func:`_save_layered` wrote."""
+    tensors, meta = _read_safetensors(path, expected_format)
+    layers = {str(n): int(k) for n, k in meta["layers"]}
+    return {**meta, "layers": layers, field: {name: tensors[f"{prefix}/{name}"] for name in layers}}
+
+
 def _default_reduce(tensor: Tensor) -> None:
     import torch.distributed as dist
 
@@ -356,17 +370,11 @@ class FisherStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomically write a safetensors file (one ``sum/<layer>`` tensor per layer)."""
-        sd = self.state_dict()
-        tensors = {f"sum/{name}": t for name, t in sd.pop("sums").items()}
-        sd["layers"] = list(sd["layers"].items())  # JSON objects lose no order, but be explicit
-        _atomic_save(tensors, sd, path)
+        _save_layered(self.state_dict(), "sums", "sum", path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FisherStats:
-        tensors, meta = _read_safetensors(path, _STATS_FORMAT)
-        layers = dict((str(n), int(k)) for n, k in meta["layers"])
-        sums = {name: tensors[f"sum/{name}"] for name in layers}
-        return cls.from_state_dict({**meta, "layers": layers, "sums": sums}, device=device)
+        return cls.from_state_dict(_load_layered(path, _STATS_FORMAT, "sums", "sum"), device=device)
 
     def __repr__(self) -> str:
         return f"FisherStats(layers={self._layers}, count={self.count}, dtype={self.dtype})"
@@ -543,17 +551,11 @@ class FittedFisher:
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomically write a safetensors file (one ``factor/<layer>`` tensor per layer)."""
-        sd = self.state_dict()
-        tensors = {f"factor/{name}": t for name, t in sd.pop("factors").items()}
-        sd["layers"] = list(sd["layers"].items())
-        _atomic_save(tensors, sd, path)
+        _save_layered(self.state_dict(), "factors", "factor", path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> FittedFisher:
-        tensors, meta = _read_safetensors(path, _FITTED_FORMAT)
-        layers = dict((str(n), int(k)) for n, k in meta["layers"])
-        factors = {name: tensors[f"factor/{name}"] for name in layers}
-        return cls.from_state_dict({**meta, "layers": layers, "factors": factors}, device=device)
+        return cls.from_state_dict(_load_layered(path, _FITTED_FORMAT, "factors", "factor"), device=device)
 
     def __repr__(self) -> str:
         return f"FittedFisher(layers={self.layers}, damping_ratio={self.damping_ratio}, count={self.count})"
