@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from grass_callback.callback import _silenced_logging, _training_step_loss
+    from grass_callback.callback import training_step_loss
     from grass_callback.checkpoints import attribute_checkpoints
     from grass_callback.report import InfluenceReporter, make_renderer, resolve_wandb_run
 
@@ -77,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     def load(path: str) -> Any:
         return module_cls.load_from_checkpoint(path, map_location="cpu")
 
-    def loss_fn(model: Any, batch: Any) -> Any:
-        with _silenced_logging(model):
-            return _training_step_loss(model, batch)
-
-    result = attribute_checkpoints(load, args.ckpt, train, query, loss_fn, out / "stores", k=args.k,
+    result = attribute_checkpoints(load, args.ckpt, train, query, training_step_loss, out / "stores", k=args.k,
                                    seed=args.seed, topk=args.topk, num_queries=args.num_queries,
                                    include=args.include, exclude=args.exclude,
                                    damping_ratio=args.damping_ratio if args.damping_ratio == "auto"

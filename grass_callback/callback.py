@@ -66,7 +66,7 @@ from grass_callback.scoring import ScoreEnsemble, ScoreResult, merge_results
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["GraSSCallback"]
+__all__ = ["GraSSCallback", "training_step_loss"]
 
 _STATE_VERSION = 1
 _MAX_ENSEMBLE_BYTES = 256 * 2**20
@@ -707,6 +707,16 @@ def _lookup(get_dataset: Callable[[], Any]) -> Callable[[int], Any]:
         return None if ds is None else ds[int(i)]
 
     return lookup
+
+
+def training_step_loss(pl_module: Any, batch: Any) -> Tensor:
+    """The loss ``pl_module.training_step(batch, 0)`` returns, its ``self.log`` calls dropped.
+
+    The callback's default query loss, and a ready ``loss_fn`` for
+    :func:`grass_callback.attribute` on a LightningModule (the CLI uses it).
+    """
+    with _silenced_logging(pl_module):
+        return _training_step_loss(pl_module, batch)
 
 
 def _training_step_loss(pl_module: Any, batch: Any) -> Tensor:
