@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     L.seed_everything(args.seed, verbose=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "grass").exists():  # the demo's own store from an earlier run: start afresh
+        print(f"removing the previous demo run's store {out / 'grass'}")
+        shutil.rmtree(out / "grass")
     train_set, val_set, flipped = load_digits_split(args.seed)
     train = DataLoader(IndexedDataset(train_set), batch_size=BATCH_SIZE, shuffle=True)
     val = DataLoader(IndexedDataset(val_set), batch_size=64)
