@@ -185,6 +185,9 @@ def test_demo_finds_flipped_labels_better_than_chance(tmp_path):
     # chance: 10% of the top-n; a binomial tail of >= 2.5x chance has probability < 1e-6
     assert out["caught"] >= 0.25 * out["n_flipped"], out["caught"]
     assert out["run_dir"] is not None and list(Path(out["run_dir"]).glob("*.wandb"))
+    # run again into the same folder (a second `make demo`): a fresh store, the same finding
+    again = digits_mlp.main(["--epochs", "4", "--k", "64", "--quick", "--out", str(tmp_path / "demo")])
+    assert again["caught"] == out["caught"]
 
 
 def test_checkpoint_attribution_at_the_end_equals_attribute_at_the_final_weights(tmp_path):
