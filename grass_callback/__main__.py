@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--k", type=int, default=1024)
     att.add_argument("--seed", type=int, default=0)
     att.add_argument("--mask-run", default="auto", type=_mask_run,
-                     help="mask columns kept in runs of this many (auto: 8 at the default k; 1: coordinate-wise)")
+                     help="mask columns kept in runs of this many (auto: runs of 8 on layers where a mask keeps at most a quarter of the columns; 1: coordinate-wise)")
     att.add_argument("--topk", type=int, default=10)
     att.add_argument("--num-queries", type=int, default=16)
     att.add_argument("--damping-ratio", default="auto", help="a number, or auto (the benchmark's best for k)")
