@@ -141,11 +141,12 @@ def record_rows(ids: Tensor, grads: Mapping[str, Tensor], step: int, epoch: int,
     out of both (the store counts them).
     """
     cast = {n: g.detach().cpu().to(store.dtype if store is not None else g.dtype) for n, g in grads.items()}
-    keep = torch.ones(ids.numel(), dtype=torch.bool)
-    for g in cast.values():
-        keep &= torch.isfinite(g).all(dim=1)
     if store is not None:
-        store.append(ids, step, cast, epoch=epoch)
+        keep = store.append(ids, step, cast, epoch=epoch)  # the store checks the rows it keeps
+    else:
+        keep = torch.ones(ids.numel(), dtype=torch.bool)
+        for g in cast.values():
+            keep &= torch.isfinite(g).all(dim=1)
     if fisher is not None:
         fisher.update(cast if bool(keep.all()) else {n: g[keep] for n, g in cast.items()})
     return keep

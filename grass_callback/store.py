@@ -524,11 +524,11 @@ class GradientStore(StoreReading):
 
     def append(
         self, ids: Tensor, step: int, grads: Mapping[str, Tensor], epoch: int = 0
-    ) -> None:
+    ) -> Tensor:
         """Buffer one batch: ``ids`` int [B], ``grads`` layer -> [B, k_l] (any float dtype/device).
 
         Rows are cast to the storage dtype; rows with NaN/Inf in any layer (after the cast) are
-        dropped and counted in ``skipped_nonfinite``. A shard is committed whenever
+        dropped and counted in ``skipped_nonfinite``. Returns the kept rows as a bool mask [B]. A shard is committed whenever
         ``rows_per_shard`` rows are buffered. If that commit fails the StoreError propagates but
         the batch stays buffered: call :meth:`flush` to retry, do not append it again.
         """
@@ -607,7 +607,7 @@ class GradientStore(StoreReading):
             cast = {n: t[finite] for n, t in cast.items()}
         n = ids_t.numel()
         if n == 0:
-            return
+            return finite
         self._buf_ids.append(ids_t)
         self._buf_steps.append(torch.full((n,), step, dtype=torch.int64))
         self._buf_epochs.append(torch.full((n,), epoch, dtype=torch.int64))
@@ -616,6 +616,7 @@ class GradientStore(StoreReading):
         self._buffered += n
         while self._buffered >= self._rows_per_shard:
             self._commit_buffered(self._rows_per_shard)
+        return finite
 
     def _consolidate(self) -> None:
         """Concatenate the buffered batches into one piece per tensor."""
