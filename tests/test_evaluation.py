@@ -16,13 +16,7 @@ from grass_callback.fisher import FisherStats
 from grass_callback.scoring import precondition_queries, score_chunks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small products on a busy 2-core machine are far faster on one thread
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear_case(M: int = 12, n: int = 8, m: int = 5, seed: int = 0):

@@ -16,12 +16,7 @@ from grass_callback.selective import (
     collect_factors, learn_factor_masks, learn_flat_mask, mask_correlation, selective_factgrass_plan, selective_plans)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hadamard(n: int) -> torch.Tensor:
