@@ -54,14 +54,13 @@ def run_case(d_in: int, d_out: int, T: int, k: int, B: int, materialize_limit: f
         "read inputs": lambda: (x.sum(), d.sum()),
         "logra": lambda: logra.compress(x, d),
     }
-    if B * d_in * d_out * 4 / 2**30 <= materialize_limit:
+    times = time_interleaved(methods, clock=clock)
+    if B * d_in * d_out * 4 / 2**30 <= materialize_limit:  # seconds a call: timed on its own
         sjlt = SJLTPlan(d_in * d_out, k=k, name="bench")
         methods["materialize+sjlt"] = lambda: sjlt.project(materialize(x, d, bias=False).flatten(1))
-    slow = {name: methods.pop(name) for name in ("materialize+sjlt",) if name in methods}
-    for name, seconds in {**time_interleaved(methods, clock=clock),
-                          **{n: time_interleaved({n: f}, repeat=3, clock=clock)[n] for n, f in slow.items()}}.items():
+        times.update(time_interleaved({"materialize+sjlt": methods["materialize+sjlt"]}, repeat=3, clock=clock))
+    for name, seconds in times.items():
         row[f"{name} ms"] = seconds * 1e3
-    methods.update(slow)
     for name, fn in methods.items():
         row[f"{name} peak MB"] = peak_rss_during(fn) / 2**20
     base = row["logra ms"]
