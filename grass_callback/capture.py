@@ -29,6 +29,10 @@ in ``tests/test_loop_variants.py``):
   rows are the gradient through ``lm_head``, not the embedding's share of the shared parameter.
 * Frozen layers (``weight.requires_grad`` False, e.g. a LoRA ``base``) are skipped with one
   warning; trainable adapters inside the same wrapper are tapped.
+* Padding: the rows are the gradient of the loss as written, so padded positions count exactly as
+  much as the loss lets them (nothing when it ignores them: ``ignore_index``, a masked mean, an
+  attention mask). There is no separate token mask: zeroing padded inputs in the taps would give
+  the gradient of no loss at all when the loss does count them (``tests/test_capture.py``).
 """
 
 from __future__ import annotations
@@ -210,7 +214,6 @@ class LayerTaps:
         self._recording = False
         self._enabled = True
         self._scale: Tensor | float | None = None
-        self._token_mask: Tensor | None = None
         self._compute_seconds = 0.0
 
     # ------------------------------------------------------------------ life cycle
@@ -285,10 +288,6 @@ class LayerTaps:
         """Per-example factors ``[B]`` applied to the next gradients (see :func:`per_example_scale`)."""
         self._scale = scale
 
-    def set_token_mask(self, mask: Tensor | None) -> None:
-        """``[B, T]`` with 0 at padded positions: their inputs contribute nothing."""
-        self._token_mask = mask
-
     # ------------------------------------------------------------------ hooks
 
     def _forward_hook(self, name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -319,9 +318,6 @@ class LayerTaps:
         g3 = grad.detach().reshape(B, -1, grad.shape[-1])
         if x3.dtype != g3.dtype:  # autocast: float32 inputs, half-precision output gradients
             x3, g3 = x3.float(), g3.float()
-        mask = self._token_mask
-        if mask is not None and mask.shape == x3.shape[:2]:
-            x3 = x3 * mask.to(device=x3.device, dtype=x3.dtype).unsqueeze(-1)
         out = plan.compress(x3, g3, scale=self._scale, **({"impl": self.impl} if isinstance(plan, FactGraSSPlan) else {}))
         if name in self._acc:
             if self._acc[name].shape != out.shape:

@@ -93,13 +93,36 @@ def test_conv1d_taps_and_padding_equal_exact():
     taps = LayerTaps(model, k=16)
     with taps:
         taps.set_scale(per_example_scale(B, "mean"))
-        taps.set_token_mask(mask)
         loss_fn(model, (x * 1.0, mask)).backward()
         got = taps.collect()
     # each example alone, without its padding
     want = exact_compressed(model, taps, loss_fn,
                             [(x[i:i + 1, :lengths[i]], mask[i:i + 1, :lengths[i]]) for i in range(B)])
     assert_rel_close(got, want)
+
+
+def test_padding_the_loss_counts_is_in_the_rows():
+    """A loss that does not mask padding trains on the padded positions too: the rows must hold
+    exactly that gradient (the taps follow the loss; they have no token mask of their own)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+    B, T = 4, 6
+    lengths = torch.tensor([6, 2, 4, 1])
+    x = torch.randn(B, T, 8, dtype=torch.float64)
+    x[torch.arange(T)[None] >= lengths[:, None]] = 0.5  # a pad "embedding": not zero, so it counts
+
+    def loss_fn(model, batch):  # per token, summed over every position, padding included
+        return model(batch).pow(2).sum() / batch.shape[0]
+
+    taps = LayerTaps(model, k=16)
+    with taps:
+        taps.set_scale(per_example_scale(B, "mean"))
+        loss_fn(model, x).backward()
+        got = taps.collect()
+    with_padding = exact_compressed(model, taps, loss_fn, [x[i:i + 1] for i in range(B)])
+    assert_rel_close(got, with_padding)
+    without = exact_compressed(model, taps, loss_fn, [x[i:i + 1, :lengths[i]] for i in range(B)])
+    assert all((got[n] - without[n]).norm() > 1e-3 * without[n].norm() for n in got)
 
 
 def test_token_mean_scale_equals_per_example_token_mean():
@@ -163,7 +186,6 @@ def test_tiny_transformers_equal_exact(arch):
     assert ("Conv1D" in kinds) == (arch == "gpt2") and len(taps.layers) >= 7
     with taps:
         taps.set_scale(per_example_scale(B, "sum"))
-        taps.set_token_mask(mask)
         _lm_loss(model, (ids, mask)).backward()
         got = taps.collect()
     want = exact_compressed(model, taps, _lm_loss,
