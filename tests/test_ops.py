@@ -204,3 +204,55 @@ def test_kernel_never_allocates_per_example_gradients(needs_kernel, impl, tmp_pa
     bad = subprocess.run([sys.executable, str(script), "materialize"], capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 3 and "OOM" in bad.stdout, bad.stdout + bad.stderr
+
+
+def _plan_with_tables_built_here(d_in, d_out, bias, k, k_in, k_out, c, seed):
+    """A plan whose masks, buckets and signs are drawn here (not by ``projection.py``), and those tables."""
+    gen = torch.Generator().manual_seed(seed)
+    in_idx = torch.randperm(d_in + int(bias), generator=gen)[:k_in].sort().values
+    out_idx = torch.randperm(d_out, generator=gen)[:k_out].sort().values
+    block = k // c
+    bucket = torch.stack([torch.randint(0, block, (k_in * k_out,), generator=gen) + j * block for j in range(c)])
+    sign = torch.randint(0, 2, (c, k_in * k_out), generator=gen) * 2 - 1
+    tables = (in_idx, out_idx, bucket.to(torch.int32), sign.to(torch.int8))
+
+    class GivenTables(FactGraSSPlan):
+        def _build(self):
+            self.in_idx, self.out_idx, self.bucket, self.sign = tables
+
+    plan = GivenTables(d_in, d_out, bias, k=k, k_in=k_in, k_out=k_out, c=c, name="given", mask_run=1)
+    return plan, (in_idx.tolist(), out_idx.tolist(), bucket.tolist(), sign.tolist())
+
+
+def _sketch_by_loops(x, d, bias, k, tables, scale):
+    """``Σ_j sign_j(e) / sqrt(c) · Ĝ[e]`` into bucket ``bucket_j(e)``, by plain Python loops over a
+    dense per-example gradient ``G = Σ_t δ_t x_tᵀ`` (float64)."""
+    in_idx, out_idx, bucket, sign = tables
+    c = len(bucket)
+    root = float(torch.tensor(c ** -0.5, dtype=torch.float32))  # the op's SJLT values are float32 numbers
+    x = x.double()
+    if bias:
+        x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=torch.float64)], -1)
+    grads = torch.einsum("bto,bti->boi", d.double(), x)
+    out = torch.zeros(x.shape[0], k, dtype=torch.float64)
+    for b in range(x.shape[0]):
+        for a, o in enumerate(out_idx):
+            for i_pos, i in enumerate(in_idx):
+                e = a * len(in_idx) + i_pos
+                for j in range(c):
+                    out[b, bucket[j][e]] += sign[j][e] * root * grads[b, o, i] * float(scale[b])
+    return out
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(3, 4, 11, 7, True, 12, 5, 4, 2), (2, 1, 9, 6, False, 8, 4, 3, 1)])
+def test_op_equals_loops_over_tables_built_in_the_test(needs_kernel, impl, dtype, tol, shape):
+    B, T, d_in, d_out, bias, k, k_in, k_out, c = shape
+    plan, tables = _plan_with_tables_built_here(d_in, d_out, bias, k, k_in, k_out, c, seed=11)
+    assert {s for row in tables[3] for s in row} == {-1, 1}  # both signs occur
+    x, d = _inputs(B, T, d_in, d_out, dtype, seed=2)
+    scale = torch.rand(B) + 0.5
+    got = factgrass(x, d, plan, scale=scale, impl=impl).double()
+    want = _sketch_by_loops(x, d, bias, k, tables, scale)
+    _assert_close(got, want, tol, tol, f"{impl} {dtype} {shape}")
