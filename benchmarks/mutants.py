@@ -1,0 +1,336 @@
+"""Mutation check: put plausible bugs into the code one at a time and see which tests catch them.
+
+    nice -n 10 .venv/bin/python benchmarks/mutants.py            # every mutant, one at a time
+    .venv/bin/python benchmarks/mutants.py --list                 # names, files, tests
+    nice -n 10 .venv/bin/python benchmarks/mutants.py --only fisher-no-divide-by-n -j 2
+
+Each mutant is ``(name, file, exact snippet, replacement, test files)``. The repository is never
+touched: each worker copies the working tree's files (``git ls-files`` of tracked and untracked,
+not-ignored files, or the tree of ``--ref REV``) into a temporary folder, replaces the snippet
+there, runs ``pytest -x`` on the mutant's test files with this repository's ``.venv`` python,
+and puts the file back before the next mutant. Kernel builds go to a build folder per worker
+(``GRASS_CALLBACK_BUILD_DIR``), a fresh one for mutants of ``csrc/``.
+
+Statuses: ``caught`` (a test failed; the first failing test is named), ``survived`` (every test
+passed: the tests let the bug through), ``snippet not found`` / ``snippet ambiguous`` (the code
+changed since the mutant was written: update the snippet), ``no tests`` (none of its test files
+exists), ``timeout`` (counted as caught). Before the mutants, the union of their test files runs
+once on the unmutated copy (``--no-baseline`` skips it): a failing baseline makes "caught"
+meaningless, so the script stops. The exit status is the number of survivors (capped at 100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]
+    what: str
+    origin: str = "fresh"  # "issue": from the table of issue 15
+
+
+T_REFS = "tests/test_independent_refs.py"
+T_CRASH = "tests/test_crash.py"
+
+MUTANTS: list[Mutant] = [
+    # ------------------------------------------------------------------ the issue's table
+    Mutant("dv-replaced", "grass_callback/callback.py",
+           "self.data_value[i] = self.data_value.get(i, 0.0) + v", "self.data_value[i] = v",
+           (T_REFS,), "data value replaced instead of summed across scoring periods", "issue"),
+    Mutant("keep-all-ignored", "grass_callback/callback.py",
+           'if self.keep_history == "period":\n            self.period_start = self.batches_seen',
+           'if True:\n            self.period_start = self.batches_seen',
+           (T_REFS,), "keep_history='all' ends periods like 'period': earlier rows not rescored", "issue"),
+    Mutant("query-train-mode", "grass_callback/attribution.py",
+           "    model.eval()\n    ids_all", "    ids_all",
+           (T_REFS,), "query gradients taken with the model left in train mode (dropout active)", "issue"),
+    Mutant("token-counts-ignored", "grass_callback/capture.py",
+           "scale = counts.sum() / counts.clamp_min(1)", "scale = counts.sum() / counts.clamp_min(1) * 0 + batch_size",
+           ("tests/test_capture.py",),
+           "padding ignored: token_mean scale without the token counts (the taps' token mask is gone)", "issue"),
+    Mutant("no-fsync-before-rename", "grass_callback/_store_format.py",
+           "        os.fsync(f.fileno())\n    return h.hexdigest()", "    return h.hexdigest()",
+           ("tests/test_store.py", "tests/test_faults.py"), "shard not fsynced before its rename", "issue"),
+    Mutant("truncate-one-too-many", "grass_callback/callback.py",
+           "dropped = self.store.truncate_after(batches - 1)", "dropped = self.store.truncate_after(batches)",
+           (T_CRASH,), "truncate_after keeps one step too many on resume", "issue"),
+    Mutant("resume-no-fisher-rebuild", "grass_callback/_continuity.py",
+           "        cb.fisher.update(chunk.grads)\n", "        pass\n",
+           (T_CRASH,), "resume skips the Fisher rebuild from the store", "issue"),
+    # ------------------------------------------------------------------ capture
+    Mutant("scale-mean-ones", "grass_callback/capture.py",
+           "scale = torch.full((batch_size,), float(batch_size),", "scale = torch.full((batch_size,), 1.0,",
+           ("tests/test_capture.py",), "mean reduction: per-example scale 1 instead of B (wrong scale)"),
+    Mutant("scale-no-accumulation", "grass_callback/capture.py",
+           "scale = scale * int(accumulate_grad_batches)", "scale = scale * 1",
+           ("tests/test_loop_variants.py::test_accumulate_grad_batches",), "accumulate_grad_batches dropped"),
+    Mutant("scale-times-grad-scale", "grass_callback/capture.py",
+           "scale = scale / grad_scale.detach()", "scale = scale * grad_scale.detach()",
+           ("tests/test_loop_variants.py::test_fp16_mixed_with_a_real_grad_scaler",),
+           "fp16 GradScaler scale multiplied instead of divided"),
+    Mutant("tied-last-use-wins", "grass_callback/capture.py",
+           "self._acc[name] = self._acc[name] + out", "self._acc[name] = out",
+           ("tests/test_capture.py",), "a layer used twice keeps only its last use (dropped term)"),
+    # ------------------------------------------------------------------ ops
+    Mutant("ref-bias-zero", "grass_callback/ops/reference.py",
+           "xs = torch.cat([xs, xs.new_ones(*xs.shape[:-1], 1)], dim=-1)",
+           "xs = torch.cat([xs, xs.new_zeros(*xs.shape[:-1], 1)], dim=-1)",
+           ("tests/test_ops.py",), "torch reference: bias column of zeros instead of ones"),
+    Mutant("ref-scale-dropped", "grass_callback/ops/reference.py",
+           "out = out * scale.to(device=out.device, dtype=acc).unsqueeze(1)", "out = out",
+           ("tests/test_ops.py",), "torch reference ignores the per-example scale"),
+    Mutant("kernel-gemm-first-sjlt-row", "csrc/factgrass_cpu.cpp",
+           "  for (int64_t j = 0; j < c; ++j) {\n    const int32_t* bj = bucket + j * k_prime;",
+           "  for (int64_t j = 0; j < 1; ++j) {\n    const int32_t* bj = bucket + j * k_prime;",
+           ("tests/test_ops.py",), "C++ kernel, GEMM path (T >= 64): only the first of c SJLT rows"),
+    # ------------------------------------------------------------------ projection
+    Mutant("tables-sign-dropped", "grass_callback/projection.py",
+           "weight = self.sign.to(torch.float32) / math.sqrt(self.c)",
+           "weight = self.sign.abs().to(torch.float32) / math.sqrt(self.c)",
+           ("tests/test_ops.py::test_op_equals_loops_over_tables_built_in_the_test",),
+           "the op's SJLT values lose their signs (caught without the exact-autograd test)"),
+    Mutant("sjlt-scale-1-over-c", "grass_callback/projection.py",
+           "w = (sign.to(torch.float32) / math.sqrt(c)).to(v.dtype)", "w = (sign.to(torch.float32) / c).to(v.dtype)",
+           ("tests/test_projection.py",), "SJLT values 1/c instead of 1/sqrt(c) (wrong scale)"),
+    Mutant("sjlt-no-block-offsets", "grass_callback/projection.py",
+           "bucket = (torch.randint(0, block, (c, n), generator=gen) + offsets).to(torch.int32)",
+           "bucket = torch.randint(0, block, (c, n), generator=gen).to(torch.int32)",
+           ("tests/test_projection.py",), "SJLT rows all in the first block: targets of a coordinate collide"),
+    Mutant("run-mask-no-shift", "grass_callback/projection.py",
+           "shift = int(torch.randint(0, n, (1,), generator=gen))", "shift = 0 * int(torch.randint(0, n, (1,), generator=gen))",
+           ("tests/test_projection.py",), "run masks without the random rotation (coordinates not uniform)"),
+    Mutant("factgrass-side-sqrt-k", "grass_callback/projection.py",
+           "d_out: int, *, oversample: float = 4.0,", "d_out: int, *, oversample: float = 1.0,",
+           ("tests/test_projection.py",), "default mask budget k' = k instead of 4k (sides sqrt(k), not 2 sqrt(k))"),
+    # ------------------------------------------------------------------ fisher
+    Mutant("fisher-no-divide-by-n", "grass_callback/fisher.py",
+           "            fisher = self._sums[name] / self.count\n", "            fisher = self._sums[name] / 1\n",
+           ("tests/test_fisher.py",), "fit uses the sum, not the mean, of g gᵀ (wrong scale)"),
+    Mutant("damping-not-per-k", "grass_callback/fisher.py",
+           "        lam = ratio * trace / k\n", "        lam = ratio * trace\n",
+           ("tests/test_fisher.py",), "damping λ = r·trace instead of r·trace/k"),
+    Mutant("quadratic-not-squared", "grass_callback/fisher.py",
+           "@ inv.to(dtype).T).square().sum(1)", "@ inv.to(dtype).T).sum(1)",
+           ("tests/test_scoring.py",), "self-influence ‖L⁻¹g‖ summed without squaring"),
+    # ------------------------------------------------------------------ scoring
+    Mutant("opponents-largest", "grass_callback/scoring.py",
+           "torch.cat([bottom_scores, scores], 1), topk, largest=False", "torch.cat([bottom_scores, scores], 1), topk, largest=True",
+           ("tests/test_scoring.py",), "opponents picked as the highest scores (wrong sign)"),
+    Mutant("data-value-mean-over-queries", "grass_callback/scoring.py",
+           "values.add(ids, scores.sum(0))", "values.add(ids, scores.mean(0))",
+           ("tests/test_scoring.py",), "data value averaged instead of summed over queries"),
+    Mutant("merge-drops-last-rank", "grass_callback/scoring.py",
+           "    for r in results:\n        values.add(r.data_value_ids, r.data_value)",
+           "    for r in results[:-1]:\n        values.add(r.data_value_ids, r.data_value)",
+           ("tests/test_scoring.py",), "merging ranks drops the last rank's data values (off by one)"),
+    # ------------------------------------------------------------------ store
+    Mutant("fetch-earliest-wins", "grass_callback/_store_read.py",
+           "better = s >= best_step[p]", "better = s <= best_step[p]",
+           ("tests/test_store.py",), "fetch returns an id's earliest row instead of its latest"),
+    Mutant("min-step-exclusive", "grass_callback/_store_read.py",
+           "m = steps >= min_step", "m = steps > min_step",
+           ("tests/test_store.py", T_REFS), "min_step filter drops the period's first batch (off by one)"),
+    # ------------------------------------------------------------------ callback
+    Mutant("period-start-off-by-one", "grass_callback/callback.py",
+           "            self.period_start = self.batches_seen\n            self.fisher.reset()",
+           "            self.period_start = self.batches_seen - 1\n            self.fisher.reset()",
+           (T_REFS,), "a period also rescores the previous period's last batch (off by one)"),
+]
+
+
+# ---------------------------------------------------------------------- workspace
+
+
+def _source_files(ref: str | None) -> list[str]:
+    if ref is not None:
+        out = subprocess.run(["git", "-C", str(REPO), "ls-tree", "-r", "-z", "--name-only", ref],
+                             check=True, capture_output=True).stdout
+    else:
+        out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
+                              "--exclude-standard"], check=True, capture_output=True).stdout
+    return [p for p in out.decode().split("\0") if p]
+
+
+def make_workspace(root: Path, ref: str | None) -> Path:
+    """A copy of the repository's files under ``root/tree`` (never the repository itself)."""
+    tree = root / "tree"
+    if ref is not None:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref],
+                                 check=True, capture_output=True).stdout
+        tree.mkdir(parents=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        return tree
+    for rel in _source_files(None):
+        src = REPO / rel
+        if not src.is_file():  # deleted in the working tree
+            continue
+        dst = tree / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst, follow_symlinks=False)
+    return tree
+
+
+def _env(root: Path, build_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "GRASS_CRASH"))}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONDONTWRITEBYTECODE="1",
+               GRASS_CALLBACK_BUILD_DIR=str(build_dir), PYTHONPATH=str(root / "tree"))
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        env[var] = str(root / "wandb" / var.lower())
+    return env
+
+
+def run_tests(root: Path, tests: list[str], build_dir: Path, timeout: float) -> tuple[str, str]:
+    """``(status, detail)`` of ``pytest -x`` on ``tests`` inside the workspace."""
+    tree = root / "tree"
+    present = [t for t in tests if (tree / t.split("::")[0]).exists()]
+    if not present:
+        return "no tests", f"none of {tests} exists"
+    cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
+           "--no-header", "-W", "ignore", *present]
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=_env(root, build_dir), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", f"over {timeout:.0f} s"
+    output = proc.stdout + proc.stderr
+    if proc.returncode == 0:
+        return "passed", ""
+    if proc.returncode == 5:
+        return "no tests", "pytest collected nothing"
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.M)
+    return "failed", failed[0] if failed else output.strip().splitlines()[-1][:120]
+
+
+# ---------------------------------------------------------------------- one mutant
+
+
+def apply_mutant(tree: Path, mutant: Mutant) -> tuple[str | None, str | None]:
+    """Write the mutated file; returns ``(error status, original text)``."""
+    path = tree / mutant.file
+    if not path.exists():
+        return "snippet not found", None
+    text = path.read_text()
+    count = text.count(mutant.original)
+    if count == 0:
+        return "snippet not found", None
+    if count > 1:
+        return "snippet ambiguous", None
+    path.write_text(text.replace(mutant.original, mutant.replacement))
+    return None, text
+
+
+def run_mutant(root: Path, mutant: Mutant, timeout: float) -> tuple[str, str, float]:
+    tree = root / "tree"
+    path = tree / mutant.file
+    started = time.perf_counter()
+    stat = path.stat() if path.exists() else None
+    error, original = apply_mutant(tree, mutant)
+    if error is not None:
+        return error, "", 0.0
+    kernel = mutant.file.startswith("csrc/")
+    build_dir = Path(tempfile.mkdtemp(prefix="build-", dir=root)) if kernel else root / "build"
+    try:
+        status, detail = run_tests(root, list(mutant.tests), build_dir, timeout)
+    finally:
+        path.write_text(original)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the shared kernel build stays valid
+        if kernel:
+            shutil.rmtree(build_dir, ignore_errors=True)
+    verdict = {"failed": "caught", "passed": "survived", "timeout": "timeout"}.get(status, status)
+    return verdict, detail, time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------- driver
+
+
+def _print_table(rows: list[tuple[Mutant, str, str, float]]) -> None:
+    width = max(len(m.name) for m, *_ in rows)
+    print(f"\n{'mutant':<{width}}  {'origin':<6}  {'file':<32}  {'status':<17}  {'s':>5}  caught by / detail")
+    for m, status, detail, seconds in rows:
+        print(f"{m.name:<{width}}  {m.origin:<6}  {m.file:<32}  {status:<17}  {seconds:5.0f}  {detail}")
+    for origin in ("issue", "fresh"):
+        mine = [(m, s) for m, s, *_ in rows if m.origin == origin]
+        if not mine:
+            continue
+        survivors = [m.name for m, s in mine if s == "survived"]
+        broken = [m.name for m, s in mine if s.startswith("snippet") or s == "no tests"]
+        print(f"{origin}: {len(mine)} mutants, {len(survivors)} survived"
+              + (f" ({', '.join(survivors)})" if survivors else "")
+              + (f"; not run: {', '.join(broken)}" if broken else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--only", action="append", default=[], help="run only these mutants (repeat or comma-separate)")
+    parser.add_argument("-j", "--jobs", type=int, default=1, help="workers, each with its own copy (default 1)")
+    parser.add_argument("--ref", default=None, help="copy this git revision's tree instead of the working tree")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant's tests (default 900)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the test files")
+    args = parser.parse_args(argv)
+    chosen = MUTANTS
+    if args.only:
+        names = {n for item in args.only for n in item.split(",") if n}
+        unknown = names - {m.name for m in MUTANTS}
+        if unknown:
+            parser.error(f"unknown mutants {sorted(unknown)}; see --list")
+        chosen = [m for m in MUTANTS if m.name in names]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:<30} {m.origin:<6} {m.file:<32} {', '.join(m.tests)}\n    {m.what}")
+        return 0
+    jobs = max(1, min(args.jobs, len(chosen)))
+    with tempfile.TemporaryDirectory(prefix="grass-mutants-") as tmp:
+        roots = [Path(tmp) / f"w{i}" for i in range(jobs)]
+        for root in roots:
+            make_workspace(root, args.ref)
+        if not args.no_baseline:
+            tests = sorted({t for m in chosen for t in m.tests})
+            t0 = time.perf_counter()
+            status, detail = run_tests(roots[0], tests, roots[0] / "build", args.timeout * 2)
+            print(f"baseline ({len(tests)} test targets, unmutated): {status} {detail} "
+                  f"in {time.perf_counter() - t0:.0f} s", flush=True)
+            if status not in ("passed", "no tests"):
+                print("the unmutated tests fail: fix that first (or wait for a half-done edit).")
+                return 100
+        free = list(roots)
+        results: dict[str, tuple[str, str, float]] = {}
+        with futures.ThreadPoolExecutor(jobs) as pool:
+            pending = {}
+            queue = list(chosen)
+            while queue or pending:
+                while queue and free:
+                    m = queue.pop(0)
+                    root = free.pop()
+                    pending[pool.submit(run_mutant, root, m, args.timeout)] = (m, root)
+                done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                for fut in done:
+                    m, root = pending.pop(fut)
+                    free.append(root)
+                    results[m.name] = fut.result()
+                    print(f"  {m.name}: {results[m.name][0]} {results[m.name][1]}", flush=True)
+    rows = [(m, *results[m.name]) for m in chosen]
+    _print_table(rows)
+    return min(100, sum(1 for _, s, *_ in rows if s == "survived"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
