@@ -27,6 +27,10 @@ _EXPORTS = {
     "LinearDatamodelingScore": "grass_callback.evaluation",
     "choose_damping": "grass_callback.evaluation",
     "SelectiveFactGraSSPlan": "grass_callback.projection",
+    "explain": "grass_callback.explain",
+    "ExplainResult": "grass_callback.explain",
+    "daunce": "grass_callback.daunce",
+    "DaunceResult": "grass_callback.daunce",
 }
 
 __all__ = sorted(_EXPORTS)

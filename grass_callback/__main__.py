@@ -1,4 +1,6 @@
-"""Command line: ``python -m grass_callback attribute --ckpt A.ckpt [--ckpt B.ckpt] --model M --data D``.
+"""Command line: ``python -m grass_callback attribute --ckpt A.ckpt [--ckpt B.ckpt] --model M --data D``
+(``--method daunce`` for Daunce), and ``python -m grass_callback query --store DIR --ckpt C --model M --data D``
+(new queries against a finished run's store, see :func:`grass_callback.explain`).
 
 ``--model`` names a LightningModule class (``package.module:Class``) loaded with
 ``Class.load_from_checkpoint``; ``--data`` names a LightningDataModule class built with
@@ -47,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--exclude", action="append", default=None)
     att.add_argument("--no-wandb", action="store_true")
     att.add_argument("--quiet", action="store_true", help="no progress bars")
+    att.add_argument("--method", default="influence", choices=["influence", "daunce"],
+                     help="influence (FactGraSS, default) or daunce (loss covariance of perturbed fine-tuned copies)")
+    att.add_argument("--num-models", type=int, default=8, help="daunce: perturbed copies")
+    att.add_argument("--epochs", type=float, default=1.0, help="daunce: fine-tuning epochs per copy")
+    from grass_callback.explain import add_query_parser
+
+    add_query_parser(sub)
     return parser
 
 
@@ -60,6 +69,14 @@ def _mask_run(text: str) -> int | str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "query":
+        from grass_callback.explain import run_query_cli
+
+        return run_query_cli(args)
+    if args.method == "daunce":
+        from grass_callback.daunce import run_daunce_cli
+
+        return run_daunce_cli(args)
     import torch
 
     from grass_callback.callback import training_step_loss

@@ -430,6 +430,12 @@ class GraSSCallback(Callback):
                        **{f"fisher_condition/{n}": v for n, v in conds.items()}}
             self.reporter.report(result, step=trainer.global_step, period=period, scalars=scalars,
                                  data_value=self.data_value_tensors())
+        if trainer.is_global_zero:  # the period's row range, for explain() on the finished run
+            from grass_callback.explain import record_period
+
+            record_period(Path(self.store_dir), period=period, min_step=min_step, max_step=self.batches_seen - 1,
+                          global_step=trainer.global_step, damping_ratio=self.damping_ratio,
+                          keep_history=self.keep_history, rows=stats.count)
         self._end_period()
 
     def _ensemble_for(self, trainer: "pl.Trainer", q_ids: Tensor) -> ScoreEnsemble | None:
