@@ -65,6 +65,22 @@ def test_cli_example_finds_flipped_labels(tmp_path):
     top = [int(r["train_id"]) for r in rows("self_influence.csv")[: len(flipped)]]
     caught = len(set(top) & set(flipped.tolist()))
     assert caught >= 0.25 * len(flipped), caught  # chance is 10%
+    # the sign convention (self-influence is positive whatever the sign of the scores): a flipped
+    # label raises the loss of queries of its true class, so flipped examples fill the opponent
+    # rows more than the proponent rows, and their data value is below the clean examples'
+    flips = set(flipped.tolist())
+
+    def flipped_share(kind):
+        ids = [int(r["train_id"]) for r in influence if r["kind"] == kind]
+        assert ids, kind
+        return sum(i in flips for i in ids) / len(ids)
+
+    assert flipped_share("opponent") > 1.5 * flipped_share("proponent"), (
+        flipped_share("opponent"), flipped_share("proponent"))
+    values = {int(r["train_id"]): float(r["data_value"]) for r in rows("data_value.csv")}
+    flipped_mean = sum(values[i] for i in flips) / len(flips)
+    clean_mean = sum(v for i, v in values.items() if i not in flips) / (len(values) - len(flips))
+    assert flipped_mean < 0 and flipped_mean < clean_mean, (flipped_mean, clean_mean)
 
 
 def test_cli_mask_run_argument(capsys):

@@ -62,12 +62,34 @@ def test_loss_targets_are_negated() -> None:
     assert float(lds(masks, losses, scores, target="margin")) == pytest.approx(-1.0)
 
 
-def test_random_scores_are_near_zero() -> None:
+def _hand_spearman(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per column: Pearson correlation of the ranks (inputs without ties), by plain torch."""
+    def ranks(t):
+        return t.argsort(0).argsort(0).double()
+
+    a, b = ranks(preds), ranks(targets)
+    a, b = a - a.mean(0), b - b.mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0))
+
+
+@pytest.mark.parametrize("signal", [0.0, 0.3, 3.0])
+def test_lds_equals_a_hand_spearman_of_subset_sums(signal: float) -> None:
+    """Random scores give an LDS near zero, planted ones a high LDS, and both equal the hand value
+    (so a function returning 0, or the wrong correlation, fails)."""
     gen = torch.Generator().manual_seed(1)
     masks = torch.rand(200, 50, generator=gen) < 0.5
-    targets = torch.randn(200, 40, generator=gen)
-    scores = torch.randn(50, 40, generator=gen)
-    assert abs(float(lds(masks, targets, scores))) < 0.05
+    scores = torch.randn(50, 40, generator=gen, dtype=torch.float64)
+    sums = masks.double() @ scores                                   # [200, 40] subset-sum predictions
+    targets = signal * sums + torch.randn(200, 40, generator=gen, dtype=torch.float64)
+    want = _hand_spearman(sums, targets)
+    got = lds(masks, targets, scores, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # torchmetrics ranks in float32
+    mean = float(lds(masks, targets, scores))
+    assert mean == pytest.approx(float(want.mean()), abs=1e-6)
+    if signal == 0.0:
+        assert abs(mean) < 0.05
+    else:
+        assert mean > (0.5 if signal < 1 else 0.95)
 
 
 def test_lds_input_errors() -> None:

@@ -12,10 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import tiny_lm  # noqa: E402
-
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
+import tiny_lm  # noqa: E402  (needs transformers and tokenizers, both dependencies: no skip)
 
 
 def _influence_rows(path: Path) -> list[dict]:
