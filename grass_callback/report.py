@@ -2,8 +2,9 @@
 
 Three pieces:
 
-* :func:`render_example` / :func:`make_renderer`: how one training or query example is shown
-  in a table cell (an image, decoded text, or a short ``repr``).
+* :func:`render_example` / :func:`make_renderer` (from :mod:`grass_callback.render`): how one
+  training or query example is shown in a table cell (an image, decoded text, or a short
+  ``repr``), and :func:`~grass_callback.render.example_label`: the label column.
 * :func:`resolve_wandb_run`: which W&B run to log to (the Trainer's ``WandbLogger`` run, an
   already active run, or a new run that defaults to offline mode), as a :class:`RunHandle`
   that remembers whether we started it.
@@ -47,9 +48,10 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
+from grass_callback.render import _truncate, example_label, make_renderer, render_example
+
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
-    import numpy as np
 
     from .scoring import ScoreResult
 
@@ -67,143 +69,6 @@ SIGN_CONVENTION = (
     "score < 0: training on train_id raises the query's loss (opponent); "
     "data_value = score summed over queries"
 )
-
-# Fields tried, in this order, when a dict sample is rendered.
-PREFERRED_KEYS = ("input_ids", "pixel_values", "image", "img", "x", "input", "inputs", "text")
-
-
-# ----------------------------------------------------------------------------- rendering
-
-
-def _truncate(text: str, max_chars: int) -> str:
-    if max_chars > 0 and len(text) > max_chars:
-        return text[: max(0, max_chars - 1)] + "\u2026"
-    return text
-
-
-def _as_numpy(x: Any) -> np.ndarray | None:
-    """A CPU numpy view of a tensor / array, or None for anything else."""
-    import numpy as np
-
-    if isinstance(x, Tensor):
-        return x.detach().cpu().numpy() if x.dtype != torch.bfloat16 else x.detach().float().cpu().numpy()
-    if isinstance(x, np.ndarray):
-        return x
-    return None
-
-
-def _image_array(arr: np.ndarray) -> np.ndarray | None:
-    """``arr`` as an ``[H, W]`` or ``[H, W, 3]`` uint8 array if it looks like an image, else None.
-
-    Image-like: float or uint8 data shaped ``[H, W]``, ``[1|3, H, W]`` or ``[H, W, 1|3]`` with
-    ``H, W >= 2``. Floats already in ``[0, 1]`` are kept; other floats are min-max scaled.
-    """
-    import numpy as np
-
-    if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == np.uint8):
-        return None
-    if arr.ndim == 3:
-        if arr.shape[0] in (1, 3):  # channels first (torch layout) wins when ambiguous
-            arr = np.moveaxis(arr, 0, -1)
-        elif arr.shape[-1] not in (1, 3):
-            return None
-        if arr.shape[-1] == 1:
-            arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or arr.shape[0] < 2 or arr.shape[1] < 2:
-        return None
-    if arr.dtype == np.uint8:
-        return np.ascontiguousarray(arr)
-    x = arr.astype(np.float64)
-    finite = np.isfinite(x)
-    x = np.where(finite, x, 0.0)
-    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-    if lo < 0.0 or hi > 1.0:
-        x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    return np.ascontiguousarray(np.round(x * 255.0).astype(np.uint8))
-
-
-def _is_int_sequence(x: Any) -> bool:
-    if isinstance(x, Tensor):
-        return x.ndim == 1 and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
-    if isinstance(x, (list, tuple)):
-        return len(x) > 0 and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
-    arr = _as_numpy(x)
-    if arr is not None:
-        import numpy as np
-
-        return arr.ndim == 1 and np.issubdtype(arr.dtype, np.integer)
-    return False
-
-
-def _decode(tokenizer: Any, ids: list[int]) -> str:
-    try:
-        return str(tokenizer.decode(ids, skip_special_tokens=True))
-    except TypeError:  # a tokenizer whose decode takes no keyword arguments
-        return str(tokenizer.decode(ids))
-
-
-def render_example(example: Any, tokenizer: Any = None, max_chars: int = 200) -> Any:
-    """How ``example`` appears in a W&B table cell.
-
-    Rules, first match wins:
-
-    1. ``None`` stays ``None``; a ``wandb`` media object or a PIL image becomes / stays a
-       ``wandb.Image``.
-    2. A float or uint8 tensor / numpy array shaped ``[H, W]``, ``[1|3, H, W]`` or
-       ``[H, W, 1|3]`` becomes a ``wandb.Image`` (floats outside ``[0, 1]`` are min-max
-       scaled to ``[0, 1]`` for display).
-    3. A 1-D integer tensor / array or a list of ints, with a ``tokenizer`` (anything with
-       ``.decode``), becomes the decoded text, truncated to ``max_chars``.
-    4. A ``str`` is returned truncated to ``max_chars``.
-    5. A dict sample renders one field: the first of :data:`PREFERRED_KEYS` present, else its
-       first tensor / array value. A tuple / list sample (e.g. ``(x, y, index)``) renders its
-       first element.
-    6. Anything else: ``repr(example)`` truncated to ``max_chars``.
-    """
-    if example is None:
-        return None
-    module = type(example).__module__ or ""
-    if module.startswith("wandb"):
-        return example
-    if module.startswith("PIL."):
-        import wandb
-
-        return wandb.Image(example)
-    arr = _as_numpy(example)
-    if arr is not None:
-        img = _image_array(arr)
-        if img is not None:
-            import wandb
-
-            return wandb.Image(img)
-    if tokenizer is not None and hasattr(tokenizer, "decode") and _is_int_sequence(example):
-        ids = [int(v) for v in (arr.tolist() if arr is not None else example)]
-        return _truncate(_decode(tokenizer, ids), max_chars)
-    if isinstance(example, str):
-        return _truncate(example, max_chars)
-    if isinstance(example, Mapping) and example:
-        for key in PREFERRED_KEYS:
-            if key in example:
-                return render_example(example[key], tokenizer, max_chars)
-        for value in example.values():
-            if _as_numpy(value) is not None:
-                return render_example(value, tokenizer, max_chars)
-    if isinstance(example, (tuple, list)) and example and not _is_int_sequence(example):
-        return render_example(example[0], tokenizer, max_chars)
-    return _truncate(repr(example), max_chars)
-
-
-def make_renderer(tokenizer: Any = None, custom: Callable[[Any], Any] | None = None) -> Callable[[Any], Any]:
-    """A one-argument renderer: ``custom`` if given (it wins), else :func:`render_example`
-    with ``tokenizer``."""
-    if custom is not None:
-        return custom
-
-    def render(example: Any) -> Any:
-        return render_example(example, tokenizer=tokenizer)
-
-    return render
-
 
 # ----------------------------------------------------------------------------- W&B run
 
@@ -408,7 +273,6 @@ def _influence_rows(result: ScoreResult) -> list[tuple[int, int, int, float, str
 
 # ----------------------------------------------------------------------------- reporter
 
-
 class InfluenceReporter:
     """Writes each scoring period's influence results to disk, then to a W&B run.
 
@@ -417,8 +281,12 @@ class InfluenceReporter:
         run_handle: from :func:`resolve_wandb_run`; ``None`` writes local files only.
         train_example / query_example: ``id -> example`` lookups for the table cells
             (``None``: the example columns hold ``None``).
-        renderer: ``example -> cell`` (default :func:`render_example`); a failing renderer
-            falls back to a short ``repr``.
+        renderer: ``example -> cell`` for training examples (default :func:`render_example`);
+            also for queries unless ``query_renderer`` is given. A failing renderer falls back to
+            a short ``repr``.
+        label: ``example -> label or None`` (default :func:`~grass_callback.render.example_label`);
+            a table gets a label column (``query_label`` / ``train_label``) when some of its
+            examples carry one.
         max_rows: rows in the self-influence table, and in each group (most / least valuable)
             of the data-value table.
 
@@ -426,26 +294,33 @@ class InfluenceReporter:
     ``influence.csv`` (query_id, rank, train_id, score, kind; rank 1 = strongest, kind
     proponent / opponent, padding skipped), ``self_influence.csv`` (train_id,
     self_influence, highest first), ``data_value.csv`` (train_id, data_value, highest first),
-    ``scalars.json`` (step, period, sign_convention, scalars).
+    ``layers.csv`` (one row of per-layer figures per layer, when given), ``scalars.json`` (step,
+    period, sign_convention, scalars).
 
-    W&B (one ``run.log`` call per period): tables ``grass/influence``,
-    ``grass/self_influence``, ``grass/data_value``, histograms ``grass/self_influence_hist``,
-    ``grass/data_value_hist``, scalars ``grass/<name>``; the sign convention in the summary key
-    ``grass/sign_convention``; the period folder as artifact ``grass-scores-<period>`` (type
-    ``grass-scores``).
+    W&B (one ``run.log`` call per period): tables ``grass/influence`` (query_id, query,
+    [query_label], rank, train_id, train_example, [train_label], score, kind),
+    ``grass/self_influence``, ``grass/data_value``, ``grass/layers``, histograms
+    ``grass/self_influence_hist``, ``grass/data_value_hist``, scalars ``grass/<name>``. Scalars
+    named ``seconds/<part>`` stay out of the run summary (W&B ``define_metric(summary="none")``),
+    so it keeps a handful of lines; the sign convention is the summary key ``grass/sign_convention``; the period folder
+    is the artifact ``grass-scores-<period>`` (type ``grass-scores``).
     """
 
     def __init__(self, out_dir: str | os.PathLike, run_handle: RunHandle | None = None, *,
                  train_example: Callable[[int], Any] | None = None,
                  query_example: Callable[[int], Any] | None = None,
-                 renderer: Callable[[Any], Any] | None = None, max_rows: int = 50) -> None:
+                 renderer: Callable[[Any], Any] | None = None, query_renderer: Callable[[Any], Any] | None = None,
+                 label: Callable[[Any], Any] | None = example_label, max_rows: int = 50) -> None:
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}.")
         self.out_dir = Path(out_dir)
         self.run_handle = run_handle
         self.train_example, self.query_example = train_example, query_example
         self.renderer = renderer if renderer is not None else make_renderer()
+        self.query_renderer = query_renderer if query_renderer is not None else self.renderer
+        self.label = label
         self.max_rows = max_rows
+        self._metrics_defined = False
 
     @property
     def run(self) -> Any:
@@ -454,12 +329,15 @@ class InfluenceReporter:
     # ------------------------------------------------------------------ public
 
     def report(self, result: ScoreResult, *, step: int, period: str, scalars: Mapping[str, float] | None = None,
-               data_value: tuple[Tensor, Tensor] | None = None) -> Path:
+               data_value: tuple[Tensor, Tensor] | None = None,
+               layers: Mapping[str, Mapping[str, float]] | None = None) -> Path:
         """Write ``result`` to ``out_dir/<period>/`` and log it to the run; returns the folder.
 
         ``data_value``: ``(ids, values)`` written instead of ``result.data_value*`` (the
-        caller's running, accumulated value). ``period`` is made file-name safe. A W&B failure
-        is a warning; the local files are written before W&B is touched.
+        caller's running, accumulated value). ``layers``: per-layer figures, ``{layer: {name:
+        value}}`` (e.g. the Fisher condition number), written as ``layers.csv`` and the W&B
+        table ``grass/layers``. ``period`` is made file-name safe. A W&B failure is a warning;
+        the local files are written before W&B is touched.
         """
         folder = self.out_dir / _safe_name(period)
         folder.mkdir(parents=True, exist_ok=True)
@@ -469,6 +347,7 @@ class InfluenceReporter:
             data_value = (result.data_value_ids, result.data_value)
         value = _sorted_desc(*_ids_values(data_value[0], data_value[1], "data_value"))
         scalar_values = {str(k): float(v) for k, v in (scalars or {}).items()}
+        layer_header, layer_rows = _layer_rows(layers or {})
 
         files = {
             "influence.csv": _csv_text(["query_id", "rank", "train_id", "score", "kind"], [list(r) for r in influence]),
@@ -477,12 +356,15 @@ class InfluenceReporter:
             "scalars.json": json.dumps({"step": int(step), "period": str(period), "sign_convention": SIGN_CONVENTION,
                                         "scalars": scalar_values}, indent=2, allow_nan=True) + "\n",
         }
+        if layer_rows:
+            files["layers.csv"] = _csv_text(layer_header, layer_rows)
         for filename, text in files.items():
             _atomic_write(folder / filename, text)
 
         if self.run is not None:
             try:
-                self._log_to_wandb(folder, list(files), influence, self_inf, value, scalar_values, int(step), period)
+                self._log_to_wandb(folder, list(files), influence, self_inf, value, scalar_values, int(step), period,
+                                   (layer_header, layer_rows))
             except Exception as exc:  # noqa: BLE001 - results are safe on disk
                 warnings.warn(f"grass_callback: logging {period!r} to W&B failed ({exc!r}); "
                               f"the results are in {folder}.", stacklevel=2)
@@ -499,60 +381,90 @@ class InfluenceReporter:
 
     # ------------------------------------------------------------------ W&B
 
-    def _render(self, lookup: Callable[[int], Any] | None, i: int, cache: dict[int, Any]) -> Any:
+    def _cell(self, lookup: Callable[[int], Any] | None, renderer: Callable[[Any], Any], i: int,
+              cache: dict[int, tuple[Any, Any]]) -> tuple[Any, Any]:
+        """``(cell, label)`` of example ``i``, looked up and rendered once per period."""
         if lookup is None:
-            return None
+            return None, None
         if i not in cache:
             try:
                 example = lookup(i)
             except Exception:  # noqa: BLE001 - e.g. an id outside the dataset
-                cache[i] = None
-                return None
+                cache[i] = (None, None)
+                return cache[i]
             try:
-                cache[i] = self.renderer(example)
+                cell = renderer(example)
             except Exception:  # noqa: BLE001 - a broken renderer must not lose the tables
-                cache[i] = None if example is None else _truncate(repr(example), 200)
+                cell = None if example is None else _truncate(repr(example), 200)
+            try:
+                label = self.label(example) if self.label is not None else None
+            except Exception:  # noqa: BLE001
+                label = None
+            cache[i] = (cell, label)
         return cache[i]
 
-    def _log_to_wandb(self, folder: Path, filenames: list[str], influence: list[tuple[int, int, int, float, str]],
-                      self_inf: list[tuple[int, float]], value: list[tuple[int, float]],
-                      scalars: Mapping[str, float], step: int, period: str) -> None:
-        import numpy as np
-        import wandb
+    def _tables(self, influence: list[tuple[int, int, int, float, str]], self_inf: list[tuple[int, float]],
+                value: list[tuple[int, float]]) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        """Columns and rows of the three example tables; label columns only where labels exist."""
+        trains: dict[int, tuple[Any, Any]] = {}
+        queries: dict[int, tuple[Any, Any]] = {}
 
-        run = self.run
-        trains: dict[int, Any] = {}
-        queries: dict[int, Any] = {}
+        def train(i: int) -> tuple[Any, Any]:
+            return self._cell(self.train_example, self.renderer, i, trains)
 
-        def train_cell(i: int) -> Any:
-            return self._render(self.train_example, i, trains)
-
-        payload: dict[str, Any] = {}
-        payload["grass/influence"] = wandb.Table(
-            columns=["query_id", "query", "rank", "train_id", "train_example", "score", "kind"],
-            data=[[q, self._render(self.query_example, q, queries), rank, t, train_cell(t), s, kind]
-                  for q, rank, t, s, kind in influence],
-            allow_mixed_types=True)
-
-        top = self_inf[: self.max_rows]
-        payload["grass/self_influence"] = wandb.Table(
-            columns=["train_id", "train_example", "self_influence"],
-            data=[[t, train_cell(t), v] for t, v in top], allow_mixed_types=True)
-        finite = np.array([v for _, v in self_inf if math.isfinite(v)], dtype=np.float64)
-        if finite.size:
-            payload["grass/self_influence_hist"] = wandb.Histogram(finite)
+        def query(i: int) -> tuple[Any, Any]:
+            return self._cell(self.query_example, self.query_renderer, i, queries)
 
         most = value[: self.max_rows]
         rest = value[len(most):]
         least = list(reversed(rest[-self.max_rows:])) if rest else []
-        payload["grass/data_value"] = wandb.Table(
-            columns=["group", "train_id", "train_example", "data_value"],
-            data=[["most", t, train_cell(t), v] for t, v in most] + [["least", t, train_cell(t), v] for t, v in least],
-            allow_mixed_types=True)
-        finite = np.array([v for _, v in value if math.isfinite(v)], dtype=np.float64)
-        if finite.size:
-            payload["grass/data_value_hist"] = wandb.Histogram(finite)
+        rows = {
+            "influence": [[q, *query(q), rank, t, *train(t), s, kind] for q, rank, t, s, kind in influence],
+            "self_influence": [[t, *train(t), v] for t, v in self_inf[: self.max_rows]],
+            "data_value": [[g, t, *train(t), v] for g, part in (("most", most), ("least", least)) for t, v in part],
+        }
+        columns = {
+            "influence": ["query_id", "query", "query_label", "rank", "train_id", "train_example", "train_label",
+                          "score", "kind"],
+            "self_influence": ["train_id", "train_example", "train_label", "self_influence"],
+            "data_value": ["group", "train_id", "train_example", "train_label", "data_value"],
+        }
+        out = {}
+        for name, cols in columns.items():
+            drop = [c for c, col in enumerate(cols) if col.endswith("_label")
+                    and all(row[c] is None for row in rows[name])]
+            out[name] = ([col for c, col in enumerate(cols) if c not in drop],
+                         [[v for c, v in enumerate(row) if c not in drop] for row in rows[name]])
+        return out
 
+    def _define_metrics(self, run: Any) -> None:
+        """Per-part seconds (``grass/seconds/<part>``): charts, no summary lines."""
+        if self._metrics_defined:
+            return
+        self._metrics_defined = True
+        try:
+            run.define_metric("grass/seconds/*", summary="none")
+        except Exception:  # noqa: BLE001 - an old wandb or a stand-in run: summary lines are cosmetic
+            pass
+
+    def _log_to_wandb(self, folder: Path, filenames: list[str], influence: list[tuple[int, int, int, float, str]],
+                      self_inf: list[tuple[int, float]], value: list[tuple[int, float]],
+                      scalars: Mapping[str, float], step: int, period: str,
+                      layers: tuple[list[str], list[list[Any]]]) -> None:
+        import numpy as np
+        import wandb
+
+        run = self.run
+        self._define_metrics(run)
+        payload: dict[str, Any] = {}
+        for name, (columns, rows) in self._tables(influence, self_inf, value).items():
+            payload[f"grass/{name}"] = wandb.Table(columns=columns, data=rows, allow_mixed_types=True)
+        for name, pairs in (("self_influence", self_inf), ("data_value", value)):
+            finite = np.array([v for _, v in pairs if math.isfinite(v)], dtype=np.float64)
+            if finite.size:
+                payload[f"grass/{name}_hist"] = wandb.Histogram(finite)
+        if layers[1]:
+            payload["grass/layers"] = wandb.Table(columns=layers[0], data=layers[1], allow_mixed_types=True)
         for name, v in scalars.items():
             payload[f"grass/{name}"] = v
 
@@ -570,3 +482,11 @@ class InfluenceReporter:
         for filename in filenames:
             artifact.add_file(str(folder / filename), name=filename)
         run.log_artifact(artifact)
+
+
+def _layer_rows(layers: Mapping[str, Mapping[str, float]]) -> tuple[list[str], list[list[Any]]]:
+    """``layer`` plus the union of the figures' names (first-seen order) as rows, one per layer."""
+    names: list[str] = []
+    for figures in layers.values():
+        names += [n for n in figures if n not in names]
+    return ["layer", *names], [[layer, *(figures.get(n) for n in names)] for layer, figures in layers.items()]

@@ -140,24 +140,62 @@ def logged_table(run_path: Path, item: dict[str, Any], key: str) -> dict[str, An
 def test_render_float_image_tensor_is_normalized_wandb_image() -> None:
     import wandb
 
-    img = render_example(torch.linspace(-2.0, 5.0, 3 * 8 * 6).reshape(3, 8, 6))
-    assert isinstance(img, wandb.Image)
-    pil = img.image
-    assert pil.size == (6, 8) and pil.mode == "RGB"  # channels-first moved last
-    arr = np.asarray(pil)
-    assert arr.min() == 0 and arr.max() == 255  # min-max scaled to the full range
+    x = torch.linspace(-2.0, 5.0, 3 * 8 * 6).reshape(3, 8, 6)
+    img = render_example(x)
+    assert isinstance(img, wandb.Image) and img.image.size == (6, 8) and img.image.mode == "RGB"
+    expected = np.round((x.permute(1, 2, 0).double().numpy() + 2.0) / 7.0 * 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(img.image), expected)  # min-max scaled to the full range
 
 
-@pytest.mark.parametrize("example", [
-    torch.rand(1, 8, 8),
-    torch.rand(8, 8),
-    np.zeros((8, 8, 3), dtype=np.uint8),
-    np.ones((5, 7, 1), dtype=np.float32) * 0.5,
-])
-def test_render_image_shapes(example: Any) -> None:
+def pixels(cell: Any) -> np.ndarray:
+    """The uint8 pixels a rendered wandb.Image holds, ``[H, W]`` or ``[H, W, 3]``."""
     import wandb
 
-    assert isinstance(render_example(example), wandb.Image)
+    assert isinstance(cell, wandb.Image), type(cell)
+    arr = np.asarray(cell.image)
+    if arr.ndim == 3 and arr.shape[2] == 3 and (arr == arr[..., :1]).all():
+        return arr[..., 0]  # grey stored as RGB
+    return arr
+
+
+_G = torch.Generator().manual_seed(3)
+_U8 = torch.randint(0, 256, (8, 8, 3), generator=_G, dtype=torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("example, expected", [
+    # channels first, one channel: floats in [0, 1] scaled by 255 and rounded
+    (torch.tensor([[[0.0, 1.0], [0.5, 0.25]]]), np.array([[0, 255], [128, 64]], dtype=np.uint8)),
+    # [H, W]
+    (torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), np.array([[255, 0, 0], [0, 255, 0]], dtype=np.uint8)),
+    # channels last uint8: kept exactly
+    (_U8, _U8),
+    # channels last, one float channel
+    (np.full((5, 7, 1), 0.5, dtype=np.float32), np.full((5, 7), 128, dtype=np.uint8)),
+    # a flat vector of a square length (digits: 64 = 8 x 8), row-major
+    (torch.arange(64, dtype=torch.float32) / 63.0, np.round(np.arange(64).reshape(8, 8) / 63.0 * 255).astype(np.uint8)),
+])
+def test_render_image_pixels(example: Any, expected: np.ndarray) -> None:
+    assert np.array_equal(pixels(render_example(example)), expected)
+
+
+def test_render_channels_first_rgb_moves_channels_last() -> None:
+    x = torch.rand(3, 4, 5, generator=_G)
+    got = pixels(render_example(x))
+    assert got.shape == (4, 5, 3)
+    assert np.array_equal(got, np.round(x.permute(1, 2, 0).double().numpy() * 255).astype(np.uint8))
+
+
+def test_render_pil_image_and_image_shape_and_scale() -> None:
+    from PIL import Image
+
+    arr = torch.randint(0, 256, (6, 4, 3), generator=_G, dtype=torch.uint8).numpy()
+    assert np.array_equal(pixels(render_example(Image.fromarray(arr))), arr)
+    flat = torch.rand(12, generator=_G)  # not a square: shown as an image only with image_shape
+    assert isinstance(render_example(flat), str)
+    got = pixels(render_example(flat, image_shape=(3, 4), image_scale=5))
+    assert got.shape == (15, 20)
+    small = np.round(flat.reshape(3, 4).double().numpy() * 255).astype(np.uint8)
+    assert np.array_equal(got[::5, ::5], small) and np.array_equal(got, small.repeat(5, 0).repeat(5, 1))
 
 
 def test_render_float_in_unit_range_is_kept() -> None:
@@ -182,13 +220,52 @@ def test_render_tokenizer_gets_skip_special_tokens_when_supported() -> None:
 
 
 def test_render_samples_pick_their_main_field() -> None:
-    import wandb
-
     tok = FakeTokenizer()
     sample = {"labels": torch.tensor([1]), "input_ids": torch.tensor([8, 9]), "index": 3}
     assert render_example(sample, tokenizer=tok) == "tok8 tok9"
-    assert isinstance(render_example((torch.rand(1, 8, 8), 3, 17)), wandb.Image)  # (x, y, index)
-    assert isinstance(render_example({"meta": "a", "pixels": torch.rand(8, 8)}), wandb.Image)
+    x = torch.rand(1, 8, 8, generator=_G)
+    expected = np.round(x[0].double().numpy() * 255).astype(np.uint8)
+    assert np.array_equal(pixels(render_example((x, 3, 17))), expected)  # (x, y, index)
+    assert np.array_equal(pixels(render_example({"meta": "a", "pixels": x[0]})), expected)
+
+
+class PadTokenizer(FakeTokenizer):
+    pad_token_id = 0
+
+
+def test_render_text_drops_padding_and_masked_positions() -> None:
+    tok = PadTokenizer()
+    assert render_example(torch.tensor([5, 6, 0, 0]), tokenizer=tok) == "tok5 tok6"  # trailing pad
+    assert render_example(torch.tensor([0, 0, 5, 6]), tokenizer=tok) == "tok5 tok6"  # left padding
+    sample = {"input_ids": torch.tensor([7, 8, 9, 3]), "attention_mask": torch.tensor([1, 1, 0, 0]),
+              "labels": torch.tensor([7, 8, -100, -100])}
+    assert render_example(sample, tokenizer=tok) == "tok7 tok8"  # the mask wins, pad id or not
+    assert render_example(sample) == render_example(sample["input_ids"])  # no tokenizer: the ids' repr
+
+
+def test_example_label() -> None:
+    from grass_callback.render import example_label
+
+    assert example_label((torch.rand(64), torch.tensor(7), 3)) == 7
+    assert example_label((torch.rand(64), 2.5)) == 2.5
+    assert example_label({"input_ids": torch.tensor([1, 2]), "label": torch.tensor([4])}) == 4
+    assert example_label({"x": 1, "target": "cat"}) == "cat"
+    assert example_label({"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([1, 2])}) is None  # per token
+    assert example_label(torch.rand(8, 8)) is None and example_label([1, 2, 3]) is None
+
+
+def test_resolve_renderers_per_dataset() -> None:
+    from grass_callback.errors import ConfigError
+    from grass_callback.render import resolve_renderers
+
+    train_fn, query_fn = resolve_renderers({"query": lambda e: "q!"}, tokenizer=FakeTokenizer())
+    assert query_fn(torch.tensor([1])) == "q!" and train_fn(torch.tensor([1])) == "tok1"
+    one = lambda e: "one"  # noqa: E731
+    assert resolve_renderers(one) == (one, one)
+    with pytest.raises(ConfigError, match="'train' and/or 'query'"):
+        resolve_renderers({"val": one})
+    with pytest.raises(ConfigError, match="callable"):
+        resolve_renderers({"train": 3})
 
 
 def test_render_other_objects_as_truncated_repr() -> None:
@@ -293,9 +370,10 @@ def test_renderer_failures_do_not_lose_tables(tmp_path: Path) -> None:
         make_result(), step=0, period="e")
     (data, _), = run.logged
     table = data["grass/influence"]
-    cells = {row[3]: row[4] for row in table.data}
-    assert cells[3] == "('sample', 3)"  # repr fallback
-    assert cells[5] is None  # lookup failed
+    assert table.columns == ["query_id", "query", "rank", "train_id", "train_example", "train_label", "score", "kind"]
+    cells = {row[3]: (row[4], row[5]) for row in table.data}
+    assert cells[3] == ("('sample', 3)", 3)  # repr fallback; the label still read from the sample
+    assert cells[5] == (None, None)  # lookup failed
 
 
 # ----------------------------------------------------------------------------- W&B offline
@@ -308,10 +386,12 @@ def test_offline_run_tables_histograms_scalars_and_artifact(tmp_path: Path, monk
     handle = resolve_wandb_run(save_dir=tmp_path, project="grass-test", config={"k": 16})
     assert handle is not None and handle.owned and handle.run.offline
     images = torch.rand(6, 1, 8, 8)
-    reporter = InfluenceReporter(tmp_path / "scores", handle, train_example=lambda i: (images[i], 0, i),
+    reporter = InfluenceReporter(tmp_path / "scores", handle, train_example=lambda i: (images[i], 10 + i, i),
                                  query_example=lambda q: f"query text {q}", max_rows=2)
     override = (torch.tensor([0, 1, 2, 3, 4]), torch.tensor([5.0, -1.0, 3.0, -4.0, 0.0]))
-    reporter.report(make_result(), step=3, period="epoch-0", scalars={"fit_seconds": 0.25}, data_value=override)
+    layers = {"fc1": {"k": 16, "condition_number": 12.5}, "fc2": {"k": 16, "condition_number": 3.0}}
+    reporter.report(make_result(), step=3, period="epoch-0", data_value=override, layers=layers,
+                    scalars={"fisher_condition_max": 12.5, "seconds/fit": 0.25, "seconds/scoring": 0.5})
     reporter.finish()
     assert wandb.run is None  # owned run finished
 
@@ -320,37 +400,56 @@ def test_offline_run_tables_histograms_scalars_and_artifact(tmp_path: Path, monk
     items = [h["item"] for h in history_items(records) if "grass/influence._type" in h["item"]]
     assert len(items) == 1
     item = items[0]
-    assert item["_step"] == 3 and item["grass/fit_seconds"] == 0.25
+    assert item["_step"] == 3 and item["grass/seconds/fit"] == 0.25 and item["grass/fisher_condition_max"] == 12.5
     assert item["grass/self_influence_hist._type"] == "histogram"
     assert item["grass/data_value_hist._type"] == "histogram"
     assert sum(item["grass/data_value_hist.values"]) == 5
 
     table = logged_table(path, item, "grass/influence")
-    assert table["columns"] == ["query_id", "query", "rank", "train_id", "train_example", "score", "kind"]
-    assert [(r[0], r[2], r[3], r[5], r[6]) for r in table["data"]] == EXPECTED_INFLUENCE
+    assert table["columns"] == ["query_id", "query", "rank", "train_id", "train_example", "train_label", "score",
+                                "kind"]  # queries are strings: no query_label column
+    assert [(r[0], r[2], r[3], r[6], r[7]) for r in table["data"]] == EXPECTED_INFLUENCE
     assert {r[1] for r in table["data"]} == {"query text 7", "query text 9"}
-    assert all(r[4] == "Image" for r in table["data"])  # media JSON shows image cells by type
+    assert [r[5] for r in table["data"]] == [10 + r[3] for r in table["data"]]  # the sample's label
+    assert all(r[4] == "Image" for r in table["data"])  # the run folder's copy: a text preview
+
+    from grass_callback.offline_run import logged_tables
+
+    full, = logged_tables(path, "grass/influence", records)  # what W&B gets: the run_table artifact
+    for row, tid in zip(full.rows, full.column("train_id")):
+        png = full.image_file(row[4])
+        expected = np.round(images[tid, 0].double().numpy() * 255).astype(np.uint8)
+        from PIL import Image
+
+        assert png is not None and np.array_equal(np.asarray(Image.open(png).convert("L")), expected)
 
     table = logged_table(path, item, "grass/self_influence")
-    assert table["columns"] == ["train_id", "train_example", "self_influence"]
-    assert [(r[0], r[2]) for r in table["data"]] == [(4, 4.0), (1, 3.0)]  # top max_rows=2
+    assert table["columns"] == ["train_id", "train_example", "train_label", "self_influence"]
+    assert [(r[0], r[2], r[3]) for r in table["data"]] == [(4, 14, 4.0), (1, 11, 3.0)]  # top max_rows=2
 
     table = logged_table(path, item, "grass/data_value")
-    assert table["columns"] == ["group", "train_id", "train_example", "data_value"]
-    assert [(r[0], r[1], r[3]) for r in table["data"]] == [
+    assert table["columns"] == ["group", "train_id", "train_example", "train_label", "data_value"]
+    assert [(r[0], r[1], r[4]) for r in table["data"]] == [
         ("most", 0, 5.0), ("most", 2, 3.0), ("least", 3, -4.0), ("least", 1, -1.0)]
+
+    table = logged_table(path, item, "grass/layers")
+    assert table["columns"] == ["layer", "k", "condition_number"]
+    assert table["data"] == [["fc1", 16, 12.5], ["fc2", 16, 3.0]]
+    assert (tmp_path / "scores" / "epoch-0" / "layers.csv").exists()
 
     summaries = {}
     for r in records:
         if r["type"] == "summary":
             summaries.update(r["summary"]["update"])
     assert summaries["grass/sign_convention"] == SIGN_CONVENTION
+    assert summaries["grass/fisher_condition_max"] == 12.5
+    assert not [key for key in summaries if key.startswith("grass/seconds/")]  # charts only, no summary lines
 
     artifacts = [r["artifact"] for r in records if r["type"] == "artifact"]
     scores = [a for a in artifacts if a["type"] == "grass-scores"]
     assert [a["name"] for a in scores] == ["grass-scores-epoch-0"]
     assert sorted(c["path"] for c in scores[0]["manifest"]["contents"]) == [
-        "data_value.csv", "influence.csv", "scalars.json", "self_influence.csv"]
+        "data_value.csv", "influence.csv", "layers.csv", "scalars.json", "self_influence.csv"]
     # the rendered images travel with the influence table's run_table artifact
     tables = [a for a in artifacts if a["type"] == "run_table"
               and any(c["path"] == "grass/influence.table.json" for c in a["manifest"]["contents"])]
