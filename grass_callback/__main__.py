@@ -4,10 +4,12 @@
 
 ``--model`` names a LightningModule class (``package.module:Class``) loaded with
 ``Class.load_from_checkpoint``; ``--data`` names a LightningDataModule class built with
-``--data-args`` (JSON). Training batches come from ``train_dataloader()``'s dataset in a fixed
-order (it must carry indices, see ``IndexedDataset``), queries from ``val_dataloader()``. The loss
-is the one ``training_step`` returns. Writes the same CSV tables as the callback (and W&B
-tables unless ``--no-wandb``) under ``--out``.
+``--data-args`` (JSON). Training batches come from ``train_dataloader()`` as the data module
+builds it (collate function, workers, batch size unless ``--batch-size``) in a fixed order (a
+``SequentialSampler``; batches must carry indices, see ``IndexedDataset``), queries from
+``val_dataloader()`` the same way. The loss is the one ``training_step`` returns. Writes the same
+CSV tables as the callback (and W&B tables unless ``--no-wandb``) under ``--out``; table cells
+show decoded text with ``--tokenizer`` and whatever ``--renderer`` returns.
 """
 
 from __future__ import annotations
@@ -27,8 +29,15 @@ def _import(spec: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def _prog() -> str:
+    """``grass-callback`` when run as the installed command, else ``python -m grass_callback``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name and name not in ("__main__.py", "-c", "-m") and not name.endswith(".py") \
+        else "python -m grass_callback"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m grass_callback", description=__doc__,
+    parser = argparse.ArgumentParser(prog=_prog(), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     att = sub.add_parser("attribute", help="influence tables from saved checkpoints")
@@ -44,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--topk", type=int, default=10)
     att.add_argument("--num-queries", type=int, default=16)
     att.add_argument("--damping-ratio", default="auto", help="a number, or auto (the benchmark's best for k)")
-    att.add_argument("--batch-size", type=int, default=64)
+    att.add_argument("--batch-size", type=int, default=None,
+                     help="training batch size (default: the data module's train loader's)")
+    att.add_argument("--tokenizer", default=None,
+                     help="decode token ids in the tables: a tokenizer folder, a tokenizer.json, or package.module:attr")
+    att.add_argument("--renderer", default=None,
+                     help="package.module:attr, example -> table cell (or a {'train': fn, 'query': fn} dict)")
     att.add_argument("--include", action="append", default=None)
     att.add_argument("--exclude", action="append", default=None)
     att.add_argument("--no-wandb", action="store_true")
@@ -77,41 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         from grass_callback.daunce import run_daunce_cli
 
         return run_daunce_cli(args)
-    import torch
+    from grass_callback.checkpoints import run_attribute_cli
 
-    from grass_callback.callback import training_step_loss
-    from grass_callback.checkpoints import attribute_checkpoints
-    from grass_callback.report import InfluenceReporter, make_renderer, resolve_wandb_run
-
-    module_cls, data_cls = _import(args.model), _import(args.data)
-    dm = data_cls(**json.loads(args.data_args))
-    dm.setup("fit")
-    train_ds = dm.train_dataloader().dataset
-    train = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=False)
-    query = dm.val_dataloader()
-    out = Path(args.out)
-
-    def load(path: str) -> Any:
-        return module_cls.load_from_checkpoint(path, map_location="cpu")
-
-    result = attribute_checkpoints(load, args.ckpt, train, query, training_step_loss, out / "stores", k=args.k,
-                                   seed=args.seed, topk=args.topk, num_queries=args.num_queries,
-                                   include=args.include, exclude=args.exclude,
-                                   damping_ratio=args.damping_ratio if args.damping_ratio == "auto"
-                                   else float(args.damping_ratio),
-                                   progress=not args.quiet,
-                                   mask_run=args.mask_run)
-    run = None if args.no_wandb else resolve_wandb_run(save_dir=str(out), project="grass-callback",
-                                                         config={"checkpoints": args.ckpt, "k": args.k})
-    query_ds = getattr(query, "dataset", None)
-    reporter = InfluenceReporter(out / "scores", run, renderer=make_renderer(),
-                                 train_example=lambda i: train_ds[int(i)],
-                                 query_example=(lambda i: query_ds[int(i)]) if query_ds is not None else None)
-    folder = reporter.report(result, step=0, period=f"checkpoints-{len(args.ckpt)}",
-                             data_value=(result.data_value_ids, result.data_value))
-    reporter.finish()
-    print(f"scores of {len(args.ckpt)} checkpoint(s) written to {folder}")
-    return 0
+    return run_attribute_cli(args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from grass_callback.fisher import FisherStats, FittedFisher
 from grass_callback.scoring import ScoreResult, precondition_queries, score_chunks
 from grass_callback.store import GradientStore, StoreChunk
 
-__all__ = ["attribute_checkpoints"]
+__all__ = ["attribute_checkpoints", "ordered_loader", "load_tokenizer", "import_object", "run_attribute_cli"]
 
 
 def attribute_checkpoints(load_model: Callable[[str], nn.Module], checkpoints: Sequence[str | Path],
@@ -89,3 +89,118 @@ def _aligned_chunks(stores: list[GradientStore], chunk_rows: int = 4096) -> Iter
                 raise GraSSError("checkpoint passes saw training examples in different orders; the training "
                                  "loader must not shuffle for checkpoint attribution.")
         yield ids, {f"ckpt{c}/{name}": g for c, p in enumerate(parts) for name, g in p.grads.items()}
+
+
+# ----------------------------------------------------------------------------- the CLI's data
+
+
+def ordered_loader(loader: Any, batch_size: int | None = None) -> Any:
+    """``loader`` as the user built it (collate function, workers, pinning, batch size), in a fixed
+    order: the same dataset through a ``SequentialSampler``, so every checkpoint's pass sees the
+    examples in the same order. ``batch_size`` overrides the loader's. A loader that is not a
+    ``DataLoader``, or one over an ``IterableDataset`` (its order is its own), is returned as is.
+    """
+    from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return loader
+    size = batch_size or loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 1
+    workers = loader.num_workers
+    return DataLoader(loader.dataset, batch_size=size, sampler=SequentialSampler(loader.dataset),
+                      collate_fn=loader.collate_fn, num_workers=workers, pin_memory=loader.pin_memory,
+                      drop_last=False, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context if workers else None,
+                      persistent_workers=loader.persistent_workers if workers else False,
+                      prefetch_factor=loader.prefetch_factor if workers else None)
+
+
+def import_object(spec: str, what: str) -> Any:
+    """``package.module:attr`` imported (``what`` names it in the error).
+
+    Raises:
+        GraSSError: no ``:``, or the module or attribute cannot be found.
+    """
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise GraSSError(f"--{what} expects package.module:attr, got {spec!r}.")
+    try:
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise GraSSError(f"--{what} {spec!r}: cannot import it ({exc}); is the module on PYTHONPATH?") from exc
+    return obj
+
+
+def load_tokenizer(spec: str | None) -> Any:
+    """A tokenizer from ``--tokenizer``: a local folder (``AutoTokenizer``, no download), a
+    ``tokenizer.json`` file, or ``package.module:attr`` (a tokenizer, or a function returning one).
+
+    Raises:
+        GraSSError: nothing with a ``decode`` method came of it.
+    """
+    if spec is None:
+        return None
+    path = Path(spec)
+    if path.is_dir():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    elif path.is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    else:
+        tok = import_object(spec, "tokenizer")
+        if not hasattr(tok, "decode") and callable(tok):
+            tok = tok()
+    if not hasattr(tok, "decode"):
+        raise GraSSError(f"--tokenizer {spec!r} gave a {type(tok).__name__}, which has no decode(ids) method; "
+                         "pass a tokenizer folder, a tokenizer.json, or module:attr naming a tokenizer.")
+    return tok
+
+
+def run_attribute_cli(args: Any) -> int:
+    """The ``attribute`` subcommand: ensembled influence over ``args.ckpt`` on the data module's data.
+
+    Training batches: the data module's ``train_dataloader()`` with its collate function, workers
+    and batch size (``--batch-size`` overrides), in a fixed order; queries: ``val_dataloader()``
+    the same way. Tables render with ``--renderer`` / ``--tokenizer``.
+    """
+    import json
+
+    from grass_callback.callback import training_step_loss
+    from grass_callback.render import resolve_renderers
+    from grass_callback.report import InfluenceReporter, resolve_wandb_run
+
+    module_cls, data_cls = import_object(args.model, "model"), import_object(args.data, "data")
+    tokenizer = load_tokenizer(args.tokenizer)
+    renderer = import_object(args.renderer, "renderer") if args.renderer else None
+    train_renderer, query_renderer = resolve_renderers(renderer, tokenizer)
+    dm = data_cls(**json.loads(args.data_args))
+    dm.setup("fit")
+    train = ordered_loader(dm.train_dataloader(), args.batch_size)
+    query = ordered_loader(dm.val_dataloader())
+    out = Path(args.out)
+
+    def load(path: str) -> Any:
+        return module_cls.load_from_checkpoint(path, map_location="cpu")
+
+    damping = args.damping_ratio if args.damping_ratio == "auto" else float(args.damping_ratio)
+    result = attribute_checkpoints(load, args.ckpt, train, query, training_step_loss, out / "stores", k=args.k,
+                                   seed=args.seed, topk=args.topk, num_queries=args.num_queries,
+                                   include=args.include, exclude=args.exclude, damping_ratio=damping,
+                                   progress=not args.quiet, mask_run=args.mask_run)
+    run = None if args.no_wandb else resolve_wandb_run(save_dir=str(out), project="grass-callback",
+                                                         config={"checkpoints": args.ckpt, "k": args.k})
+    train_ds, query_ds = train.dataset, getattr(query, "dataset", None)
+    reporter = InfluenceReporter(out / "scores", run, renderer=train_renderer, query_renderer=query_renderer,
+                                 train_example=lambda i: train_ds[int(i)],
+                                 query_example=(lambda i: query_ds[int(i)]) if query_ds is not None else None)
+    folder = reporter.report(result, step=0, period=f"checkpoints-{len(args.ckpt)}",
+                             data_value=(result.data_value_ids, result.data_value))
+    reporter.finish()
+    print(f"scores of {len(args.ckpt)} checkpoint(s) written to {folder}")
+    return 0
