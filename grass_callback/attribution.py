@@ -76,12 +76,12 @@ def plans_from_store(store: GradientStore) -> dict[str, Plan]:
     return plans
 
 
-def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None) -> Iterable:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
+def _progress(iterable: Iterable, desc: str, enabled: Any, total: int | None = None) -> Iterable:
+    """``iterable`` with a bar (``enabled``: True, a :class:`~grass_callback.console.ProgressHost`
+    that shares Lightning's bar, or off); no bar when stderr is not a terminal."""
+    from grass_callback.console import progress_iter
 
-    return tqdm(iterable, desc=desc, total=total, leave=False)
+    return progress_iter(iterable, desc, enabled, total=total)
 
 
 @contextlib.contextmanager
@@ -251,10 +251,10 @@ def score_store(store: GradientStore, fitted: FittedFisher, query_ids: Tensor, q
                                min_step=min_step, ranks=list(ranks) if ranks is not None else None)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from grass_callback.console import open_bar
 
         filtered = epochs is not None or min_step is not None or ranks is not None
-        bar = tqdm(total=None if filtered else store.num_rows, desc="grass: scoring", unit="rows", leave=False)
+        bar = open_bar("grass: scoring", progress, total=None if filtered else store.num_rows, unit="rows")
     try:
         return score_chunks(pre, chunks, query_ids=query_ids, topk=topk, full=full,
                             self_influence=fitted if self_influence else None,
