@@ -29,6 +29,7 @@ from grass_callback.data import get_batch_indices, move_to_device, resolve_index
 from grass_callback.errors import CaptureError, ConfigError, GraSSError
 from grass_callback.fisher import FisherStats, FittedFisher
 from grass_callback.projection import Plan, plan_from_state
+from grass_callback.recorder import StepRecorder
 from grass_callback.scoring import ScoreResult, precondition_queries, score_chunks
 from grass_callback.store import GradientStore
 
@@ -138,18 +139,11 @@ def record_rows(ids: Tensor, grads: Mapping[str, Tensor], step: int, epoch: int,
 
     Rows are cast to the storage dtype first, so the Fisher sees exactly what the store keeps (a
     resumed run rebuilds it from the store bit for bit). Rows with NaN/Inf in any layer are left
-    out of both (the store counts them).
+    out of both (the store counts them). Appends on the calling thread; the training step and
+    :func:`capture_pass` use a :class:`~grass_callback.recorder.StepRecorder` with its background
+    writer instead.
     """
-    cast = {n: g.detach().cpu().to(store.dtype if store is not None else g.dtype) for n, g in grads.items()}
-    if store is not None:
-        keep = store.append(ids, step, cast, epoch=epoch)  # the store checks the rows it keeps
-    else:
-        keep = torch.ones(ids.numel(), dtype=torch.bool)
-        for g in cast.values():
-            keep &= torch.isfinite(g).all(dim=1)
-    if fisher is not None:
-        fisher.update(cast if bool(keep.all()) else {n: g[keep] for n, g in cast.items()})
-    return keep
+    return StepRecorder(store, fisher, background=False).record(ids, grads, step, epoch)
 
 
 def capture_pass(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn: LossFn, *,
@@ -164,29 +158,32 @@ def capture_pass(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn: L
     runs with gradients enabled even when called under ``torch.no_grad``/``inference_mode``
     (e.g. from a hook that runs inside Lightning's validation loop). Rows with NaN/Inf (after the
     cast to the store's dtype) are left out of ``fisher`` as the store leaves them out (it counts
-    them in ``skipped_nonfinite``), so one bad example cannot poison the Fisher blocks. Returns
-    the number of rows kept.
+    them in ``skipped_nonfinite``), so one bad example cannot poison the Fisher blocks. The rows
+    go to the store through a background writer (:class:`~grass_callback.recorder.StepRecorder`);
+    the store is flushed at the end. Returns the number of rows kept.
     """
-    rows = 0
+    kept: Tensor | int = 0
+    total = 0
     index_key = resolve_index_key(loader, index_key)
-    warned = False
-    for batch in _progress(loader, "grass: training gradients", progress):
-        ids = get_batch_indices(batch, index_key, num_examples=num_examples)
-        if device is not None:
-            batch = move_to_device(batch, device)
-        grads = _batch_gradients(model, taps, batch, loss_fn, reduction, token_counts)
-        if ids.numel() != next(iter(grads.values())).shape[0]:
-            raise CaptureError(f"the batch has {ids.numel()} indices but the tapped layers saw "
-                               f"{next(iter(grads.values())).shape[0]} examples; is the batch dimension first?")
-        keep = record_rows(ids, grads, step, epoch, store=store, fisher=fisher)
-        if store is None and not bool(keep.all()) and not warned:
-            warned = True
-            warnings.warn(f"grass_callback: {int((~keep).sum())} rows with NaN/Inf gradients (ids "
-                          f"{ids[~keep].tolist()[:8]}) left out of the Fisher statistics; later ones "
-                          "are left out silently.", stacklevel=2)
-        rows += int(keep.sum())
-    if store is not None:
-        store.flush()
+    recorder = StepRecorder(store, fisher)
+    try:
+        for batch in _progress(loader, "grass: training gradients", progress):
+            ids = get_batch_indices(batch, index_key, num_examples=num_examples)
+            if device is not None:
+                batch = move_to_device(batch, device)
+            grads = _batch_gradients(model, taps, batch, loss_fn, reduction, token_counts)
+            if ids.numel() != next(iter(grads.values())).shape[0]:
+                raise CaptureError(f"the batch has {ids.numel()} indices but the tapped layers saw "
+                                   f"{next(iter(grads.values())).shape[0]} examples; is the batch dimension first?")
+            kept = kept + recorder.record(ids, grads, step, epoch).sum()  # stays on the device
+            total += ids.numel()
+        recorder.flush()
+    finally:
+        recorder.close()
+    rows = int(kept)
+    if store is None and rows < total:
+        warnings.warn(f"grass_callback: {total - rows} rows with NaN/Inf gradients left out of the Fisher "
+                      "statistics.", stacklevel=2)
     return rows
 
 

@@ -52,7 +52,6 @@ from grass_callback.attribution import (
     capture_pass,
     open_store,
     query_gradients,
-    record_rows,
     resolve_damping,
     score_store,
 )
@@ -61,6 +60,7 @@ from grass_callback.projection import plan_from_state
 from grass_callback.data import get_batch_indices, resolve_index_key
 from grass_callback.errors import ConfigError, GraSSError
 from grass_callback.fisher import FisherStats, JointFisherStats
+from grass_callback.recorder import StepRecorder
 from grass_callback.scoring import ScoreEnsemble, ScoreResult, merge_results
 
 if TYPE_CHECKING:
@@ -188,6 +188,7 @@ class GraSSCallback(Callback):
         self.taps: LayerTaps | None = None
         self.store = None
         self.fisher: FisherStats | None = None
+        self.recorder: StepRecorder | None = None
         self.reporter = None
         # progress, saved in checkpoints
         self.batches_seen = 0
@@ -235,6 +236,7 @@ class GraSSCallback(Callback):
         self.store = open_store(root / "train", self.taps, dtype=self.storage_dtype, config=self.config,
                                 rank=trainer.global_rank, rows_per_shard=self.rows_per_shard)
         self.fisher = self._new_fisher()
+        self.recorder = StepRecorder(self.store, self.fisher)  # Fisher on the device, rows written in the background
         if trainer.is_global_zero:
             self.reporter = self._make_reporter(trainer, root)
         rank_zero_info(f"grass_callback: tapping {len(self.taps.layers)} layers "
@@ -332,10 +334,10 @@ class GraSSCallback(Callback):
         self._ids = get_batch_indices(batch, self._index_key, num_examples=n)
         counts = self.token_counts(batch) if self.token_counts is not None else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+        grad_scale = _grad_scale(scaler) if scaler is not None and scaler.is_enabled() else None
         self.taps.set_scale(per_example_scale(self._ids.numel(), self.loss_reduction, token_counts=counts,
                                               accumulate_grad_batches=trainer.accumulate_grad_batches,
-                                              grad_scale=grad_scale))
+                                              grad_scale=grad_scale, device=trainer.strategy.root_device))
 
     @override
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -352,7 +354,7 @@ class GraSSCallback(Callback):
         if next(iter(grads.values())).shape[0] != self._ids.numel():
             raise GraSSError(f"the batch carries {self._ids.numel()} indices but the tapped layers saw "
                              f"{next(iter(grads.values())).shape[0]} examples; is the batch dimension first?")
-        record_rows(self._ids, grads, self.batches_seen, trainer.current_epoch, store=self.store, fisher=self.fisher)
+        self.recorder.record(self._ids, grads, self.batches_seen, trainer.current_epoch)  # no host sync
         self._capture_seconds += time.perf_counter() - start + self.taps.pop_compute_seconds()
         self._captured_batches += 1
         self._ids = None
@@ -398,7 +400,7 @@ class GraSSCallback(Callback):
     # ------------------------------------------------------------------ scoring
 
     def _score_period(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", period: str) -> None:
-        self.store.flush()
+        self.recorder.flush()
         stats = copy.deepcopy(self.fisher)  # reduced across ranks; the running sums stay this rank's
         stats.all_reduce_(_reducer(trainer))
         if stats.count == 0:
@@ -562,7 +564,7 @@ class GraSSCallback(Callback):
         if self.taps is None:
             return
         self._score_missed_epoch(trainer, pl_module)  # resumed from a checkpoint at the very last batch
-        self.store.flush()
+        self.recorder.flush()
         if trainer.is_global_zero:
             _write_json_atomic(self._finished_marker(), {"batches_seen": self.batches_seen,
                                                          "global_step": trainer.global_step,
@@ -574,8 +576,8 @@ class GraSSCallback(Callback):
     @override
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            checkpoint: dict[str, Any]) -> None:
-        if self.store is not None:
-            self.store.flush()  # every row up to this checkpoint is committed before it exists
+        if self.recorder is not None:
+            self.recorder.flush()  # every row up to this checkpoint is committed before it exists
         if self.checkpoint_attribution == "save" and self.taps is not None:
             attached = self.taps.attached
             self.taps.remove()
@@ -670,6 +672,8 @@ class GraSSCallback(Callback):
     def _close(self) -> None:
         if self.taps is not None:
             self.taps.remove()
+        if self.recorder is not None:
+            self.recorder.close()  # drains and joins the writer thread; never raises
         if self.store is not None and not self.store.closed:
             self.store.close()
         if self.reporter is not None:
@@ -781,6 +785,13 @@ def _unsharded(loader: Any) -> Any:
         return loader
     return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn,
                       num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+
+
+def _grad_scale(scaler: Any) -> Tensor | float:
+    """The GradScaler's current scale as its device tensor (``get_scale()`` would sync on a GPU);
+    before the first scaled step there is no tensor yet, and ``get_scale()`` returns the initial float."""
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, Tensor) else float(scaler.get_scale())
 
 
 def _reducer(trainer: "pl.Trainer") -> Callable[[Tensor], Tensor] | None:

@@ -130,7 +130,7 @@ def find_layers(model: nn.Module, include: Sequence[str] | str | None = None,
 
 def per_example_scale(batch_size: int, reduction: str = "mean", token_counts: Tensor | None = None,
                       accumulate_grad_batches: int = 1, grad_scale: float | Tensor | None = None,
-                      device: torch.device | str = "cpu") -> Tensor:
+                      device: torch.device | str | None = None) -> Tensor:
     """The factor turning hook gradients of the batch loss into each example's own gradient.
 
     Hooks see ``δ`` of the batch objective. With ``reduction="mean"`` (loss averaged over the
@@ -139,30 +139,42 @@ def per_example_scale(batch_size: int, reduction: str = "mean", token_counts: Te
     averaged over its ``n_i`` tokens) it was multiplied by ``n_i / N``. Lightning divides the loss
     by ``accumulate_grad_batches``, and fp16 AMP multiplies it by the GradScaler scale.
 
+    ``grad_scale`` may be the GradScaler's scale tensor (``scaler._scale``): it is then used where
+    it lives, without reading it back to the host (no sync on a GPU), and not validated. The
+    result is computed on ``device`` (default: where ``token_counts`` or a tensor ``grad_scale``
+    lives, else the CPU), in float64, then rounded to float32.
+
     Returns:
         float32 ``[B]``: multiply the hook's compressed gradients by it.
     """
     if batch_size < 1:
         raise CaptureError(f"batch_size must be positive, got {batch_size}.")
+    if device is None:
+        device = token_counts.device if isinstance(token_counts, Tensor) else \
+            grad_scale.device if isinstance(grad_scale, Tensor) else "cpu"
+    device = torch.device(device)
+    wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     if reduction == "mean":
-        scale = torch.full((batch_size,), float(batch_size), dtype=torch.float64)
+        scale = torch.full((batch_size,), float(batch_size), dtype=wide, device=device)
     elif reduction == "sum":
-        scale = torch.ones(batch_size, dtype=torch.float64)
+        scale = torch.ones(batch_size, dtype=wide, device=device)
     elif reduction == "token_mean":
         if token_counts is None or token_counts.numel() != batch_size:
             raise CaptureError("reduction='token_mean' needs token_counts [B]: the number of tokens "
                                "that count in each example's loss (e.g. attention_mask.sum(1)).")
-        counts = token_counts.detach().to("cpu", torch.float64).reshape(-1)
+        counts = token_counts.detach().to(device, wide).reshape(-1)
         scale = counts.sum() / counts.clamp_min(1)
     else:
         raise CaptureError(f"reduction must be 'mean', 'sum' or 'token_mean', got {reduction!r}.")
     scale = scale * int(accumulate_grad_batches)
-    if grad_scale is not None:
+    if isinstance(grad_scale, Tensor):
+        scale = scale / grad_scale.detach().to(device, wide)  # a GradScaler's scale is positive
+    elif grad_scale is not None:
         gs = float(grad_scale)
         if not gs > 0:
             raise CaptureError(f"grad_scale must be positive, got {gs}.")
         scale = scale / gs
-    return scale.to(device=device, dtype=torch.float32)
+    return scale.to(torch.float32)
 
 
 class LayerTaps:

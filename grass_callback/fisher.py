@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -203,10 +204,21 @@ class FisherStats:
     Args:
         layer_dims: layer name -> compressed size ``k_l``; the order is kept.
         dtype: accumulation dtype, ``torch.float64`` (default) or ``torch.float32``.
-        device: where the ``k x k`` sums live.
-        buffer_rows: rows collected before they are added to the sums in one product. Adding a
-            few rows at a time sweeps every ``k x k`` sum per step (memory-bound); a buffer
-            of 64 rows makes the update one larger, compute-bound product.
+        device: where the ``k x k`` sums live (the training device: no copy of the rows).
+        buffer_rows: rows a layer collects before they are added to its sum in one product.
+            Adding a few rows at a time sweeps every ``k x k`` sum per step (memory-bound); a
+            buffer of 64 rows makes the update one larger, compute-bound product. The layers'
+            first folds are staggered (layer ``i`` of ``L`` folds first at ``64 (i+1)/L`` rows), so
+            each step folds about ``L B / 64`` layers instead of every 8th step folding all.
+        compute_dtype: dtype of the products. Default: ``dtype``, except float32 on CUDA for a
+            float64 ``dtype`` (fast GEMMs on every GPU); float32 products then go into a float32
+            partial sum per layer that is folded into the ``dtype`` sum every ``fold_rows`` rows.
+        fold_rows: rows per layer between folds of a float32 partial sum (bounds its rounding).
+
+    Only the upper block triangle of a sum (row panels of ``k/4``) is updated, which saves a
+    quarter of the multiply-adds; the lower blocks are mirrored whenever the sums are read.
+    ``update`` never synchronises with the device: with a ``keep`` mask the count stays a tensor
+    until :attr:`count` is read.
 
     Raises:
         FisherValueError: empty ``layer_dims``, non-positive sizes or an unsupported dtype.
@@ -218,32 +230,93 @@ class FisherStats:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
         buffer_rows: int = 64,
+        compute_dtype: torch.dtype | None = None,
+        fold_rows: int = 1024,
     ) -> None:
         self._layers = _check_layer_dims(layer_dims)
         self.dtype = _check_dtype(dtype)
         self.device = torch.device(device)
-        self.buffer_rows = int(buffer_rows)
+        self.buffer_rows = max(1, int(buffer_rows))
+        if compute_dtype is None:
+            on_gpu = self.device.type == "cuda" and self.dtype == torch.float64
+            compute_dtype = torch.float32 if on_gpu else self.dtype
+        self.compute_dtype = _check_dtype(compute_dtype)
+        self.fold_rows = max(1, int(fold_rows))
         self._totals = {
             name: torch.zeros(k, k, dtype=self.dtype, device=self.device)
             for name, k in self._layers.items()
         }
+        self._partial: dict[str, Tensor] = {}  # float32 partial sums (compute_dtype != dtype)
+        self._clear_buffers()
+
+    def _clear_buffers(self) -> None:
+        n = len(self._layers)
         self._pending: dict[str, list[Tensor]] = {name: [] for name in self._layers}
-        self._pending_rows = 0
-        self.count = 0
+        self._pending_rows = {name: 0 for name in self._layers}
+        # staggered first folds: the layers' folds spread over the steps of one buffer
+        self._threshold = {name: max(1, round(self.buffer_rows * (i + 1) / n))
+                           for i, name in enumerate(self._layers)}
+        self._partial_rows = {name: 0 for name in self._layers}
+        for p in self._partial.values():
+            p.zero_()
+        self._mirrored = {name: True for name in self._layers}
+        self._count = 0
+        self._count_pending: Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        """Rows accumulated, ``N`` (reading it resolves a device count: a sync on a GPU)."""
+        if self._count_pending is not None:
+            self._count += int(self._count_pending)
+            self._count_pending = None
+        return self._count
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._count, self._count_pending = int(value), None
 
     @property
     def _sums(self) -> dict[str, Tensor]:
-        """The running sums with every buffered row added."""
-        self._add_pending()
+        """The running sums with every buffered row added, lower blocks mirrored."""
+        for name in self._layers:
+            self._fold(name, early=True)
+            if name in self._partial and self._partial_rows[name]:
+                self._fold_partial(name)
+            if not self._mirrored[name]:
+                _mirror_upper(self._totals[name])
+                self._mirrored[name] = True
         return self._totals
 
-    def _add_pending(self) -> None:
-        if self._pending_rows:
-            for name, total in self._totals.items():
-                g = torch.cat(self._pending[name])
-                total.addmm_(g.T, g)
-                self._pending[name] = []
-            self._pending_rows = 0
+    def _fold(self, name: str, early: bool = False) -> None:
+        """Add the layer's buffered rows to its sum (or its float32 partial sum) in one product.
+
+        ``early``: a fold because the sums are read; the layer's next fold stays where it was
+        due, so the staggering survives a scoring period.
+        """
+        rows = self._pending_rows[name]
+        if not rows:
+            return
+        parts = self._pending[name]
+        g = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.compute_dtype == self.dtype:
+            _gram_upper_(self._totals[name], g)
+        else:
+            if name not in self._partial:
+                k = self._layers[name]
+                self._partial[name] = torch.zeros(k, k, dtype=self.compute_dtype, device=self.device)
+            with _full_precision_matmul():
+                _gram_upper_(self._partial[name], g)
+            self._partial_rows[name] += g.shape[0]
+            if self._partial_rows[name] >= self.fold_rows:
+                self._fold_partial(name)
+        self._pending[name], self._pending_rows[name] = [], 0
+        self._threshold[name] = max(1, self._threshold[name] - rows) if early else self.buffer_rows
+        self._mirrored[name] = False
+
+    def _fold_partial(self, name: str) -> None:
+        self._totals[name].add_(self._partial[name])
+        self._partial[name].zero_()
+        self._partial_rows[name] = 0
 
     @property
     def layers(self) -> dict[str, int]:
@@ -256,16 +329,34 @@ class FisherStats:
         return dict(self._sums)
 
     @torch.no_grad()
-    def update(self, grads: Mapping[str, Tensor]) -> None:
-        """Add a batch: ``grads[name]`` is ``Tensor[B, k_l]`` for every layer (all of them)."""
+    def update(self, grads: Mapping[str, Tensor], keep: Tensor | None = None) -> None:
+        """Add a batch: ``grads[name]`` is ``Tensor[B, k_l]`` for every layer (all of them).
+
+        ``keep``: optional bool ``[B]`` (any device): rows where it is False count as absent (they
+        are zeroed, so NaN/Inf in them cannot reach the sums) and are not counted. Nothing here
+        reads a value back from the device.
+        """
         rows = _check_grads(grads, self._layers, "grads")
+        drop = None
+        if keep is not None:
+            if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != (rows,):
+                got = (tuple(keep.shape), keep.dtype) if isinstance(keep, Tensor) else type(keep).__name__
+                raise FisherError(f"keep must be a bool Tensor[{rows}] (one flag per row), got {got}.")
+            drop = ~keep.to(self.device)[:, None]
         for name in self._layers:
-            # one copy, straight into the accumulation dtype (the caller may reuse its tensors)
-            self._pending[name].append(grads[name].detach().to(device=self.device, dtype=self.dtype, copy=True))
-        self._pending_rows += rows
-        self.count += rows
-        if self._pending_rows >= self.buffer_rows:
-            self._add_pending()
+            # one copy, straight into the product dtype (the caller may reuse its tensors)
+            g = grads[name].detach().to(device=self.device, dtype=self.compute_dtype, copy=True)
+            if drop is not None:
+                g.masked_fill_(drop, 0.0)
+            self._pending[name].append(g)
+            self._pending_rows[name] += rows
+            if self._pending_rows[name] >= self._threshold[name]:
+                self._fold(name)
+        if keep is None:
+            self._count += rows
+        else:
+            kept = keep.sum()
+            self._count_pending = kept if self._count_pending is None else self._count_pending + kept
 
     @torch.no_grad()
     def all_reduce_(self, reduce_fn: Callable[[Tensor], Tensor | None] | None = None) -> None:
@@ -290,11 +381,9 @@ class FisherStats:
 
     def reset(self) -> None:
         """Zero the sums and the count."""
-        self._pending = {name: [] for name in self._layers}
-        self._pending_rows = 0
         for total in self._totals.values():
             total.zero_()
-        self.count = 0
+        self._clear_buffers()
 
     def fisher(self, name: str) -> Tensor:
         """``F_l = sum / N`` for one layer (``Tensor[k_l, k_l]``, a new tensor)."""
@@ -378,6 +467,50 @@ class FisherStats:
 
     def __repr__(self) -> str:
         return f"FisherStats(layers={self._layers}, count={self.count}, dtype={self.dtype})"
+
+
+def _panels(k: int) -> int:
+    """Row panels of the block-triangular update: 4 for sums of k >= 256 (a quarter fewer
+    multiply-adds; measured 3.8 vs 5.0 ms for 64 rows at k = 1024, float64, one thread), else 1."""
+    return 4 if k >= 256 else 1
+
+
+def _gram_upper_(total: Tensor, g: Tensor) -> None:
+    """``total += g^T g`` on the upper block triangle only (``g`` is ``[n, k]``, ``total`` ``[k, k]``).
+
+    Row panel ``i`` (rows ``[a_i, a_{i+1})``) gets columns ``a_i ..`` : every product of the full
+    update above the block diagonal, and the diagonal blocks whole. :func:`_mirror_upper` fills
+    the rest. Each element is the same dot product over the rows as in a full ``addmm_``.
+    """
+    k = total.shape[0]
+    panels = _panels(k)
+    if panels == 1:
+        total.addmm_(g.T, g)
+        return
+    bounds = [k * i // panels for i in range(panels + 1)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        total[a:b, a:].addmm_(g[:, a:b].T, g[:, a:])
+
+
+def _mirror_upper(total: Tensor) -> None:
+    """Copy the upper block triangle :func:`_gram_upper_` updates onto the lower blocks."""
+    k = total.shape[0]
+    panels = _panels(k)
+    bounds = [k * i // panels for i in range(panels + 1)]
+    for a, b in zip(bounds[1:-1], bounds[2:]):
+        total[a:b, :a].copy_(total[:a, a:b].T)
+
+
+@contextlib.contextmanager
+def _full_precision_matmul():
+    """float32 products in full float32 (no TF32), whatever the user set for training."""
+    cuda = torch.backends.cuda.matmul
+    previous = cuda.allow_tf32
+    cuda.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cuda.allow_tf32 = previous
 
 
 def _factor(name: str, fisher: Tensor, trace: float, k: int, ratio: float, max_retries: int):
@@ -612,9 +745,9 @@ class JointFisherStats(FisherStats):
         super().__init__({JOINT: sum(self.layer_dims.values())}, dtype=dtype, device=device,
                          buffer_rows=buffer_rows)
 
-    def update(self, grads: Mapping[str, Tensor]) -> None:
+    def update(self, grads: Mapping[str, Tensor], keep: Tensor | None = None) -> None:
         _check_grads(grads, self.layer_dims, "grads")
-        super().update({JOINT: torch.cat([grads[name] for name in self.layer_dims], dim=1)})
+        super().update({JOINT: torch.cat([grads[name] for name in self.layer_dims], dim=1)}, keep=keep)
 
     def fit(self, damping_ratio: float = 1e-3, *, max_retries: int = 4) -> "JointFittedFisher":
         return JointFittedFisher(super().fit(damping_ratio, max_retries=max_retries), self.layer_dims)
