@@ -1,20 +1,24 @@
-// emulate_factgrass.cpp: run the FactGraSS CUDA kernel (factgrass_cuda_kernel.cuh) on the CPU.
+// emulate_factgrass.cpp: run the FactGraSS CUDA kernels (factgrass_cuda_kernel.cuh) on the CPU.
 //
 // A test tool, not part of the library. No torch: build with
 //   g++ -std=c++20 -O2 -pthread csrc/emulate_factgrass.cpp -o emulate_factgrass
 // Usage:
-//   emulate_factgrass INPUT OUTPUT [--threads N] [--target-blocks N] [--shared-budget BYTES]
-//                     [--max-token-tile N]
-// It does what the launcher in factgrass_cuda.cu does (zero out, skip empty problems, compute
-// grass_cuda::launch_config, launch factgrass_kernel<Traits>), with emu_launch instead of <<<>>>.
-// Defaults are the .cu's, except --target-blocks (0: one block per example; the .cu uses twice
-// the GPU's SM count) and --threads (256 in the .cu; tests use fewer to keep thread counts low).
+//   emulate_factgrass INPUT OUTPUT [--KNOB VALUE ...]
+// It does what the launcher in factgrass_cuda.cu does (skip empty problems, plan the launch with
+// grass_cuda::tile_config / finish_config, grass_cuda::enqueue both kernels), with emu_launch
+// instead of <<<>>> and a made-up device instead of the CUDA device queries. The workspace and
+// the output start as NaN, so anything the kernels fail to write shows up. Knobs (defaults: the
+// .cu's, on a device with 4 SMs, compute capability 9.0 and 2 resident blocks per SM):
+//   --warps N (1, 2, 4, 8)      --path -1|0|1|2 (auto, FMA, WMMA 64-tile, WMMA 128-tile)
+//   --tf32 0|1                  --cc N (e.g. 75, 80, 90)     --sms N    --blocks-per-sm N
+//   --max-token-tile N          --chunks N (0: by waves)     --min-chunk-tokens N
+//   --shared-budget BYTES       --sketch-threads N           --sketch-round N
+//   --vec-x 0|1  --vec-g 0|1    (0: rows treated as not 16-byte aligned)
 // It prints the launch configuration as one JSON line on stdout.
 //
-//   emulate_factgrass --config B T K_IN K_OUT K ACC_BYTES [THREADS [TARGET_BLOCKS [SHARED_BUDGET
-//                     [MAX_TOKEN_TILE]]]]
-// only prints grass_cuda::launch_config(...) (defaults: the .cu's, target_blocks 0), for tests
-// of the configuration itself.
+//   emulate_factgrass --plan DTYPE B T D_IN D_OUT K_IN K_OUT C K [--KNOB VALUE ...]
+// only prints the configuration the launcher would use (nothing runs), for tests of the plan at
+// sizes too large to emulate.
 //
 // INPUT (native little-endian):
 //   8 bytes magic "FGEMU001"
@@ -30,17 +34,25 @@
 // OUTPUT: B*k float32 (float64 for dtype 1), raw.
 
 #include <cinttypes>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 // After the standard headers: the emulator defines CUDA's qualifiers as macros.
 #include "simt_emulation.h"
+
+#define GRASS_LAUNCH(kernel, blocks, threads, smem, stream, params)                              \
+  ((void)(stream), emu_launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads)), \
+                              static_cast<std::size_t>(smem), params))
+#define GRASS_LAUNCH_STATUS() 0
+
 #include "factgrass_cuda_kernel.cuh"
 
 namespace {
@@ -62,58 +74,60 @@ struct Reader {
 };
 
 struct Options {
-  int threads = grass_cuda::kMaxThreads;
-  int64_t target_blocks = 0;
-  int64_t shared_budget = grass_cuda::kDefaultSharedBudget;
-  int max_token_tile = grass_cuda::kDefaultMaxTokenTile;
+  grass_cuda::Knobs knobs;
+  grass_cuda::Device device{4, 90, 2};
 };
 
-struct Sizes {
-  int64_t B, T, d_in, d_out, k_in, k_out, c, k;
-  bool has_scale;
-};
-
-void print_config(const grass_cuda::LaunchConfig& cfg, bool launched) {
+void print_config(const grass_cuda::LaunchConfig& c, bool launched) {
   std::printf(
-      "{\"launched\": %s, \"threads\": %d, \"tx\": %d, \"ty\": %d, \"tile_a\": %d, \"tile_b\": %d, "
-      "\"token_tile\": %d, \"n_tiles\": %" PRId64 ", \"token_chunk\": %" PRId64
-      ", \"n_token_chunks\": %" PRId64 ", \"n_units\": %" PRId64 ", \"grid_x\": %" PRId64
-      ", \"grid_y\": %" PRId64 ", \"shared_acc\": %s, \"shared_bytes\": %" PRId64 "}\n",
-      launched ? "true" : "false", cfg.threads, cfg.tx, cfg.ty, cfg.tile_a, cfg.tile_b,
-      cfg.token_tile, cfg.n_tiles, cfg.token_chunk, cfg.n_token_chunks, cfg.n_units, cfg.grid_x,
-      cfg.grid_y, cfg.shared_acc ? "true" : "false", cfg.shared_bytes);
+      "{\"launched\": %s, \"path\": %d, \"threads\": %d, \"warps_m\": %d, \"warps_n\": %d, \"tx\": %d, "
+      "\"ty\": %d, \"tile_a\": %d, \"tile_b\": %d, \"kstep\": %d, \"token_tile\": %d, \"vec_x\": %d, "
+      "\"vec_g\": %d, \"n_tiles\": %" PRId64 ", \"token_chunk\": %" PRId64 ", \"n_chunks\": %" PRId64
+      ", \"blocks\": %" PRId64 ", \"shared_bytes\": %" PRId64 ", \"workspace_elems\": %" PRId64
+      ", \"sketch_blocks\": %" PRId64 ", \"sketch_examples\": %" PRId64 ", \"sketch_shared_bytes\": %" PRId64 "}\n",
+      launched ? "true" : "false", static_cast<int>(c.path), c.threads, c.warps_m, c.warps_n, c.tx, c.ty,
+      c.tile_a, c.tile_b, c.kstep, c.token_tile, c.vec_x, c.vec_g, c.n_tiles, c.token_chunk, c.n_chunks,
+      c.blocks, c.shared_bytes, c.workspace_elems, c.sketch_blocks, c.sketch_examples, c.sketch_shared_bytes);
 }
 
 template <typename Traits>
-void run(Reader& in, const Sizes& s, const Options& opt, const char* out_path) {
+void plan_only(const grass_cuda::Problem& pr, const Options& opt) {
+  if (!grass_cuda::problem_fits(pr)) throw std::runtime_error("sizes the launch cannot express");
+  grass_cuda::LaunchConfig cfg = grass_cuda::tile_config<Traits>(pr, opt.device, opt.knobs);
+  grass_cuda::finish_config(cfg, pr, opt.device, opt.knobs, static_cast<int64_t>(sizeof(typename Traits::acc)));
+  print_config(cfg, false);
+}
+
+template <typename Traits>
+void run(Reader& in, const grass_cuda::Problem& pr, bool has_scale, const Options& opt, const char* out_path) {
   using S = typename Traits::storage;
   using A = typename Traits::acc;
-  const int64_t kp = s.k_in * s.k_out;
-  const auto x = in.take<S>(s.B * s.T * s.d_in, "x");
-  const auto grad_out = in.take<S>(s.B * s.T * s.d_out, "grad_out");
-  const auto in_idx = in.take<int64_t>(s.k_in, "in_idx");
-  const auto out_idx = in.take<int64_t>(s.k_out, "out_idx");
-  const auto bucket = in.take<int32_t>(s.c * kp, "bucket");
-  const auto weight = in.take<float>(s.c * kp, "weight");
-  const auto scale = in.take<float>(s.has_scale ? s.B : 0, "scale");
+  const int64_t kp = pr.k_in * pr.k_out;
+  const auto x = in.take<S>(pr.B * pr.T * pr.d_in, "x");
+  const auto grad_out = in.take<S>(pr.B * pr.T * pr.d_out, "grad_out");
+  const auto in_idx = in.take<int64_t>(pr.k_in, "in_idx");
+  const auto out_idx = in.take<int64_t>(pr.k_out, "out_idx");
+  const auto bucket = in.take<int32_t>(pr.c * kp, "bucket");
+  const auto weight = in.take<float>(pr.c * kp, "weight");
+  const auto scale = in.take<float>(has_scale ? pr.B : 0, "scale");
   if (in.pos != in.data.size()) throw std::runtime_error("trailing bytes after the input arrays");
+  if (!grass_cuda::problem_fits(pr)) throw std::runtime_error("sizes the launch cannot express");
 
-  std::vector<A> out(static_cast<std::size_t>(s.B * s.k), A(0));  // the launcher's memset
-  const bool empty = s.B == 0 || s.k == 0 || s.T == 0 || s.k_in == 0 || s.k_out == 0 || s.c == 0;
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  std::vector<A> out(static_cast<std::size_t>(pr.B * pr.k), nan);
+  const bool empty = pr.B == 0 || pr.k == 0 || pr.T == 0 || pr.k_in == 0 || pr.k_out == 0 || pr.c == 0;
   if (empty) {
+    std::fill(out.begin(), out.end(), A(0));  // the launcher's memset
     print_config(grass_cuda::LaunchConfig{}, false);
   } else {
-    const grass_cuda::LaunchConfig cfg = grass_cuda::launch_config(
-        s.B, s.T, s.k_in, s.k_out, s.k, static_cast<int64_t>(sizeof(A)), opt.threads,
-        opt.target_blocks, opt.shared_budget, opt.max_token_tile);
-    const auto params = grass_cuda::make_params<Traits>(
-        x.data(), grad_out.data(), in_idx.data(), out_idx.data(), bucket.data(), weight.data(),
-        s.has_scale ? scale.data() : nullptr, out.data(), s.B, s.T, s.d_in, s.d_out, s.k_in,
-        s.k_out, s.c, s.k, cfg);
-    emu_launch(grass_cuda::factgrass_kernel<Traits>,
-               dim3(static_cast<unsigned>(cfg.grid_x), static_cast<unsigned>(cfg.grid_y), 1),
-               dim3(static_cast<unsigned>(cfg.threads), 1, 1),
-               static_cast<std::size_t>(cfg.shared_bytes), params);
+    grass_cuda::LaunchConfig cfg = grass_cuda::tile_config<Traits>(pr, opt.device, opt.knobs);
+    grass_cuda::finish_config(cfg, pr, opt.device, opt.knobs, static_cast<int64_t>(sizeof(A)));
+    std::vector<A> partial(static_cast<std::size_t>(cfg.workspace_elems), nan);
+    const grass_cuda::Pointers<Traits> ptr{x.data(), grad_out.data(), in_idx.data(), out_idx.data(),
+                                           bucket.data(), weight.data(), has_scale ? scale.data() : nullptr,
+                                           out.data()};
+    if (grass_cuda::enqueue<Traits>(ptr, pr, cfg, partial.data(), nullptr) != 0)
+      throw std::runtime_error("enqueue failed");
     print_config(cfg, true);
   }
 
@@ -122,48 +136,69 @@ void run(Reader& in, const Sizes& s, const Options& opt, const char* out_path) {
   if (!f) throw std::runtime_error(std::string("cannot write ") + out_path);
 }
 
-int64_t parse_int(const char* text, const char* flag) {
+int64_t parse_int(const char* text, const std::string& flag) {
   char* end = nullptr;
   const long long v = std::strtoll(text, &end, 10);
-  if (end == text || *end != '\0') throw std::runtime_error(std::string("bad number for ") + flag + ": " + text);
+  if (end == text || *end != '\0') throw std::runtime_error("bad number for " + flag + ": " + text);
   return v;
+}
+
+void set_knob(Options& o, const std::string& flag, int64_t v) {
+  grass_cuda::Knobs& k = o.knobs;
+  if (flag == "--warps") k.warps = static_cast<int>(v);
+  else if (flag == "--path") k.path = static_cast<int>(v);
+  else if (flag == "--tf32") k.allow_tf32 = v != 0;
+  else if (flag == "--cc") o.device.cc = static_cast<int>(v);
+  else if (flag == "--sms") o.device.sms = static_cast<int>(v);
+  else if (flag == "--blocks-per-sm") o.device.blocks_per_sm = static_cast<int>(v);
+  else if (flag == "--max-token-tile") k.max_token_tile = static_cast<int>(v);
+  else if (flag == "--chunks") k.force_chunks = v;
+  else if (flag == "--min-chunk-tokens") k.min_chunk_tokens = v;
+  else if (flag == "--shared-budget") k.shared_budget = v;
+  else if (flag == "--sketch-threads") k.sketch_threads = static_cast<int>(v);
+  else if (flag == "--sketch-round") k.sketch_round = static_cast<int>(v);
+  else if (flag == "--vec-x") k.vec_x = v != 0;
+  else if (flag == "--vec-g") k.vec_g = v != 0;
+  else throw std::runtime_error("unknown option " + flag);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
-    if (argc >= 2 && std::strcmp(argv[1], "--config") == 0) {
-      if (argc < 8 || argc > 12) throw std::runtime_error("--config needs 6 to 10 numbers");
-      int64_t v[10] = {0, 0, 0, 0, 0, 0, grass_cuda::kMaxThreads, 0, grass_cuda::kDefaultSharedBudget,
-                       grass_cuda::kDefaultMaxTokenTile};
-      for (int i = 2; i < argc; ++i) v[i - 2] = parse_int(argv[i], "--config");
-      for (int i = 0; i < 5; ++i)
-        if (v[i] < 1) throw std::runtime_error("--config sizes must be >= 1");
-      print_config(grass_cuda::launch_config(v[0], v[1], v[2], v[3], v[4], v[5], static_cast<int>(v[6]),
-                                             v[7], v[8], static_cast<int>(v[9])),
-                   false);
+    if (argc >= 11 && std::strcmp(argv[1], "--plan") == 0) {
+      Options opt;
+      for (int i = 11; i < argc; ++i) {
+        const std::string flag = argv[i];
+        if (i + 1 >= argc) throw std::runtime_error("missing value after " + flag);
+        set_knob(opt, flag, parse_int(argv[++i], flag));
+      }
+      int64_t v[9];
+      for (int i = 0; i < 9; ++i) v[i] = parse_int(argv[2 + i], "--plan");
+      grass_cuda::Problem pr;
+      pr.B = v[1]; pr.T = v[2]; pr.d_in = v[3]; pr.d_out = v[4]; pr.k_in = v[5]; pr.k_out = v[6];
+      pr.c = v[7]; pr.k = v[8];
+      for (int i = 1; i < 9; ++i)
+        if (v[i] < 1) throw std::runtime_error("--plan sizes must be >= 1");
+      switch (v[0]) {
+        case 0: plan_only<grass_cuda::F32>(pr, opt); break;
+        case 1: plan_only<grass_cuda::F64>(pr, opt); break;
+        case 2: plan_only<grass_cuda::BF16>(pr, opt); break;
+        case 3: plan_only<grass_cuda::F16>(pr, opt); break;
+        default: throw std::runtime_error("unknown dtype code " + std::to_string(v[0]));
+      }
       return 0;
     }
     if (argc < 3) {
-      std::fprintf(stderr,
-                   "usage: %s INPUT OUTPUT [--threads N] [--target-blocks N] [--shared-budget BYTES] "
-                   "[--max-token-tile N]\n",
-                   argv[0]);
+      std::fprintf(stderr, "usage: %s INPUT OUTPUT [--KNOB VALUE ...] (see the file's header)\n", argv[0]);
       return 2;
     }
     Options opt;
     for (int i = 3; i < argc; ++i) {
       const std::string flag = argv[i];
       if (i + 1 >= argc) throw std::runtime_error("missing value after " + flag);
-      const int64_t v = parse_int(argv[++i], flag.c_str());
-      if (flag == "--threads") opt.threads = static_cast<int>(v);
-      else if (flag == "--target-blocks") opt.target_blocks = v;
-      else if (flag == "--shared-budget") opt.shared_budget = v;
-      else if (flag == "--max-token-tile") opt.max_token_tile = static_cast<int>(v);
-      else throw std::runtime_error("unknown option " + flag);
+      set_knob(opt, flag, parse_int(argv[++i], flag));
     }
-    if (opt.threads < 1) throw std::runtime_error("--threads must be >= 1");
 
     Reader in;
     {
@@ -174,15 +209,24 @@ int main(int argc, char** argv) {
     const auto magic = in.take<char>(8, "magic");
     if (std::memcmp(magic.data(), "FGEMU001", 8) != 0) throw std::runtime_error("bad magic");
     const auto h = in.take<int64_t>(10, "header");
-    Sizes s{h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9] != 0};
     for (int i = 1; i < 9; ++i)
       if (h[i] < 0) throw std::runtime_error("negative size in header");
+    grass_cuda::Problem pr;
+    pr.B = h[1];
+    pr.T = h[2];
+    pr.d_in = h[3];
+    pr.d_out = h[4];
+    pr.k_in = h[5];
+    pr.k_out = h[6];
+    pr.c = h[7];
+    pr.k = h[8];
+    const bool has_scale = h[9] != 0;
 
     switch (h[0]) {
-      case 0: run<grass_cuda::F32>(in, s, opt, argv[2]); break;
-      case 1: run<grass_cuda::F64>(in, s, opt, argv[2]); break;
-      case 2: run<grass_cuda::BF16>(in, s, opt, argv[2]); break;
-      case 3: run<grass_cuda::F16>(in, s, opt, argv[2]); break;
+      case 0: run<grass_cuda::F32>(in, pr, has_scale, opt, argv[2]); break;
+      case 1: run<grass_cuda::F64>(in, pr, has_scale, opt, argv[2]); break;
+      case 2: run<grass_cuda::BF16>(in, pr, has_scale, opt, argv[2]); break;
+      case 3: run<grass_cuda::F16>(in, pr, has_scale, opt, argv[2]); break;
       default: throw std::runtime_error("unknown dtype code " + std::to_string(h[0]));
     }
   } catch (const std::exception& e) {

@@ -3,13 +3,16 @@
 //
 // Built only when torch has CUDA (grass_callback/ops/_library.py adds it, with factgrass_cuda.cu,
 // to the extension). The op schema is declared once, in factgrass_cpu.cpp. This file checks the
-// inputs, picks the device and stream, allocates the output and calls the launchers declared in
-// factgrass_cuda.h; the launcher zeroes the output on the stream and enqueues the kernel.
-// Index values are not range-checked here (that would need a device sync); the kernel ignores
-// out-of-range ones instead of reading through them.
+// inputs, picks the device and stream, allocates the output and the kernels' workspace (through
+// torch's caching allocator: no sync) and calls the launchers declared in factgrass_cuda.h, which
+// enqueue the reduce and sketch kernels on the current stream. float32 inputs use tensor cores
+// (tf32) exactly when torch's matmuls may (torch.backends.cuda.matmul.allow_tf32, or
+// torch.set_float32_matmul_precision("high")). Index values are not range-checked here (that
+// would need a device sync); the kernels ignore out-of-range ones instead of reading through them.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -95,6 +98,15 @@ at::Tensor factgrass_cuda(const at::Tensor& x, const at::Tensor& grad_out, const
                 "factgrass (CUDA): scale must have shape [B] = [", B, "], but it has shape ", scale->sizes());
   }
 
+  const int64_t kp = k_in * k_out;
+  TORCH_CHECK(c * kp < std::numeric_limits<int32_t>::max(),
+              "factgrass (CUDA): c * k_in * k_out must be below 2^31, got ", c, " * ", k_in, " * ", k_out,
+              "; use smaller masks");
+  TORCH_CHECK(k < std::numeric_limits<int32_t>::max() && d_in < std::numeric_limits<int32_t>::max() &&
+                  d_out < std::numeric_limits<int32_t>::max(),
+              "factgrass (CUDA): k, d_in and d_out must be below 2^31, got k=", k, ", d_in=", d_in,
+              ", d_out=", d_out);
+
   const c10::cuda::CUDAGuard device_guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
 
@@ -110,7 +122,15 @@ at::Tensor factgrass_cuda(const at::Tensor& x, const at::Tensor& grad_out, const
   const float* scale_ptr = scale.has_value() ? sc.const_data_ptr<float>() : nullptr;
 
   const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({B, k}, x.options().dtype(out_dtype));  // zeroed by the launcher
+  at::Tensor out = at::empty({B, k}, x.options().dtype(out_dtype));  // every element is written
+  const int allow_tf32 = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
+  const int dtype_code = dtype == at::kFloat ? 0 : dtype == at::kDouble ? 1 : dtype == at::kBFloat16 ? 2 : 3;
+  const int64_t ws_bytes = grass_factgrass_cuda_workspace_bytes(dtype_code, B, T, d_in, d_out, k_in, k_out, c,
+                                                                k, allow_tf32);
+  TORCH_CHECK(ws_bytes >= 0, "factgrass (CUDA): cannot plan a launch for B=", B, ", T=", T, ", k_in=", k_in,
+              ", k_out=", k_out, ", c=", c, ", k=", k, " on ", x.device());
+  at::Tensor workspace = at::empty({ws_bytes > 0 ? ws_bytes : 1}, x.options().dtype(at::kByte));
+  void* ws_ptr = workspace.mutable_data_ptr();
 
   const int64_t* in_ptr = ic.const_data_ptr<int64_t>();
   const int64_t* out_idx_ptr = oc.const_data_ptr<int64_t>();
@@ -123,27 +143,27 @@ at::Tensor factgrass_cuda(const at::Tensor& x, const at::Tensor& grad_out, const
       rc = grass_factgrass_cuda_launch_float32(
           xc.const_data_ptr<float>(), gc.const_data_ptr<float>(), in_ptr, out_idx_ptr, bucket_ptr,
           weight_ptr, scale_ptr, out.mutable_data_ptr<float>(), B, T, d_in, d_out, k_in, k_out, c, k,
-          stream);
+          allow_tf32, ws_ptr, ws_bytes, stream);
       break;
     case at::kDouble:
       rc = grass_factgrass_cuda_launch_float64(
           xc.const_data_ptr<double>(), gc.const_data_ptr<double>(), in_ptr, out_idx_ptr, bucket_ptr,
           weight_ptr, scale_ptr, out.mutable_data_ptr<double>(), B, T, d_in, d_out, k_in, k_out, c, k,
-          stream);
+          allow_tf32, ws_ptr, ws_bytes, stream);
       break;
     case at::kBFloat16:
       rc = grass_factgrass_cuda_launch_bfloat16(
           reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>()),
           reinterpret_cast<const uint16_t*>(gc.const_data_ptr<at::BFloat16>()), in_ptr, out_idx_ptr,
           bucket_ptr, weight_ptr, scale_ptr, out.mutable_data_ptr<float>(), B, T, d_in, d_out, k_in,
-          k_out, c, k, stream);
+          k_out, c, k, allow_tf32, ws_ptr, ws_bytes, stream);
       break;
     case at::kHalf:
       rc = grass_factgrass_cuda_launch_float16(
           reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::Half>()),
           reinterpret_cast<const uint16_t*>(gc.const_data_ptr<at::Half>()), in_ptr, out_idx_ptr,
           bucket_ptr, weight_ptr, scale_ptr, out.mutable_data_ptr<float>(), B, T, d_in, d_out, k_in,
-          k_out, c, k, stream);
+          k_out, c, k, allow_tf32, ws_ptr, ws_bytes, stream);
       break;
     default:
       TORCH_CHECK(false, "factgrass (CUDA): unsupported dtype ", dtype);
