@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--exclude", action="append", default=None)
     att.add_argument("--no-wandb", action="store_true")
     att.add_argument("--quiet", action="store_true", help="no progress bars")
+    st = sub.add_parser("store", help="check (verify) or repair a gradient store directory")
+    st.add_argument("action", choices=("verify", "repair"), help="verify: report problems (exit 1 if any); "
+                    "repair: unlist damaged shards, rebuild unreadable manifests, delete leftover temps")
+    st.add_argument("dir", help="a store_dir (every store under it) or one store folder (holding meta.json)")
     att.add_argument("--method", default="influence", choices=["influence", "daunce"],
                      help="influence (FactGraSS, default) or daunce (loss covariance of perturbed fine-tuned copies)")
     att.add_argument("--num-models", type=int, default=8, help="daunce: perturbed copies")
@@ -83,6 +87,10 @@ def _mask_run(text: str) -> int | str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "store":
+        from grass_callback.store_tools import main as store_main
+
+        return store_main(args)
     if args.command == "query":
         from grass_callback.explain import run_query_cli
 

@@ -288,7 +288,10 @@ def _write_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: dict
 def _describe_os_error(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return "the disk is full; free some space"
-    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if isinstance(e, OSError) and e.errno == errno.EROFS:
+        return ("the filesystem is mounted read-only; put the store on a writable filesystem "
+                "(store_dir=...) or remount it read-write")
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM):
         return "the directory is not writable; check its permissions"
     return "check that the directory is writable and has free space"
 

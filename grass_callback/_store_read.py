@@ -213,6 +213,66 @@ class StoreReading:
                 out.append(ids)
         return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
+    def pairs(self, ranks: Iterable[int] | int | None = None,
+              min_epoch: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(ids, epochs)`` (int64 ``[n]``) of the committed rows, read order; only these two
+        tensors are read (no gradients). ``min_epoch`` keeps rows of that epoch and later."""
+        ids_out, eps_out = [], []
+        for _rank, entry in self._select(_int_set(ranks, "ranks"), None, None, None):
+            if min_epoch is not None and max(int(e) for e in entry["epochs"] or [-1]) < min_epoch:
+                continue
+            with self._open_shard(entry) as f:
+                if f is None:
+                    continue
+                try:
+                    ids, eps = f.get_tensor("ids").clone(), f.get_tensor("epochs").clone()
+                except Exception as e:
+                    self._mark_bad(entry, str(e))
+                    continue
+                if min_epoch is not None:
+                    keep = eps >= min_epoch
+                    ids, eps = ids[keep], eps[keep]
+                ids_out.append(ids)
+                eps_out.append(eps)
+        empty = torch.empty(0, dtype=torch.int64)
+        return (torch.cat(ids_out) if ids_out else empty), (torch.cat(eps_out) if eps_out else empty)
+
+    def damaged_shards(self, ranks: Iterable[int] | int | None = None,
+                       checksum: bool = False) -> list[tuple[int, dict, str]]:
+        """``(rank, manifest entry, why)`` of every listed shard that is missing, of the wrong
+        size, with a bad safetensors header or wrong tensor shapes (and, with ``checksum``, a
+        sha256 other than the manifest's). No warning is issued; nothing is changed."""
+        out = []
+        for rank, entry in self._select(_int_set(ranks, "ranks"), None, None, None):
+            why = self._shard_problem(entry, checksum)
+            if why is not None:
+                out.append((rank, dict(entry), why))
+        return out
+
+    def _shard_problem(self, entry: dict, checksum: bool) -> str | None:
+        path = self._path / entry["file"]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return "the file is missing"
+        except OSError as e:
+            return f"it cannot be read ({e})"
+        if size != int(entry["bytes"]):
+            return f"it has {size} bytes, the manifest says {entry['bytes']} (truncated?)"
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                self._validate_shard(f, entry)
+        except Exception as e:
+            return f"its safetensors header is damaged ({e})"
+        if checksum and entry.get("sha256"):
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+            if h.hexdigest() != entry["sha256"]:
+                return "its sha256 differs from the manifest's (the bytes were changed)"
+        return None
+
     def fetch(
         self,
         ids: Tensor,

@@ -47,6 +47,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from grass_callback import _continuity, _resume as _resume_checks
 from grass_callback.attribution import (
     DEFAULT_DAMPING_RATIO,
     capture_pass,
@@ -204,6 +205,7 @@ class GraSSCallback(Callback):
         self._captured_batches = 0
         self._pending_state: dict[str, Any] | None = None
         self._index_key: Any = None
+        _continuity.init_state(self)  # lock, (id, epoch) ledger, what checkpoints record
 
     # ------------------------------------------------------------------ configuration
 
@@ -233,6 +235,7 @@ class GraSSCallback(Callback):
                               seed=self.seed, impl=self.impl, plan_options={"mask_run": self.mask_run})
         root = self._agreed_root(trainer)
         self.store_dir = str(root)
+        _continuity.acquire_lock(self, trainer, root)  # one run per store_dir (rank 0 for all ranks)
         self.store = open_store(root / "train", self.taps, dtype=self.storage_dtype, config=self.config,
                                 rank=trainer.global_rank, rows_per_shard=self.rows_per_shard)
         self.fisher = self._new_fisher()
@@ -307,11 +310,13 @@ class GraSSCallback(Callback):
         if self.taps is None:
             return
         self._index_key = resolve_index_key(trainer.train_dataloader, self.index_key)
+        self._num_train = _dataset_len(trainer.train_dataloader)
         if self._pending_state is not None:
-            self._resume(self._pending_state)
+            self._resume(trainer)
             self._pending_state = None
         else:
             self._start_without_checkpoint()
+        _continuity.start_message(self, trainer)
         self.taps.attach()
         self._score_missed_epoch(trainer, pl_module)
 
@@ -332,6 +337,10 @@ class GraSSCallback(Callback):
     def _begin_batch(self, trainer: "pl.Trainer", batch: Any) -> None:
         n = _dataset_len(trainer.train_dataloader)
         self._ids = get_batch_indices(batch, self._index_key, num_examples=n)
+        self._keep = _continuity.admit(self, trainer, self._ids, batch)  # replays after a resume: skipped
+        if self._keep is not None and not bool(self._keep.any()):
+            self._ids, self._keep, self.taps.enabled = None, None, False
+            return
         counts = self.token_counts(batch) if self.token_counts is not None else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         grad_scale = _grad_scale(scaler) if scaler is not None and scaler.is_enabled() else None
@@ -354,7 +363,11 @@ class GraSSCallback(Callback):
         if next(iter(grads.values())).shape[0] != self._ids.numel():
             raise GraSSError(f"the batch carries {self._ids.numel()} indices but the tapped layers saw "
                              f"{next(iter(grads.values())).shape[0]} examples; is the batch dimension first?")
-        self.recorder.record(self._ids, grads, self.batches_seen, trainer.current_epoch)  # no host sync
+        ids = self._ids
+        if self._keep is not None:  # rows whose (id, epoch) the store already holds are left out
+            ids, grads = ids[self._keep], {n: g[self._keep.to(g.device)] for n, g in grads.items()}
+            self._keep = None
+        self.recorder.record(ids, grads, self.batches_seen, trainer.current_epoch)  # no host sync
         self._capture_seconds += time.perf_counter() - start + self.taps.pop_compute_seconds()
         self._captured_batches += 1
         self._ids = None
@@ -378,6 +391,8 @@ class GraSSCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.taps is not None:
+            _continuity.end_of_epoch(self, trainer)  # a replayed epoch: what was skipped and missed
         if self.taps is not None and not self.score_every_n_steps:
             self._score_period(trainer, pl_module, f"epoch-{trainer.current_epoch}")
             self.scored_epoch = trainer.current_epoch
@@ -411,6 +426,7 @@ class GraSSCallback(Callback):
         fitted = stats.fit(self.damping_ratio)
         fit_seconds = time.perf_counter() - t0
         q_ids, q_grads = self._query_gradients(trainer, pl_module)
+        self._check_query_set()
         min_step = self.period_start if self.keep_history == "period" else None
         ensemble = self._ensemble_for(trainer, q_ids)
         result = score_store(self.store, fitted, q_ids, q_grads, topk=self.topk, min_step=min_step,
@@ -453,9 +469,12 @@ class GraSSCallback(Callback):
             return None
         if self._ensemble is None or self._ensemble.num_examples != n:
             self._ensemble = ScoreEnsemble(n)
-            if self._pending_ensemble is not None:
-                self._ensemble.load_state_dict(self._pending_ensemble)
-                self._pending_ensemble = None
+            pending, self._pending_ensemble = self._pending_ensemble, None
+            if pending is not None and ScoreEnsemble.state_size(pending) not in (None, n):
+                rank_zero_warn(f"grass_callback: the saved checkpoint ensemble covers {ScoreEnsemble.state_size(pending)} "
+                               f"training examples, the training set now has {n}: the ensemble restarts.")
+            elif pending is not None:
+                self._ensemble.load_state_dict(pending)
         return self._ensemble
 
     def _add_to_ensemble(self, trainer: "pl.Trainer", ensemble: ScoreEnsemble, result: ScoreResult) -> None:
@@ -520,15 +539,32 @@ class GraSSCallback(Callback):
             raise error
         if payload[0] != "ok":
             raise GraSSError(f"grass_callback: rank 0 could not compute the query gradients ({payload[1]}).")
+        self._query_digest_now = trainer.strategy.broadcast(self._query_digest_now, src=0)
         return payload[1]
 
     def _compute_query_gradients(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[Tensor, dict]:
-        loss_fn = self.query_loss_fn or _training_step_loss
-        loader = _on_device(self._query_source(trainer), pl_module.device)
+        # failures name the query batch; a float loss and NaN queries are clear errors
+        loss_fn = _resume_checks.checked_loss_fn(self.query_loss_fn or _training_step_loss, self._train_shapes)
+        source = _resume_checks.Fingerprint(self._query_source(trainer))  # notices another query set
+        loader = _on_device(source, pl_module.device)
         with _silenced_logging(pl_module), torch.inference_mode(False), torch.enable_grad():
-            return query_gradients(pl_module, self.taps, loader, loss_fn, reduction=self.loss_reduction,
-                                   token_counts=self.token_counts, max_queries=self.num_queries,
-                                   progress=self.progress and trainer.is_global_zero)
+            ids, grads = query_gradients(pl_module, self.taps, loader, loss_fn, reduction=self.loss_reduction,
+                                         token_counts=self.token_counts, max_queries=self.num_queries,
+                                         progress=self.progress and trainer.is_global_zero)
+        _resume_checks.check_query_gradients(ids, grads)
+        self._query_digest_now = source.hexdigest()
+        return ids, grads
+
+    def _check_query_set(self) -> None:
+        """At the first period after a resume: another query set restarts the data value and ensemble."""
+        saved, self._query_digest_saved = self._query_digest_saved, None
+        if saved is not None and saved != self._query_digest_now:
+            rank_zero_warn("grass_callback: the query examples differ from those the checkpoint's scoring periods "
+                           "used (another query set on resume, or a shuffled query loader: use shuffle=False); "
+                           "the data value and the checkpoint ensemble restart from this period, since sums over "
+                           "different queries mean nothing. Resume with the same queries to continue them.")
+            self.data_value, self._ensemble, self._pending_ensemble = {}, None, None
+        self._query_digest = self._query_digest_now
 
     # ------------------------------------------------------------------ checkpoint-time attribution
 
@@ -564,7 +600,10 @@ class GraSSCallback(Callback):
         if self.taps is None:
             return
         self._score_missed_epoch(trainer, pl_module)  # resumed from a checkpoint at the very last batch
+        if self.score_every_n_steps and self.batches_seen % self.score_every_n_steps:  # the last, short period
+            self._score_period(trainer, pl_module, f"step-{self.batches_seen}")
         self.recorder.flush()
+        _continuity.final_count(self, trainer)  # rows a replay never reached, counted from the store
         if trainer.is_global_zero:
             _write_json_atomic(self._finished_marker(), {"batches_seen": self.batches_seen,
                                                          "global_step": trainer.global_step,
@@ -592,7 +631,9 @@ class GraSSCallback(Callback):
                 "batches_seen": self.batches_seen, "period_start": self.period_start,
                 "periods_scored": self.periods_scored, "last_batch_epoch": self.last_batch_epoch,
                 "scored_epoch": self.scored_epoch, "data_value_ids": ids, "data_value": values,
-                "ensemble": self._ensemble.state_dict() if self._ensemble is not None else None}
+                # loaded but not used yet (a resume before the next period) is saved as it came
+                "ensemble": self._ensemble.state_dict() if self._ensemble is not None else self._pending_ensemble,
+                **_continuity.state_extras(self)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -607,26 +648,15 @@ class GraSSCallback(Callback):
         if state_dict.get("store_dir") and self.store_dir is None:
             self.store_dir = state_dict["store_dir"]
         self._pending_state = dict(state_dict)
+        _continuity.load_plain_state(self, state_dict)  # progress and data value now, the store at train start
         if self.taps is not None and self.store is not None and self.store.path != Path(self.store_dir) / "train":
             rank_zero_warn("grass_callback: the checkpoint's store_dir differs from the one opened; "
                            "pass store_dir= explicitly to continue the old store.")
 
-    def _resume(self, state: Mapping[str, Any]) -> None:
-        self.batches_seen = int(state.get("batches_seen", 0))
-        self.period_start = int(state.get("period_start", 0))
-        self.periods_scored = int(state.get("periods_scored", 0))
-        self.last_batch_epoch = int(state.get("last_batch_epoch", -1))
-        self.scored_epoch = int(state.get("scored_epoch", -1))
-        ids, values = state.get("data_value_ids"), state.get("data_value")
-        self.data_value = {} if ids is None else dict(zip(ids.tolist(), values.double().tolist()))
-        self._pending_ensemble, self._ensemble = state.get("ensemble"), None
-        dropped = self._drop_rows_after(self.batches_seen)
-        self.fisher.reset()
-        min_step = self.period_start if self.keep_history == "period" else None
-        for chunk in self.store.iter_chunks(min_step=min_step, ranks=[self.store.rank]):
-            self.fisher.update(chunk.grads)
-        rank_zero_info(f"grass_callback: resumed at batch {self.batches_seen}; dropped {dropped} rows newer "
-                       f"than the checkpoint, rebuilt the Fisher from {self.fisher.count} stored rows.")
+    def _resume(self, trainer: "pl.Trainer") -> None:
+        """Continue from the loaded state: damaged shards checked, newer rows dropped, the Fisher and
+        the (id, epoch) ledger rebuilt from the store (see ``grass_callback._continuity.resume``)."""
+        _continuity.resume(self, trainer)
 
     def _start_without_checkpoint(self) -> None:
         """A fit that does not resume: refuse a store a finished run wrote; drop what a killed one left.
@@ -642,6 +672,7 @@ class GraSSCallback(Callback):
                               f"rows of a finished run ({marker.name}); continue that run with "
                               "trainer.fit(..., ckpt_path=...), or give this one a new store_dir.")
         self._drop_rows_after(self.batches_seen, warn="no checkpoint to resume from")
+        _continuity.start_fresh(self)
 
     def _finished_marker(self) -> Path:
         return Path(self.store_dir) / "train-finished.json"
@@ -679,6 +710,7 @@ class GraSSCallback(Callback):
         if self.reporter is not None:
             self.reporter.finish()
             self.reporter = None
+        _continuity.release_lock(self)
 
     def _train_dataset(self, trainer: "pl.Trainer") -> Any:
         return getattr(trainer.train_dataloader, "dataset", None)

@@ -103,8 +103,9 @@ def get_batch_indices(batch: Any, index_key: str | int | None = None, batch_size
     trailing label vector would look the same.
 
     Raises:
-        CaptureError: no indices, indices of the wrong kind or length, duplicates in one batch, or
-            an index outside ``[0, num_examples)``.
+        CaptureError: no indices, indices of the wrong kind or length, half a batch or more of
+            repeated indices (a repeat or two is a sampler with replacement), or an index outside
+            ``[0, num_examples)``.
     """
     hint = ""
     if isinstance(batch, Mapping):
@@ -141,9 +142,13 @@ def get_batch_indices(batch: Any, index_key: str | int | None = None, batch_size
     ids = value.detach().to("cpu", torch.int64)
     if batch_size is not None and ids.numel() != batch_size:
         raise CaptureError(f"the batch holds {batch_size} examples but {ids.numel()} indices; " + _HOW_TO_FIX + hint)
-    if ids.unique().numel() != ids.numel():
-        raise CaptureError(f"duplicate dataset indices in one batch ({ids.tolist()[:16]}): each example "
-                           "must appear once per batch; check the sampler and the index field." + hint)
+    distinct = ids.unique().numel()
+    if distinct != ids.numel() and 2 * distinct <= ids.numel():
+        # a sampler with replacement may draw an example twice in a batch (each draw is its own row);
+        # half the batch or more repeated is a field that is not an index (labels?)
+        raise CaptureError(f"duplicate dataset indices in one batch ({ids.tolist()[:16]}): only {distinct} distinct "
+                           f"of {ids.numel()}, so the index field does not look like a dataset index; check the "
+                           "sampler and the index field." + hint)
     if ids.numel() and (int(ids.min()) < 0 or (num_examples is not None and int(ids.max()) >= num_examples)):
         raise CaptureError(f"dataset indices must lie in [0, {num_examples}), got "
                            f"min {int(ids.min())}, max {int(ids.max())}; the index field is not the dataset "

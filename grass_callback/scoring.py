@@ -410,7 +410,17 @@ class ScoreEnsemble:
         seen[result.full_ids.long()] = 1.0
         return scores, seen
 
+    @staticmethod
+    def state_size(state: Mapping[str, Any]) -> int | None:
+        """How many training examples a saved ensemble state covers (``None``: empty)."""
+        total = state.get("total") if isinstance(state, Mapping) else None
+        return None if total is None else int(total.shape[-1])
+
     def add(self, query_ids: Tensor, scores: Tensor, seen: Tensor) -> None:
+        if scores.dim() != 2 or scores.shape[1] != self.num_examples or seen.shape != (self.num_examples,):
+            raise ScoringError(f"the ensemble covers {self.num_examples} training examples but this period's scores "
+                               f"have shape {list(scores.shape)}: the training set changed size; restart the "
+                               "ensemble (a new ScoreEnsemble) for the new training set.")
         if self.query_ids is None or not torch.equal(self.query_ids, query_ids):
             self.query_ids, self.total, self.seen, self.periods = query_ids.clone(), None, None, 0
         self.total = scores.clone() if self.total is None else self.total + scores
@@ -431,5 +441,9 @@ class ScoreEnsemble:
         return {"query_ids": self.query_ids, "total": self.total, "seen": self.seen, "periods": self.periods}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        size = self.state_size(state)
+        if size is not None and size != self.num_examples:
+            raise ScoringError(f"the saved ensemble covers {size} training examples, this one {self.num_examples}: "
+                               "it was saved for another training set; start a new ensemble.")
         self.query_ids, self.total, self.seen = state.get("query_ids"), state.get("total"), state.get("seen")
         self.periods = int(state.get("periods", 0))

@@ -229,9 +229,11 @@ class GradientStore(StoreReading):
     def _load_meta(self) -> dict:
         meta_path = self._path / META_FILE
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = json.loads(meta_path.read_bytes().decode("utf-8"))
         except (OSError, ValueError) as e:
-            raise StoreError(f"could not read {meta_path}: {e}") from e
+            raise StoreError(f"could not read {meta_path} ({type(e).__name__}: {str(e)[:120]}); it is "
+                             "only ever replaced atomically, so it was damaged outside grass_callback: "
+                             "restore it, or move the store away and start a new one") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise StoreError(f"{meta_path} is not a grass_callback gradient store meta file")
         version = meta.get("format_version")
@@ -315,13 +317,13 @@ class GradientStore(StoreReading):
 
     def _load_manifest(self, path: Path, rank: int) -> dict | None:
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as e:
             raise StoreError(f"could not read the manifest {path}: {e}") from e
         try:
-            manifest = json.loads(text)
+            manifest = json.loads(raw.decode("utf-8"))
             if manifest.get("format") != FORMAT_NAME or not isinstance(manifest["shards"], list):
                 raise ValueError("not a grass_callback store manifest")
             for entry in manifest["shards"]:
@@ -330,8 +332,10 @@ class GradientStore(StoreReading):
             manifest["next_seq"] = int(manifest.get("next_seq", 0))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StoreError(
-                f"the manifest {path} is unreadable ({e!r}); it is only ever replaced atomically, "
-                "so it was damaged outside grass_callback: restore it or move it away"
+                f"the manifest {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); it is only "
+                "ever replaced atomically, so it was damaged outside grass_callback: restore it from a "
+                f"backup, or run `python -m grass_callback store repair {self._path}` to rebuild it "
+                "from the shards on disk"
             ) from e
         if manifest.get("config_hash") != self.config_hash:
             raise StoreMismatchError(

@@ -112,8 +112,8 @@ def bad_at(step, how, dicts=False):
             if dicts:
                 return {k: v for k, v in batch.items() if k != "index"}
             return batch[:-1]
-        if how == "duplicate":
-            index[1] = index[0]
+        if how == "duplicate":  # half the batch repeated: not a sampler with replacement
+            index[1], index[3], index[5] = index[0], index[2], index[4]
         elif how == "outside":
             index += 1000
         return batch
@@ -127,7 +127,7 @@ def bad_at(step, how, dicts=False):
 @pytest.mark.parametrize("how, match", [
     ("missing", r"carries no dataset indices \(the batch of an IndexedDataset has no 'index' key\); "
                 r"wrap the training dataset with grass_callback.IndexedDataset"),
-    ("duplicate", r"duplicate dataset indices in one batch \(\[12, 12, 14, 15, 16, 17\]\)"),
+    ("duplicate", r"duplicate dataset indices in one batch \(\[12, 12, 14, 14, 16, 16\]\): only 3 distinct of 6"),
     ("outside", r"dataset indices must lie in \[0, 24\), got min 1012, max 1017"),
 ])
 def test_bad_indices_at_step_2_keep_the_earlier_rows(tmp_path, how, match):
@@ -217,7 +217,7 @@ def test_store_dir_that_cannot_be_created(tmp_path):
     """A store path under a regular file fails for root too (root ignores permission bits)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    with pytest.raises(StoreError, match=r"could not create the gradient store at .*a-file/grass/train.*writable"):
+    with pytest.raises(StoreError, match=r"could not lock the store directory .*a-file/grass .*writable"):
         fit(tmp_path, callback(tmp_path, store_dir=blocker / "grass"))
 
 

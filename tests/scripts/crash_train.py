@@ -166,26 +166,44 @@ class TrackConsumed(Callback):
         trainer.train_dataloader.consumed = batch_idx + 1
 
 
-def data() -> tuple[ResumableLoader, DataLoader]:
+LOADERS = ("ordered", "stateful", "shuffled")
+
+
+def data(loader: str = "ordered") -> tuple[DataLoader, DataLoader]:
+    """``ordered``: the resumable, unshuffled loader above; ``stateful``: torchdata's shuffled
+    ``StatefulDataLoader`` (Lightning restores it mid-epoch); ``shuffled``: a plain shuffled
+    ``DataLoader``, which Lightning restarts from the epoch's first batch after a mid-epoch resume."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N_TRAIN + N_QUERY, 6, generator=g)
     y = torch.randint(0, 3, (N_TRAIN + N_QUERY,), generator=g)
-    train = ResumableLoader(IndexedDataset(TensorDataset(x[:N_TRAIN], y[:N_TRAIN])), batch_size=BATCH)
+    train_set = IndexedDataset(TensorDataset(x[:N_TRAIN], y[:N_TRAIN]))
+    if loader == "ordered":
+        train = ResumableLoader(train_set, batch_size=BATCH)
+    elif loader == "stateful":
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        train = StatefulDataLoader(train_set, batch_size=BATCH, shuffle=True,
+                                   generator=torch.Generator().manual_seed(1))
+    elif loader == "shuffled":
+        train = DataLoader(train_set, batch_size=BATCH, shuffle=True)
+    else:
+        raise SystemExit(f"unknown loader {loader!r}; known: {LOADERS}")
     query = DataLoader(IndexedDataset(TensorDataset(x[N_TRAIN:], y[N_TRAIN:])), batch_size=N_QUERY)
     return train, query
 
 
-def run(workdir: str | Path, resume: bool = False) -> dict[str, Any]:
+def run(workdir: str | Path, resume: bool = False, loader: str = "ordered") -> dict[str, Any]:
     """One training run in ``workdir``; returns (and saves to result.pt) the final data value."""
     workdir = Path(workdir)
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    train, query = data()
+    train, query = data(loader)
     callback = GraSSCallback(k=K, num_queries=N_QUERY, topk=3, store_dir=workdir / "grass", storage_dtype="float32",
                              query_loader=query, rows_per_shard=ROWS_PER_SHARD, log_to_wandb=False, progress=False)
     ckpt = ModelCheckpoint(dirpath=workdir / "ckpt", every_n_train_steps=CKPT_EVERY, save_last=True)
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False,
-                        callbacks=[callback, TrackConsumed(), ckpt], default_root_dir=str(workdir),
+                        callbacks=[callback, *([TrackConsumed()] if loader == "ordered" else []), ckpt],
+                        default_root_dir=str(workdir),
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
     last = workdir / "ckpt" / "last.ckpt"
@@ -193,7 +211,8 @@ def run(workdir: str | Path, resume: bool = False) -> dict[str, Any]:
     trainer.fit(TinyModule(), train, ckpt_path=ckpt_path)
     ids, values = callback.data_value_tensors()
     result = {"ids": ids, "values": values, "batches_seen": callback.batches_seen,
-              "periods_scored": callback.periods_scored, "resumed_from": ckpt_path}
+              "periods_scored": callback.periods_scored, "resumed_from": ckpt_path,
+              "replayed_rows": callback.replayed_rows, "missed_rows": callback.missed_rows}
     torch.save(result, workdir / "result.pt.tmp")
     os.replace(workdir / "result.pt.tmp", workdir / "result.pt")
     return result
@@ -207,7 +226,7 @@ def _child(job: dict[str, Any]) -> int:
     os.dup2(log, 2)
     try:
         install_crash_point(job.get("crash"))
-        run(workdir, resume=bool(job.get("resume")))
+        run(workdir, resume=bool(job.get("resume")), loader=job.get("loader", "ordered"))
         return 0
     except BaseException:  # noqa: BLE001 - reported through the exit code and the log
         traceback.print_exc()
@@ -217,8 +236,10 @@ def _child(job: dict[str, Any]) -> int:
 def serve() -> None:
     """Fork server: for each JSON job line on stdin, fork a child that runs it, reply when it ends.
 
-    Job: ``{"workdir": str, "crash": "point:n" | null, "resume": bool, "tag": str}``. Reply:
-    ``{"exitcode": int | null, "signal": int | null}``. The child's output goes to
+    Job: ``{"workdir": str, "crash": "point:n" | null, "resume": bool, "tag": str, "loader": str,
+    "announce": bool}``. Reply: ``{"exitcode": int | null, "signal": int | null}``; with
+    ``announce`` a line ``{"pid": int}`` comes first, as soon as the child is forked (so a test can
+    kill it from outside at a time of its choosing). The child's output goes to
     ``<workdir>/log-<tag>.txt``. This process only imports; the children do all the work (with
     one thread each), so forking it is safe.
     """
@@ -235,6 +256,8 @@ def serve() -> None:
                 code = _child(job)
             finally:
                 os._exit(code)
+        if job.get("announce"):
+            print(json.dumps({"pid": pid}), file=out, flush=True)
         _, status = os.waitpid(pid, 0)
         reply = {"exitcode": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
                  "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}
@@ -247,13 +270,14 @@ def main(argv: list[str] | None = None) -> None:
     one = sub.add_parser("run", help="one run (GRASS_CRASH_AT=point:n kills it)")
     one.add_argument("workdir")
     one.add_argument("--resume", action="store_true", help="continue from <workdir>/ckpt/last.ckpt if it exists")
+    one.add_argument("--loader", choices=LOADERS, default="ordered", help="the train loader (see data())")
     sub.add_parser("serve", help="fork server: JSON jobs on stdin")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         serve()
     else:
         install_crash_point(os.environ.get("GRASS_CRASH_AT"))
-        print(json.dumps({k: v for k, v in run(args.workdir, args.resume).items() if not isinstance(v, torch.Tensor)}))
+        print(json.dumps({k: v for k, v in run(args.workdir, args.resume, args.loader).items() if not isinstance(v, torch.Tensor)}))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,185 @@
+"""Issue 12's cases, one test each: what used to end in a silent wrong result (or a crash from deep
+inside) now ends in the right result or a clear error that says how to fix it.
+
+The runs are tiny in-process fits (``tests/test_bad_inputs.py``'s module and loaders: 24 training
+examples, batches of 6). Expected values come from the stored rows or from a run without the fault.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+from grass_callback import GraSSCallback, IndexedDataset
+from grass_callback.errors import ScoringError
+from grass_callback.store import GradientStore
+from test_bad_inputs import BATCH, N, Tiny, callback, committed, fit, loader, tensors, tiny_loss
+
+
+def last_ckpt(tmp_path):
+    return str(tmp_path / "ckpt" / "last.ckpt")
+
+
+def ckpt_cb(tmp_path):
+    return ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+
+
+# ---------------------------------------------------------------------- callback state at every checkpoint
+
+
+def test_state_saved_between_resume_and_next_period_keeps_the_ensemble(tmp_path):
+    """Resume -> checkpoint before the next period -> crash -> resume used to lose the ensemble: the
+    loaded one waited in ``_pending_ensemble`` and ``state_dict()`` saved ``None``."""
+    cb = callback(tmp_path)
+    fit(tmp_path, cb, callbacks=[ckpt_cb(tmp_path)])
+    saved = torch.load(last_ckpt(tmp_path), weights_only=True)["callbacks"]
+    state = next(v for k, v in saved.items() if k.startswith("GraSSCallback"))
+    assert state["ensemble"] is not None and state["ensemble"]["total"] is not None
+    fresh = callback(tmp_path)
+    fresh.load_state_dict(state)  # as Lightning does on resume, before on_train_start
+    again = fresh.state_dict()
+    assert again["ensemble"] is not None
+    assert torch.equal(again["ensemble"]["total"], state["ensemble"]["total"])
+    assert torch.equal(again["data_value"], state["data_value"])
+
+
+def test_fit_on_a_finished_run_still_holds_its_data_value(tmp_path):
+    cb = callback(tmp_path)
+    fit(tmp_path, cb, callbacks=[ckpt_cb(tmp_path)])
+    ids, values = cb.data_value_tensors()
+    again = callback(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(tmp_path, again, callbacks=[ckpt_cb(tmp_path)], ckpt_path=last_ckpt(tmp_path))  # nothing left to train
+    got_ids, got_values = again.data_value_tensors()
+    assert ids.numel() == N
+    assert torch.equal(got_ids, ids) and torch.equal(got_values, values)
+
+
+# ---------------------------------------------------------------------- what the state records
+
+
+def test_resume_with_another_query_set_restarts_the_data_value(tmp_path):
+    """Summing scores of other queries under the same query ids meant nothing: a warning, and the data
+    value after the resumed epoch is that epoch's alone."""
+    cb = callback(tmp_path)
+    fit(tmp_path, cb, callbacks=[ckpt_cb(tmp_path)])
+    other = callback(tmp_path, query_loader=loader(6, seed=7))
+    with pytest.warns(UserWarning, match="query examples differ from those the checkpoint's"):
+        fit(tmp_path, other, epochs=2, callbacks=[ckpt_cb(tmp_path)], ckpt_path=last_ckpt(tmp_path))
+    ids, values = other.data_value_tensors()
+    last = other.last_result
+    want = dict(zip(last.data_value_ids.tolist(), last.data_value.double().tolist()))
+    assert dict(zip(ids.tolist(), values.tolist())) == pytest.approx(want, rel=1e-9)
+
+
+def test_resume_with_a_bigger_training_set_restarts_the_ensemble_instead_of_crashing(tmp_path):
+    cb = callback(tmp_path)
+    fit(tmp_path, cb, callbacks=[ckpt_cb(tmp_path)])
+    bigger = callback(tmp_path)
+    with pytest.warns(UserWarning, match=r"the training set has 30 examples, the checkpoint's had 24"):
+        fit(tmp_path, bigger, train=loader(30), epochs=2, callbacks=[ckpt_cb(tmp_path)],
+            ckpt_path=last_ckpt(tmp_path))
+    assert bigger.ensemble_result is not None and bigger._ensemble.num_examples == 30
+    assert bigger._ensemble.periods == 1  # restarted: only the resumed epoch
+
+
+# ---------------------------------------------------------------------- scoring schedule
+
+
+def test_score_every_n_steps_longer_than_the_run_warns_and_scores_at_the_end(tmp_path):
+    cb = callback(tmp_path, score_every_n_steps=50)
+    with pytest.warns(UserWarning, match=r"score_every_n_steps=50 is longer than the run \(4 training batches\)"):
+        fit(tmp_path, cb)
+    assert cb.periods_scored == 1
+    assert sorted(cb.last_result.data_value_ids.tolist()) == list(range(N))
+
+
+def test_the_last_short_period_is_scored(tmp_path):
+    """score_every_n_steps=3 over 8 batches: periods end at 3 and 6, and the tail (batches 6, 7)
+    is scored at the end of training (it used to be left out, like batches 195-199 of 200 at 13)."""
+    cb = callback(tmp_path, score_every_n_steps=3)
+    fit(tmp_path, cb, epochs=2)
+    assert cb.periods_scored == 3
+    ids, steps = committed(cb.store.path)
+    tail = sorted(i for i, s in zip(ids, steps) if s >= 6)
+    assert sorted(cb.last_result.data_value_ids.tolist()) == sorted(set(tail))
+
+
+# ---------------------------------------------------------------------- sample identity across batches
+
+
+def label_loader(n=64, batch=8):
+    """Labels 0..7 in every batch (unique within it) named as the index field."""
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(n) % 3
+    fake = torch.arange(n) % batch
+    return DataLoader(TensorDataset(x, y, fake), batch_size=batch)
+
+
+def test_an_index_field_that_is_not_an_index_is_named_in_a_warning(tmp_path):
+    cb = callback(tmp_path, index_key=2)
+    with pytest.warns(UserWarning, match=r"index_key=2 took only 8 distinct values over 64 training rows"):
+        fit(tmp_path, cb, train=label_loader())
+
+
+def test_a_sampler_with_replacement_keeps_each_draw_as_its_own_row(tmp_path):
+    """A repeat inside an epoch (no resume) is a row of its own: training saw the example twice."""
+    x, y = tensors()
+    data = IndexedDataset(TensorDataset(x, y))
+    sampler = RandomSampler(data, replacement=True, num_samples=N, generator=torch.Generator().manual_seed(3))
+    draws = list(RandomSampler(data, replacement=True, num_samples=N, generator=torch.Generator().manual_seed(3)))
+    cb = callback(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "not an index" warning for ~63% distinct
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|val_dataloader|LeafSpec).*")
+        fit(tmp_path, cb, train=DataLoader(data, batch_size=BATCH, sampler=sampler))
+    ids, _ = committed(cb.store.path)
+    assert len(set(draws)) < N  # the draw does repeat
+    assert sorted(ids) == sorted(draws)
+    assert cb.replayed_rows == 0
+
+
+# ---------------------------------------------------------------------- query set
+
+
+def test_query_loss_returning_a_float_is_a_clear_error(tmp_path):
+    cb = callback(tmp_path, query_loss_fn=lambda m, b: float(tiny_loss(m, b)))
+    with pytest.raises(ScoringError, match=r"returned float on query batch 1; it must return a scalar loss tensor"):
+        fit(tmp_path, cb)
+    assert len(committed(cb.store.path)[0]) == N  # nothing stored is lost
+
+
+def test_query_batches_of_another_feature_size_name_the_sizes(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    queries = DataLoader(IndexedDataset(TensorDataset(torch.randn(6, 5, generator=g), torch.zeros(6, dtype=torch.long))),
+                         batch_size=6)
+    cb = callback(tmp_path, query_loader=queries)
+    with pytest.raises(ScoringError, match=r"query batch 1 .*Feature sizes differ from the training batches: "
+                                           r"\[0\]: training \[\*, 4\], query \[5\]"):
+        fit(tmp_path, cb)
+    assert len(committed(cb.store.path)[0]) == N
+
+
+def test_one_nan_query_is_named(tmp_path):
+    x, y = tensors(6, seed=1)
+    x[2, 0] = float("nan")
+    cb = callback(tmp_path, query_loader=DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=6))
+    with pytest.raises(ScoringError, match=r"query ids \[2\] have NaN/Inf gradients"):
+        fit(tmp_path, cb)
+    assert len(committed(cb.store.path)[0]) == N
+
+
+def test_garbage_manifest_binary_is_a_store_error(tmp_path):
+    store = GradientStore(tmp_path / "s", layer_dims={"a": 2})
+    store.append(torch.arange(3), 0, {"a": torch.randn(3, 2)})
+    store.close()
+    (tmp_path / "s" / "manifest-r000.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00garbage")
+    from grass_callback.errors import StoreError
+
+    with pytest.raises(StoreError, match=r"manifest .* is unreadable \(UnicodeDecodeError.*store repair"):
+        GradientStore(tmp_path / "s", readonly=True).num_rows
