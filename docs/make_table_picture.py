@@ -1,57 +1,103 @@
-"""Draw the README's picture of an influence table from the digits demo's local CSV.
+"""Screenshot the ``grass/influence`` table that the digits demo's W&B run holds (README picture).
 
     python examples/digits_mlp.py && python docs/make_table_picture.py
+    python docs/make_table_picture.py --run runs/digits/wandb/offline-run-...  --rows 16
 
-Rows are validation images (queries); then their top proponents and opponents from the last
-scoring period's ``influence.csv``, each with its (possibly flipped) training label and score.
+It reads the run's last ``grass/influence`` table as W&B will show it (the ``run_table``
+artifact's JSON and the PNGs its image cells point to, see ``grass_callback.offline_run``),
+writes it as a plain HTML page (one row per table row, the cells as the JSON holds them) and
+takes a screenshot with headless Chromium (Debian: ``apt-get install -y chromium``). Nothing is
+drawn from the CSV files: the picture shows what W&B holds.
 """
 
 from __future__ import annotations
 
-import csv
+import argparse
+import html
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
-from PIL import Image, ImageDraw
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from grass_callback.offline_run import LoggedTable, logged_tables  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits_mlp import load_digits_split  # noqa: E402
+STYLE = """
+body { font-family: "DejaVu Sans", sans-serif; font-size: 14px; margin: 16px; color: #222; }
+h1 { font-size: 17px; margin: 0 0 4px 0; } p { margin: 0 0 10px 0; color: #555; }
+table { border-collapse: collapse; } th { background: #f3f3f5; text-align: left; }
+th, td { border: 1px solid #ddd; padding: 3px 10px; vertical-align: middle; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { width: 64px; height: 64px; image-rendering: pixelated; display: block; }
+.proponent { color: #1a7f37; } .opponent { color: #b42318; }
+"""
 
-CELL, PAD, TEXT = 72, 6, 30
+
+def newest_run(root: Path) -> Path:
+    runs = sorted((root / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise SystemExit(f"no offline W&B run under {root / 'wandb'}; run examples/digits_mlp.py first")
+    return runs[-1]
 
 
-def main(run: str = "runs/digits", out: str = "docs/influence_table.png", queries: int = 4, per_side: int = 3) -> None:
-    periods = sorted((Path(run) / "grass" / "scores").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
-    lines = (line for line in open(periods[-1] / "influence.csv") if not line.startswith("#"))
-    rows = list(csv.DictReader(lines))
-    train, val, flipped = load_digits_split(0)
-    flipped = set(flipped.tolist())
-    qids = list(dict.fromkeys(int(r["query_id"]) for r in rows))[:queries]
-    cols = 1 + 2 * per_side
-    img = Image.new("RGB", (cols * (CELL + PAD) + PAD, TEXT + queries * (CELL + TEXT + PAD)), "white")
-    draw = ImageDraw.Draw(img)
-    headers = ["query"] + [f"proponent {i + 1}" for i in range(per_side)] + [f"opponent {i + 1}" for i in range(per_side)]
-    for c, h in enumerate(headers):
-        draw.text((PAD + c * (CELL + PAD), 8), h, fill="black")
+def cell_html(table: LoggedTable, column: str, value: Any, images: Path) -> str:
+    image = table.image_file(value)
+    if image is not None:
+        name = image.name + ".png"
+        shutil.copyfile(image, images / name)
+        return f'<td><img src="images/{name}" alt="image"></td>'
+    if isinstance(value, float):
+        return f'<td class="num">{value:+.4g}</td>'
+    if column == "kind":
+        return f'<td class="{html.escape(str(value))}">{html.escape(str(value))}</td>'
+    return f'<td class="num">{html.escape(str(value))}</td>' if isinstance(value, int) else \
+        f"<td>{html.escape(str(value))}</td>"
 
-    def tile(pixels, x, y, caption, color="black"):
-        arr = (pixels.reshape(8, 8) * 255).clamp(0, 255).byte().numpy()
-        img.paste(Image.fromarray(255 - arr).resize((CELL, CELL), Image.NEAREST), (x, y))
-        draw.text((x, y + CELL + 2), caption, fill=color)
 
-    for r, q in enumerate(qids):
-        y = TEXT + r * (CELL + TEXT + PAD)
-        tile(val[q][0], PAD, y, f"val #{q} y={int(val[q][1])}")
-        for kind, offset in (("proponent", 1), ("opponent", 1 + per_side)):
-            picks = [x for x in rows if int(x["query_id"]) == q and x["kind"] == kind][:per_side]
-            for i, x in enumerate(picks):
-                t = int(x["train_id"])
-                color = "red" if t in flipped else "black"  # red: a label we flipped on purpose
-                tile(train[t][0], PAD + (offset + i) * (CELL + PAD), y,
-                     f"y={int(train[t][1])} {float(x['score']):+.2g}", color)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    img.save(out)
-    print(f"wrote {out}")
+def page(table: LoggedTable, run: Path, period: int, rows: int, folder: Path) -> Path:
+    images = folder / "images"
+    images.mkdir()
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    body = "".join("<tr>" + "".join(cell_html(table, c, v, images) for c, v in zip(table.columns, row)) + "</tr>"
+                   for row in table.rows[:rows])
+    n_images = sum(table.image_file(v) is not None for row in table.rows for v in row)
+    text = (f"<!doctype html><html><head><meta charset='utf-8'><style>{STYLE}</style></head><body>"
+            f"<h1>W&amp;B table grass/influence (logged table {period + 1}, the last)</h1>"
+            f"<p>from the run_table artifact of {html.escape(run.name)}: rows 1-{min(rows, len(table.rows))} of "
+            f"{len(table.rows)}, {n_images} image cells in all; score &gt; 0: training on train_id lowers the "
+            f"query's loss</p><table><tr>{head}</tr>{body}</table></body></html>")
+    out = folder / "page.html"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=None, help="offline run folder (default: newest in runs/digits)")
+    parser.add_argument("--out", type=Path, default=Path("docs/influence_table.png"))
+    parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--html", type=Path, default=None, help="also keep the HTML page here")
+    args = parser.parse_args(argv)
+    run = args.run or newest_run(Path("runs/digits"))
+    tables = logged_tables(run, "grass/influence")
+    if not tables:
+        raise SystemExit(f"{run} logged no grass/influence table")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        raise SystemExit("headless Chromium is needed: apt-get install -y chromium")
+    with tempfile.TemporaryDirectory() as tmp:
+        html_page = page(tables[-1], run, len(tables) - 1, args.rows, Path(tmp))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        height = 110 + 72 * min(args.rows, len(tables[-1].rows))
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--screenshot={args.out.resolve()}", f"--window-size=1100,{height}",
+                        html_page.as_uri()], check=True, capture_output=True, timeout=120)
+        if args.html is not None:
+            shutil.copytree(Path(tmp), args.html, dirs_exist_ok=True)
+    print(f"wrote {args.out} from {run}")
+    return args.out
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lightning.pytorch.loggers import WandbLogger
 
     from grass_callback import GraSSCallback, IndexedDataset
+    from grass_callback.render import make_renderer
 
     os.environ.setdefault("WANDB_MODE", "offline")
     L.seed_everything(args.seed, verbose=False)
@@ -100,8 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
     train = DataLoader(IndexedDataset(train_set), batch_size=BATCH_SIZE, shuffle=True)
     val = DataLoader(IndexedDataset(val_set), batch_size=64)
 
+    # each sample is (pixels [64], label, index): show the pixels as an 8x8 image, 12x enlarged
+    # (the tables' label columns come from the sample's second field)
+    digits = make_renderer(image_shape=(8, 8), image_scale=12)
     grass = GraSSCallback(k=args.k, num_queries=args.num_queries, topk=5, store_dir=out / "grass",
-                          progress=not args.quick)
+                          renderer=digits, progress=not args.quick)
     logger = WandbLogger(project="grass-callback-demo", save_dir=str(out), offline=True)
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=logger, callbacks=[grass],
                         default_root_dir=str(out), enable_progress_bar=not args.quick,

@@ -104,7 +104,10 @@ class GraSSCallback(Callback):
             at the final weights) or ``"save"`` (at every checkpoint save).
         keep_history: ``"period"`` (default: each period scores its own rows, the data value
             sums periods) or ``"all"`` (every stored row is scored each time).
-        renderer, tokenizer: how examples are shown in tables (images, decoded text, repr).
+        renderer, tokenizer: how examples are shown in tables: ``renderer(example) -> cell``, or
+            ``{"train": fn, "query": fn}`` per dataset; default: images for image-like samples,
+            text decoded with ``tokenizer``, else a short repr (:mod:`grass_callback.render`).
+            Label columns come from the samples (``(x, y, index)``, ``label``/``target`` keys).
         wandb_project: project of the run started when the trainer has no ``WandbLogger``.
         log_to_wandb: ``False`` writes local files only. impl: the op implementation.
         progress: progress bars on long passes.
@@ -205,6 +208,9 @@ class GraSSCallback(Callback):
         self._captured_batches = 0
         self._pending_state: dict[str, Any] | None = None
         self._index_key: Any = None
+        self.silent_layers: list[str] = []  # layers reported as getting no gradient
+        self.period_seconds: dict[str, float] = {}  # the last period's parts (report included)
+        self.last_period, self.last_report_folder = "", None
         _continuity.init_state(self)  # lock, (id, epoch) ledger, what checkpoints record
 
     # ------------------------------------------------------------------ configuration
@@ -293,13 +299,21 @@ class GraSSCallback(Callback):
         return Path(root)
 
     def _make_reporter(self, trainer: "pl.Trainer", root: Path) -> Any:
-        from grass_callback.report import InfluenceReporter, make_renderer, resolve_wandb_run
+        from grass_callback.render import resolve_renderers
+        from grass_callback.report import InfluenceReporter, resolve_wandb_run
 
+        train_renderer, query_renderer = resolve_renderers(self.renderer, self.tokenizer)  # one, or per dataset
         run = resolve_wandb_run(trainer, save_dir=str(root), project=self.wandb_project,
                                 config={"grass": self.config}) if self.log_to_wandb else None
-        return InfluenceReporter(root / "scores", run, renderer=make_renderer(self.tokenizer, self.renderer),
+        return InfluenceReporter(root / "scores", run, renderer=train_renderer, query_renderer=query_renderer,
                                  train_example=_lookup(lambda: self._train_dataset(trainer)),
                                  query_example=_lookup(lambda: self._query_dataset(trainer)))
+
+    def _bars(self, trainer: "pl.Trainer") -> Any:
+        """Progress of the long passes: off, or drawn beside Lightning's bar (none in a pipe)."""
+        from grass_callback.console import ProgressHost
+
+        return ProgressHost(trainer) if self.progress and trainer.is_global_zero else False
 
     # ------------------------------------------------------------------ training steps
 
@@ -415,23 +429,28 @@ class GraSSCallback(Callback):
     # ------------------------------------------------------------------ scoring
 
     def _score_period(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", period: str) -> None:
+        from grass_callback.console import PeriodClock
+
+        clock = PeriodClock()  # seconds per part of the period, logged as grass/seconds/<part>
         self.recorder.flush()
+        clock.lap("flush")
         stats = copy.deepcopy(self.fisher)  # reduced across ranks; the running sums stay this rank's
         stats.all_reduce_(_reducer(trainer))
+        clock.lap("reduce")
         if stats.count == 0:
             rank_zero_warn(f"grass_callback: no training gradients were captured in {period}; nothing to score.")
             self._end_period()
             return
-        t0 = time.perf_counter()
-        fitted = stats.fit(self.damping_ratio)
-        fit_seconds = time.perf_counter() - t0
+        fitted = self._fit(stats, period)
+        clock.lap("fit")
         q_ids, q_grads = self._query_gradients(trainer, pl_module)
+        clock.lap("query_gradients")
         self._check_query_set()
         min_step = self.period_start if self.keep_history == "period" else None
         ensemble = self._ensemble_for(trainer, q_ids)
         result = score_store(self.store, fitted, q_ids, q_grads, topk=self.topk, min_step=min_step,
                              ranks=[trainer.global_rank], full=ensemble is not None,
-                             progress=self.progress and trainer.is_global_zero)
+                             progress=self._bars(trainer))
         if ensemble is not None:
             self._add_to_ensemble(trainer, ensemble, result)
         result = _merge_across_ranks(trainer, result)
@@ -440,14 +459,10 @@ class GraSSCallback(Callback):
         self.periods_scored += 1
         if ensemble is not None:
             result = self.ensemble_result = ensemble.result(self.topk, self.data_value_tensors(), result)
+        clock.lap("scoring")
         if trainer.is_global_zero and self.reporter is not None:
-            conds = fitted.condition_numbers()
-            scalars = {"capture_seconds_per_step": self._capture_seconds / max(1, self._captured_batches),
-                       "store_bytes": float(self.store.size_bytes()), "fit_seconds": fit_seconds,
-                       "fisher_condition_max": max(conds.values()), "rows_scored": float(result.data_value.numel()),
-                       **{f"fisher_condition/{n}": v for n, v in conds.items()}}
-            self.reporter.report(result, step=trainer.global_step, period=period, scalars=scalars,
-                                 data_value=self.data_value_tensors())
+            self._report_period(trainer, result, fitted, period, clock)
+        self.period_seconds, self.last_period = dict(clock.seconds), period  # report included
         if trainer.is_global_zero:  # the period's row range, for explain() on the finished run
             from grass_callback.explain import record_period
 
@@ -455,6 +470,50 @@ class GraSSCallback(Callback):
                           global_step=trainer.global_step, damping_ratio=self.damping_ratio,
                           keep_history=self.keep_history, rows=stats.count)
         self._end_period()
+
+    def _fit(self, stats: FisherStats, period: str) -> Any:
+        """Fit the Fisher blocks; layers that got no gradient are reported once, with the
+        ``exclude=`` to use, instead of a zero-trace warning every period (they stay tapped)."""
+        from grass_callback.console import silent_layers
+
+        silent = silent_layers(stats)
+        new = [n for n in silent if n not in self.silent_layers]
+        if new:
+            self.silent_layers += new
+            rank_zero_warn(f"grass_callback: {len(new)} layer(s) got no gradient in {period} (all their "
+                           f"gradients are zero, e.g. a pooler the loss does not use): {new}. They score 0; leave "
+                           f"them out with GraSSCallback(exclude={self.silent_layers!r}).")
+        with warnings.catch_warnings():
+            if silent:
+                warnings.filterwarnings("ignore", message=r"Fisher of layer .* has zero trace")
+            return stats.fit(self.damping_ratio)
+
+    def _report_period(self, trainer: "pl.Trainer", result: ScoreResult, fitted: Any, period: str,
+                       clock: Any) -> None:
+        """Scalars (a handful) and per-layer figures of the period, then the reporter (rank 0)."""
+        from grass_callback.console import period_figures
+
+        scalars, layers = period_figures(
+            fitted, rows_scored=int(result.data_value.numel()), store_bytes=int(self.store.size_bytes()),
+            capture_seconds_per_step=self._capture_seconds / max(1, self._captured_batches),
+            seconds=clock.seconds, silent=self.silent_layers)
+        clock.lap("conditions")  # O(k^2) per layer; not in the logged seconds, which it reports
+        self.last_report_folder = self.reporter.report(result, step=trainer.global_step, period=period,
+                                                       scalars=scalars, data_value=self.data_value_tensors(),
+                                                       layers=layers)
+        clock.lap("report")
+
+    def _print_fit_report(self, trainer: "pl.Trainer") -> None:
+        """One short report at the end of ``fit`` (rank 0): tables, top self-influence, findings."""
+        result = self.ensemble_result or self.last_result
+        if not trainer.is_global_zero or result is None:
+            return
+        from grass_callback.console import fit_report
+
+        run = self.reporter.run if self.reporter is not None else None
+        rank_zero_info(fit_report(result, periods=self.periods_scored, period=self.last_period,
+                                  csv_dir=self.last_report_folder, run=run, silent_layers=self.silent_layers,
+                                  seconds=self.period_seconds))
 
     def _ensemble_for(self, trainer: "pl.Trainer", q_ids: Tensor) -> ScoreEnsemble | None:
         """The running checkpoint ensemble, or ``None`` when it is off or would not fit."""
@@ -550,7 +609,7 @@ class GraSSCallback(Callback):
         with _silenced_logging(pl_module), torch.inference_mode(False), torch.enable_grad():
             ids, grads = query_gradients(pl_module, self.taps, loader, loss_fn, reduction=self.loss_reduction,
                                          token_counts=self.token_counts, max_queries=self.num_queries,
-                                         progress=self.progress and trainer.is_global_zero)
+                                         progress=self._bars(trainer))
         _resume_checks.check_query_gradients(ids, grads)
         self._query_digest_now = source.hexdigest()
         return ids, grads
@@ -581,7 +640,7 @@ class GraSSCallback(Callback):
                 capture_pass(pl_module, self.taps, loader, self.query_loss_fn or _training_step_loss,
                              store=store, fisher=fisher, index_key=self._index_key or self.index_key,
                              reduction=self.loss_reduction, token_counts=self.token_counts,
-                             step=trainer.global_step, progress=self.progress and trainer.is_global_zero)
+                             step=trainer.global_step, progress=self._bars(trainer))
                 q_ids, q_grads = self._query_gradients(trainer, pl_module)
         finally:
             pl_module.train(was_training)
@@ -611,6 +670,7 @@ class GraSSCallback(Callback):
         if self.checkpoint_attribution == "end":
             self.taps.remove()
             self._checkpoint_attribution(trainer, pl_module, f"end-step{trainer.global_step}")
+        self._print_fit_report(trainer)
 
     @override
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",

@@ -301,7 +301,7 @@ class InfluenceReporter:
     [query_label], rank, train_id, train_example, [train_label], score, kind),
     ``grass/self_influence``, ``grass/data_value``, ``grass/layers``, histograms
     ``grass/self_influence_hist``, ``grass/data_value_hist``, scalars ``grass/<name>``. Scalars
-    named ``seconds/<part>`` stay out of the run summary (W&B ``define_metric(summary="none")``),
+    named ``seconds/<part>`` stay out of the run summary (``define_metric(..., summary="none")``),
     so it keeps a handful of lines; the sign convention is the summary key ``grass/sign_convention``; the period folder
     is the artifact ``grass-scores-<period>`` (type ``grass-scores``).
     """
@@ -320,7 +320,7 @@ class InfluenceReporter:
         self.query_renderer = query_renderer if query_renderer is not None else self.renderer
         self.label = label
         self.max_rows = max_rows
-        self._metrics_defined = False
+        self._metrics_defined: set[str] = set()
 
     @property
     def run(self) -> Any:
@@ -437,15 +437,16 @@ class InfluenceReporter:
                          [[v for c, v in enumerate(row) if c not in drop] for row in rows[name]])
         return out
 
-    def _define_metrics(self, run: Any) -> None:
-        """Per-part seconds (``grass/seconds/<part>``): charts, no summary lines."""
-        if self._metrics_defined:
-            return
-        self._metrics_defined = True
-        try:
-            run.define_metric("grass/seconds/*", summary="none")
-        except Exception:  # noqa: BLE001 - an old wandb or a stand-in run: summary lines are cosmetic
-            pass
+    def _define_metrics(self, run: Any, names: list[str]) -> None:
+        """Per-part seconds (``grass/seconds/<part>``): charts, no summary lines. Each name is
+        defined exactly: a ``WandbLogger`` run's ``"*"`` glob would win over a glob of ours."""
+        for name in names:
+            if name.startswith("seconds/") and name not in self._metrics_defined:
+                self._metrics_defined.add(name)
+                try:
+                    run.define_metric(f"grass/{name}", summary="none")
+                except Exception:  # noqa: BLE001 - an old wandb or a stand-in run: summary lines are cosmetic
+                    pass
 
     def _log_to_wandb(self, folder: Path, filenames: list[str], influence: list[tuple[int, int, int, float, str]],
                       self_inf: list[tuple[int, float]], value: list[tuple[int, float]],
@@ -455,7 +456,7 @@ class InfluenceReporter:
         import wandb
 
         run = self.run
-        self._define_metrics(run)
+        self._define_metrics(run, list(scalars))
         payload: dict[str, Any] = {}
         for name, (columns, rows) in self._tables(influence, self_inf, value).items():
             payload[f"grass/{name}"] = wandb.Table(columns=columns, data=rows, allow_mixed_types=True)
