@@ -169,3 +169,60 @@ def test_silent_layer_reported_once_with_exclude(tmp_path: Path) -> None:
     assert {r["layer"]: r["zero_gradient"] for r in layers} == {"body": "False", "unused": "True"}
     assert set(grass.period_seconds) == {"flush", "reduce", "fit", "query_gradients", "scoring", "conditions",
                                          "report"}
+
+
+class _Stream:
+    """A text stream that says whether it is a terminal."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.parts = tty, []
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_draws_on_a_terminal_only() -> None:
+    from grass_callback.console import ProgressHost, progress_iter
+
+    pipe, tty = _Stream(False), _Stream(True)
+    assert list(progress_iter(range(5), "grass: x", ProgressHost(stream=pipe))) == [0, 1, 2, 3, 4]
+    assert pipe.parts == []  # nothing at all in a pipe
+    assert list(progress_iter(range(5), "grass: x", ProgressHost(stream=tty))) == [0, 1, 2, 3, 4]
+    drawn = "".join(tty.parts)
+    assert "grass: x" in drawn and "0/5" in drawn
+    assert drawn.rstrip("\r").rsplit("\r", 1)[-1].strip() == ""  # leave=False: the line is cleared at the end
+    assert list(progress_iter(range(3), "grass: x", False)) == [0, 1, 2]
+
+
+def test_progress_joins_lightnings_rich_display() -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from grass_callback.console import ProgressHost, progress_iter
+
+    class RichProgressBar:  # what the host looks for on the trainer (Lightning's class name)
+        is_disabled = False
+
+        def __init__(self, terminal: bool) -> None:
+            self.progress = Progress(console=Console(file=_Stream(terminal), force_terminal=terminal))
+
+    class Trainer:
+        def __init__(self, terminal: bool) -> None:
+            self.progress_bar_callback = RichProgressBar(terminal)
+
+    trainer = Trainer(True)
+    seen = []
+    for item in progress_iter(range(4), "grass: query gradients", ProgressHost(trainer)):
+        seen.append([(t.description, t.completed, t.total) for t in trainer.progress_bar_callback.progress.tasks])
+    assert seen == [[("grass: query gradients", i, 4)] for i in range(4)]  # one task on Lightning's display
+    assert trainer.progress_bar_callback.progress.tasks == []  # removed when done
+    piped = Trainer(False)
+    for _ in progress_iter(range(2), "grass: scoring", ProgressHost(piped)):
+        assert piped.progress_bar_callback.progress.tasks == []  # not a terminal: no task
