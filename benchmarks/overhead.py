@@ -1,53 +1,37 @@
-"""Training-step overhead of capturing FactGraSS gradients in a small GPT-2 (CPU).
+"""Training-step overhead of the callback's in-training path, on a small GPT-2 and a small Llama (CPU).
 
-    .venv/bin/python benchmarks/overhead.py            # 40 timed rounds (about 6 min quiet, 12 min loaded)
-    .venv/bin/python benchmarks/overhead.py --quick    # 6 timed rounds (about 1-2 min)
-    .venv/bin/python benchmarks/overhead.py --json out/overhead.json
+    .venv/bin/python benchmarks/overhead.py                  # both models, 40 timed rounds each
+    .venv/bin/python benchmarks/overhead.py --quick          # 8 rounds each (a smoke run)
+    .venv/bin/python benchmarks/overhead.py --models gpt2 --steps 60 --json runs/overhead.json
 
-Model: ``GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=8192,
-n_positions=128))``, random token batches ``B=8, T=128``, AdamW, ``loss = model(input_ids,
-labels=input_ids).loss``. Every variant owns an identical copy of the model and optimizer and
-runs the same batches; the variants are stepped interleaved (round ``i`` runs every variant once
-on batch ``i``, in an order rotated by ``i``), so machine noise hits them alike. Reported: the
-median step time of each variant, its ratio to the plain step (ratio of medians, and the median
-of the per-round paired ratios), and where the extra time goes.
+Models (from configs, random weights): ``GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256,
+n_head=4, vocab_size=8192, n_positions=128))`` (17 tapped layers: 16 ``Conv1D`` + the tied
+``lm_head``) and ``LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=256,
+intermediate_size=688, num_attention_heads=4, vocab_size=8192))`` (29 ``nn.Linear``: q/k/v/o,
+gate/up/down and ``lm_head``). Random token batches ``B=8, T=128``, AdamW, ``loss =
+model(input_ids, labels=input_ids).loss``, ``k = 1024`` per layer.
 
-The verdict is the **paired** figure, the median over rounds of (variant step / plain step in
-the same round), plus the amortised shard commit. A spell of load on the shared machine slows
-every variant of the rounds it covers (even in CPU time: caches and memory bandwidth are
-shared), so a ratio of medians taken over different rounds swings with where the spells fall:
-three runs of this script gave 1.051, 1.032 and 1.130 for the full path while the paired
-figure gave 1.028, 1.034 and 1.018.
-
-Threads: by default torch runs single-threaded (``--threads 1``) and the verdict uses process
-CPU time per step. On a shared 2-core machine a 2-thread OpenMP step is slowed 10-50x, unevenly,
-whenever another process wants a core (one thread waits for the other at every parallel region),
-which drowns a 5% effect; a single thread's CPU time is not affected by other processes' load.
-``--threads 0`` keeps torch's default (verdict on wall time), for a quiet machine.
-
-Variants:
+Variants, each with its own identical copy of the model and optimizer, on the same batches:
 
 * ``plain``: zero_grad, forward, backward, optimizer step;
-* ``full``: the in-training path of the callback: ``LayerTaps(model, k)`` on every linear layer
-  (16 ``Conv1D`` + the tied ``lm_head``), ``set_scale(per_example_scale(B, "token_mean",
-  token_counts=T-1 each))`` (HF averages over all ``B*(T-1)`` label tokens, so this equals
-  ``"mean"``), ``collect()`` after backward, the rows cast to float16 and appended to a
-  ``GradientStore`` (float16, in a temporary directory), then ``FisherStats.update`` on the
-  finite rows as float32 (as the callback does; the sums are float64 by default);
-* ``compress``: taps + ``collect()`` only (no store, no Fisher): the cost of compression alone;
-* extra rows (``--no-extras`` drops them), each one knob on ``full``: the Fisher sums in float32
-  (``fisher32``), ``k=256``, both, the Fisher updated once per ``--fisher-every`` steps with the
-  buffered rows (``fisher/8``; its update cost is averaged over the steps), the ``lm_head``
-  excluded (``no lm_head``), and the torch reference op instead of the C++ kernel
-  (``impl=torch``). None changes the library; they only show which knob would meet the target.
+* ``full``: the callback's path: ``LayerTaps`` on every linear layer, ``set_scale(per_example_scale
+  (B, "mean"))``, ``collect()`` after backward and ``StepRecorder.record`` (cast to float16, finite
+  mask, float64 Fisher on the device, rows to a float16 ``GradientStore`` through the background
+  writer). The step ends with ``StepRecorder.drain()``: the writer's work of that step is counted
+  in that step (process CPU time counts every thread), never in a neighbour's;
+* ``compress``: taps + ``collect()`` only: the cost of compression alone.
 
-Also printed: one layer's compression with the C++ kernel vs the torch reference, per layer
-shape, and the amortised cost of committing a shard. ``min ratio`` (fastest step vs fastest
-plain step) is the least noise-sensitive figure on a loaded machine.
+Rounds are interleaved (round ``i`` steps every variant once on batch ``i``, in an order rotated by
+``i``), so a spell of load on the shared machine hits every variant alike. Reported per variant:
+the step-time percentiles (p50, p90, max: a spike shows in p90/max), and against ``plain`` the
+**median of the per-round ratios** (paired) and the **ratio of the means** (which a periodic spike
+moves even when the median does not). Both also with the shard commit amortised (a shard of
+8192 rows is committed by the writer every 1024 steps, outside the timed rounds; measured apart).
+Target: both <= 1.03 on both models.
 
-Shard commits happen every ``rows_per_shard`` (8192) rows, i.e. every 1024 steps at ``B=8``,
-so none falls inside the timed steps; the cost of one commit is measured separately at the end
-and reported amortised per step.
+Threads: by default torch runs single-threaded (``--threads 1``) and times are process CPU time
+(a single thread's CPU time is not inflated when other processes want the cores, as on this
+2-core machine); ``--threads 0`` keeps torch's default and times wall clock.
 """
 
 from __future__ import annotations
@@ -70,72 +54,56 @@ from _util import print_table, write_json  # noqa: E402
 from grass_callback.attribution import open_store  # noqa: E402
 from grass_callback.capture import LayerTaps, per_example_scale  # noqa: E402
 from grass_callback.fisher import FisherStats  # noqa: E402
+from grass_callback.recorder import StepRecorder  # noqa: E402
 from grass_callback.store import GradientStore  # noqa: E402
 
-TARGET = 1.05
-PARTS = ["fwd+bwd", "compress", "collect", "cast", "store", "finite", "fisher", "optim"]
+TARGET = 1.03
+MODELS = ("gpt2", "llama")
 
 
 @dataclass
 class Variant:
     name: str
-    k: int | None = None  # None: no taps
-    store: bool = False
-    fisher_dtype: torch.dtype | None = None
-    fisher_every: int = 1  # > 1: buffer rows, one FisherStats.update per this many steps
-    exclude: str | None = None
-    impl: str = "auto"
+    taps_on: bool = False
+    record: bool = False
     model: torch.nn.Module | None = None
     opt: torch.optim.Optimizer | None = None
     taps: LayerTaps | None = None
-    gstore: GradientStore | None = None
-    fisher: FisherStats | None = None
-    pending: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)  # process CPU seconds per step (all threads)
+    store: GradientStore | None = None
+    recorder: StepRecorder | None = None
+    times: list[float] = field(default_factory=list)  # seconds per step by the verdict's clock
     parts: dict[str, list[float]] = field(default_factory=dict)
 
 
-def build_model(seed: int) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+def build_model(kind: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=128)
-    return GPT2LMHeadModel(config)
+    if kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=128))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=688,
+                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=8192,
+                                        max_position_embeddings=128))
 
 
-def finite_rows(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """float32 rows that are finite in every layer (what the callback feeds the Fisher)."""
-    keep = None
-    for r in rows.values():
-        ok = torch.isfinite(r).all(dim=1)
-        keep = ok if keep is None else keep & ok
-    everything = bool(keep.all())
-    return {n: (r if everything else r[keep]).float() for n, r in rows.items()}
-
-
-def setup_variant(v: Variant, base: torch.nn.Module, lr: float, root: str) -> None:
+def setup_variant(v: Variant, base: torch.nn.Module, k: int, root: str) -> None:
     v.model = copy.deepcopy(base).train()
-    v.opt = torch.optim.AdamW(v.model.parameters(), lr=lr)
-    if v.k is None:
+    v.opt = torch.optim.AdamW(v.model.parameters(), lr=1e-4)
+    if not v.taps_on:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        v.taps = LayerTaps(v.model, k=v.k, exclude=v.exclude, impl=v.impl)
+        v.taps = LayerTaps(v.model, k=k)
     v.taps.attach()
-    if v.store:
-        folder = "".join(c if c.isalnum() else "_" for c in v.name)
-        v.gstore = open_store(os.path.join(root, folder), v.taps, dtype="float16")
-        v.fisher = FisherStats(v.taps.layer_dims, dtype=v.fisher_dtype or torch.float64)
+    if v.record:
+        v.store = open_store(os.path.join(root, v.name), v.taps, dtype="float16")
+        v.recorder = StepRecorder(v.store, FisherStats(v.taps.layer_dims))
 
 
-def run_step(v: Variant, batch: torch.Tensor, step: int, scale: torch.Tensor,
-             clock=time.process_time) -> dict[str, float]:
-    """One training step; ``total`` is wall seconds, ``cpu`` process CPU seconds, the parts are
-    measured with ``clock`` (except ``compress``: the taps' own wall-clock count)."""
-    parts: dict[str, float] = {}
-    w0 = time.perf_counter()
-    c0 = time.process_time()
+def run_step(v: Variant, batch: torch.Tensor, step: int, scale: torch.Tensor, clock) -> dict[str, float]:
+    """One training step; ``total`` by ``clock``, ``record`` = collect + record + drain."""
     t0 = clock()
     v.opt.zero_grad(set_to_none=True)
     if v.taps is not None:
@@ -143,34 +111,20 @@ def run_step(v: Variant, batch: torch.Tensor, step: int, scale: torch.Tensor,
     loss = v.model(input_ids=batch, labels=batch).loss
     loss.backward()
     t1 = clock()
-    parts["fwd+bwd"] = t1 - t0
+    parts = {"fwd+bwd": t1 - t0}
     if v.taps is not None:
         grads = v.taps.collect()
-        t2 = clock()
-        parts["collect"] = t2 - t1
-        parts["compress"] = v.taps.pop_compute_seconds()  # inside backward, part of fwd+bwd
-        if v.gstore is not None:
-            rows = {n: g.detach().to("cpu").to(v.gstore.dtype) for n, g in grads.items()}
-            t3 = clock()
+        parts["compress"] = v.taps.pop_compute_seconds()  # wall, inside backward
+        if v.recorder is not None:
             B = batch.shape[0]
-            v.gstore.append(torch.arange(step * B, (step + 1) * B), step, rows)
-            t4 = clock()
-            fin = finite_rows(rows)
-            t5 = clock()
-            if v.fisher_every <= 1:
-                v.fisher.update(fin)
-            else:
-                v.pending.append(fin)
-                if (step + 1) % v.fisher_every == 0:
-                    v.fisher.update({n: torch.cat([p[n] for p in v.pending]) for n in fin})
-                    v.pending = []
-            t6 = clock()
-            parts.update(cast=t3 - t2, store=t4 - t3, finite=t5 - t4, fisher=t6 - t5)
-        t1 = clock()
+            v.recorder.record(torch.arange(step * B, (step + 1) * B), grads, step)
+            v.recorder.drain()  # the writer's share of this step, counted here
+        t2 = clock()
+        parts["record"] = t2 - t1
+        t1 = t2
     v.opt.step()
     parts["optim"] = clock() - t1
-    parts["cpu"] = time.process_time() - c0
-    parts["total"] = time.perf_counter() - w0
+    parts["total"] = clock() - t0
     return parts
 
 
@@ -181,216 +135,123 @@ def measure_commit(layer_dims: dict[str, int], batch: int, root: str) -> dict[st
     gen = torch.Generator().manual_seed(1)
     rows = {name: torch.randn(n, k, generator=gen).to(torch.float16) for name, k in layer_dims.items()}
     store.append(torch.arange(n), 0, rows)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     store.flush()
-    seconds = time.perf_counter() - t0
-    size = store.size_bytes()
-    return {"rows": n, "seconds": seconds, "shard MB": size / 2**20,
-            "per step ms": seconds * 1e3 * batch / n}
+    seconds = time.process_time() - t0
+    return {"rows": n, "seconds": seconds, "per step ms": seconds * 1e3 * batch / n}
 
 
-def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
+def percentile(xs: list[float], q: float) -> float:
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, max(0, round(q * (len(ys) - 1))))]
 
 
-def compress_by_layer(taps: LayerTaps, B: int, T: int, scale: torch.Tensor, repeat: int) -> list[dict]:
-    """Per distinct layer shape: one layer's compression with the C++ kernel and the torch
-    reference, interleaved call by call on the same random inputs (medians)."""
-    gen = torch.Generator().manual_seed(2)
-    groups: dict[tuple, list[str]] = {}
-    for name in taps.layers:
-        shape = taps.plans[name].shape
-        groups.setdefault((shape.d_in, shape.d_out), []).append(name)
+def bench_model(kind: str, args: argparse.Namespace, clock, unit: str) -> dict:
+    B, T = args.batch, args.seq
+    variants = [Variant("plain"), Variant("full", taps_on=True, record=True), Variant("compress", taps_on=True)]
+    base = build_model(kind, 0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, base.config.vocab_size, (B, T), generator=gen) for _ in range(args.warmup + args.steps)]
+    scale = per_example_scale(B, "mean")
+    with tempfile.TemporaryDirectory(prefix="grass-overhead-") as root:
+        for v in variants:
+            setup_variant(v, base, args.k, root)
+        full = variants[1]
+        print(f"{kind}: {len(full.taps.layers)} tapped layers (k={args.k}), B={B}, T={T}; {args.warmup} warm-up + "
+              f"{args.steps} timed rounds of {len(variants)} variants, interleaved ({unit})", flush=True)
+        for i, batch in enumerate(batches):
+            shift = i % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                parts = run_step(v, batch, i, scale, clock)
+                if i >= args.warmup:
+                    v.times.append(parts["total"])
+                    for key, val in parts.items():
+                        v.parts.setdefault(key, []).append(val)
+            if i >= args.warmup and (i - args.warmup + 1) % 10 == 0:
+                print(f"  round {i - args.warmup + 1}/{args.steps}: "
+                      + ", ".join(f"{v.name} {v.times[-1] * 1e3:.0f} ms" for v in variants), flush=True)
+        full.recorder.flush()
+        full.recorder.close()
+        skipped = full.store.skipped_nonfinite
+        commit = measure_commit(full.taps.layer_dims, B, os.path.join(root, "commit"))
+        for v in variants:
+            if v.taps is not None:
+                v.taps.remove()
+    plain = variants[0]
+    plain_mean = statistics.fmean(plain.times)
     rows = []
-    for (d_in, d_out), names in groups.items():
-        plan = taps.plans[names[0]]
-        x = torch.randn(B, T, d_in, generator=gen)
-        g = torch.randn(B, T, d_out, generator=gen)
-        times: dict[str, list[float]] = {"cpu": [], "torch": []}
-        for i in range(repeat + 1):
-            for impl in times:
-                t0 = time.perf_counter()
-                plan.compress(x, g, scale=scale, impl=impl)
-                if i:  # first call of each: warm-up
-                    times[impl].append(time.perf_counter() - t0)
-        kernel, ref = med(times["cpu"]) * 1e3, med(times["torch"]) * 1e3
-        rows.append({"layers": names[0] if len(names) == 1 else f"{len(names)} x {names[0]}",
-                     "d_in x d_out": f"{d_in}x{d_out}", "k": plan.k, "kernel ms": kernel,
-                     "torch ms": ref, "kernel/torch": kernel / ref, "kernel ms total": kernel * len(names)})
-    return rows
+    for v in variants:
+        paired = statistics.median([t / p for t, p in zip(v.times, plain.times)])
+        means = statistics.fmean(v.times) / plain_mean
+        row = {"model": kind, "variant": v.name, "p50 ms": percentile(v.times, 0.5) * 1e3,
+               "p90 ms": percentile(v.times, 0.9) * 1e3, "max ms": max(v.times) * 1e3,
+               "mean ms": statistics.fmean(v.times) * 1e3, "paired": paired, "ratio of means": means}
+        for key in ("compress", "record"):
+            if key in v.parts:
+                row[f"{key} ms"] = statistics.median(v.parts[key]) * 1e3
+                row[f"{key} p90/max ms"] = f"{percentile(v.parts[key], 0.9) * 1e3:.1f}/{max(v.parts[key]) * 1e3:.1f}"
+        if v.record:
+            extra = commit["per step ms"] / (plain_mean * 1e3)
+            row["paired+commit"], row["means+commit"] = paired + extra, means + extra
+            row["meets"] = "yes" if max(row["paired+commit"], row["means+commit"]) <= TARGET else "no"
+        rows.append(row)
+    return {"rows": rows, "commit": commit, "skipped_nonfinite": skipped,
+            "raw_ms": {v.name: [t * 1e3 for t in v.times] for v in variants}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="6 timed steps (about 1-2 minutes)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 40, quick 6)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, quick 2)")
+    parser.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama")
+    parser.add_argument("--quick", action="store_true", help="8 timed rounds per model")
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds per model (default 40, quick 8)")
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--k", type=int, default=1024)
-    parser.add_argument("--fisher-every", type=int, default=8,
-                        help="steps per FisherStats.update in the deferred-Fisher extra row")
-    parser.add_argument("--no-extras", action="store_true", help="only the plain / full / compress rows")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default 1; 0: torch's default). With 1 thread the "
-                             "verdict uses CPU time, otherwise wall time")
+                        help="torch.set_num_threads (default 1: process CPU time; 0: torch's default, wall time)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args()
-    steps = args.steps if args.steps is not None else (6 if args.quick else 40)
-    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
-    B, T = args.batch, args.seq
+    args.steps = args.steps if args.steps is not None else (8 if args.quick else 40)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        parser.error(f"--models takes {MODELS}, got {bad}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    primary = "cpu" if torch.get_num_threads() == 1 else "wall"
-    clock = time.process_time if primary == "cpu" else time.perf_counter
+    single = torch.get_num_threads() == 1
+    clock, unit = (time.process_time, "process CPU time") if single else (time.perf_counter, "wall time")
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()  # the bos/eos id warnings of a small-vocab GPT2Config
+        hf_logging.set_verbosity_error()
     except Exception:
         pass
-
-    variants = [
-        Variant("plain"),
-        Variant("full", k=args.k, store=True),
-        Variant("compress", k=args.k),
-    ]
-    if not args.no_extras:
-        variants += [
-            Variant("full fisher32", k=args.k, store=True, fisher_dtype=torch.float32),
-            Variant("full k256", k=256, store=True),
-            Variant("full k256 fisher32", k=256, store=True, fisher_dtype=torch.float32),
-            Variant(f"full fisher/{args.fisher_every}", k=args.k, store=True, fisher_every=args.fisher_every),
-            Variant("full no lm_head", k=args.k, store=True, exclude="lm_head"),
-            Variant("full impl=torch", k=args.k, store=True, impl="torch"),
-        ]
-
-    base = build_model(0)
-    gen = torch.Generator().manual_seed(0)
-    vocab = base.config.vocab_size
-    batches = [torch.randint(0, vocab, (B, T), generator=gen) for _ in range(warmup + steps)]
-    counts = torch.full((B,), T - 1)  # labels=input_ids: HF shifts, T-1 label tokens per example
-    scale = per_example_scale(B, "token_mean", token_counts=counts)
-    assert torch.equal(scale, per_example_scale(B, "mean")), "token_mean with equal counts must be mean"
-
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, times in {unit}", flush=True)
     wall = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="grass-overhead-") as root:
-        for v in variants:
-            setup_variant(v, base, 1e-4, root)
-        n_layers = len(variants[1].taps.layers)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (verdict on {primary} time); "
-              f"GPT-2 4x256, vocab 8192, "
-              f"B={B}, T={T}; {n_layers} tapped layers (k={args.k}); {warmup} warm-up + {steps} timed "
-              f"rounds of {len(variants)} variants, interleaved", flush=True)
-        for i, batch in enumerate(batches):
-            timed = i >= warmup
-            shift = i % len(variants)
-            for v in variants[shift:] + variants[:shift]:
-                parts = run_step(v, batch, i, scale, clock)
-                if timed:
-                    v.times.append(parts["total"])
-                    v.cpu.append(parts["cpu"])
-                    for key, val in parts.items():
-                        v.parts.setdefault(key, []).append(val)
-            if timed:
-                print(f"  round {i - warmup + 1}/{steps} ({primary} ms): "
-                      + ", ".join(f"{v.name} {(v.cpu if primary == 'cpu' else v.times)[-1] * 1e3:.0f}"
-                                  for v in variants), flush=True)
-            else:
-                print(f"  warm-up {i + 1}/{warmup}", flush=True)
-        commits: dict[tuple, dict] = {}  # one full-shard commit per distinct layer set
-        for v in variants:
-            key = (v.k, v.exclude)
-            if v.store and key not in commits:
-                commits[key] = measure_commit(v.taps.layer_dims, B, os.path.join(root, f"commit-{len(commits)}"))
-        layer_rows = compress_by_layer(variants[1].taps, B, T, scale, repeat=9 if args.quick else 21)
-        for v in variants:
-            if v.gstore is not None:
-                v.gstore.close()
-            if v.taps is not None:
-                v.taps.remove()
-
-    plain = variants[0]
-    rows = []
-    for v in variants:
-        wall_s, cpu_s = v.times, v.cpu
-        if v.fisher_every > 1:  # the update lands on one step in fisher_every: amortise it
-            fisher = v.parts["fisher"]
-            mean_fisher = sum(fisher) / len(fisher)
-            cpu_s = [c - f + mean_fisher for c, f in zip(v.cpu, fisher)] if primary == "cpu" else v.cpu
-            wall_s = [t - f + mean_fisher for t, f in zip(v.times, fisher)] if primary == "wall" else v.times
-        row = {"variant": v.name, "k": v.k if v.k is not None else "-",
-               "fisher": ("f32" if v.fisher_dtype == torch.float32 else "f64") if v.store else "-",
-               "wall ms": med(wall_s) * 1e3, "wall ratio": med(wall_s) / med(plain.times),
-               "wall paired": med([t / p for t, p in zip(wall_s, plain.times)]),
-               "wall min ratio": min(wall_s) / min(plain.times),
-               "cpu ms": med(cpu_s) * 1e3, "cpu ratio": med(cpu_s) / med(plain.cpu),
-               "cpu paired": med([t / p for t, p in zip(cpu_s, plain.cpu)])}
-        row["step ms"], row["ratio"] = row[f"{primary} ms"], row[f"{primary} paired"]
-        for key in PARTS:
-            if key in v.parts:
-                vals = v.parts[key]
-                mean = key == "fisher" and v.fisher_every > 1
-                row[f"{key} ms"] = (sum(vals) / len(vals) if mean else med(vals)) * 1e3
-        if v.store:
-            commit_ms = commits[(v.k, v.exclude)]["per step ms"]
-            row["commit/step ms"] = commit_ms
-            row["ratio+commit"] = row["ratio"] + commit_ms / rows[0]["step ms"]
-        row["meets 1.05"] = "yes" if row.get("ratio+commit", row["ratio"]) <= TARGET else "no"
-        rows.append(row)
-
+    results = {m: bench_model(m, args, clock, unit) for m in models}
+    rows = [r for m in models for r in results[m]["rows"]]
     print()
-    print("wall: median wall time per step, its ratio to plain's median, the median over rounds of the ratio "
-          "within a round (paired), fastest vs fastest plain (min ratio); cpu: process CPU time, "
-          f"insensitive to other processes' load when single-threaded. Verdict: {primary} paired + commit.")
-    print_table(rows, ["variant", "k", "fisher", "wall ms", "wall ratio", "wall paired", "wall min ratio",
-                       "cpu ms", "cpu ratio", "cpu paired", "ratio+commit", "meets 1.05"])
+    print(f"step time by variant ({unit}); paired = median over rounds of (variant / plain in the same round); "
+          f"ratio of means = mean step / mean plain step; +commit adds the amortised shard commit")
+    print_table(rows, ["model", "variant", "p50 ms", "p90 ms", "max ms", "mean ms", "paired", "ratio of means",
+                       "paired+commit", "means+commit", "meets"])
     print()
-    print(f"where the time goes ({primary} ms per step, medians; compress is the taps' wall-clock count and "
-          "runs inside backward, so it is part of fwd+bwd; deferred Fisher: mean per step):")
-    print_table(rows, ["variant", "step ms"] + [f"{p} ms" for p in PARTS] + ["commit/step ms"])
-    print()
-    print(f"compression of one layer, C++ kernel (impl='cpu', what 'auto' picks) vs torch reference "
-          f"(B={B}, T={T}, k={args.k}, random inputs, interleaved, median wall ms):")
-    print_table(layer_rows, ["layers", "d_in x d_out", "k", "kernel ms", "torch ms", "kernel/torch",
-                             "kernel ms total"])
-    print()
-    full = rows[1]
-    extra = {p: full.get(f"{p} ms", 0.0) for p in ("compress", "collect", "cast", "store", "finite", "fisher")}
-    commit = commits[(args.k, None)]
-    print(f"full path, extra over plain ({primary}): {full['step ms'] - rows[0]['step ms']:.1f} ms/step = "
-          f"{100 * (full['step ms'] / rows[0]['step ms'] - 1):.1f}% of the plain step "
-          f"({', '.join(f'{p} {ms:.1f}' for p, ms in extra.items())} ms; "
-          f"shard commit {commit['seconds']:.2f} s wall per {commit['rows']} rows ({commit['shard MB']:.0f} MB) = "
-          f"{commit['per step ms']:.2f} ms/step amortised)")
-    print(f"HEADLINE: (b) full / (a) plain, paired {primary} + commit = {full['ratio+commit']:.3f} "
-          f"(paired {full['cpu paired']:.3f} cpu / {full['wall paired']:.3f} wall; ratio of medians "
-          f"{full['cpu ratio']:.3f} cpu / {full['wall ratio']:.3f} wall); (c) compress / (a) plain, paired = "
-          f"{rows[2]['cpu paired']:.3f} cpu / {rows[2]['wall paired']:.3f} wall; target (b)/(a) <= {TARGET}")
-    if full["ratio+commit"] > TARGET:
-        tried = [r for r in rows[3:] if r["variant"].startswith("full")]
-        winners = [f"{r['variant']} ({r['ratio+commit']:.3f})" for r in tried if r["ratio+commit"] <= TARGET]
-        if not tried:
-            print("above target; rerun without --no-extras to try the float32 Fisher, k=256 and other knobs")
-        elif winners:
-            print(f"above target ({full['ratio+commit']:.3f}); knobs that bring the full path under "
-                  f"{TARGET}: {', '.join(winners)}")
-        else:
-            best = min(tried, key=lambda r: r["ratio+commit"])
-            print(f"above target ({full['ratio+commit']:.3f}); no knob tried gets the full path under {TARGET} "
-                  f"(best: {best['variant']} at {best['ratio+commit']:.3f})")
-    else:
-        print(f"meets the target ({full['ratio+commit']:.3f}, paired {primary} time + commit)")
+    print("extra work outside backward (record = collect + StepRecorder.record + drain of the writer):")
+    print_table([r for r in rows if r["variant"] != "plain"],
+                ["model", "variant", "compress ms", "record ms", "record p90/max ms"])
+    for m in models:
+        full = next(r for r in results[m]["rows"] if r["variant"] == "full")
+        c = results[m]["commit"]
+        print(f"HEADLINE {m}: full / plain = {full['paired']:.3f} paired, {full['ratio of means']:.3f} ratio of "
+              f"means ({full['paired+commit']:.3f} / {full['means+commit']:.3f} with the shard commit, "
+              f"{c['per step ms']:.2f} ms/step); p90/max {full['p90 ms']:.0f}/{full['max ms']:.0f} ms vs plain "
+              f"{results[m]['rows'][0]['p90 ms']:.0f}/{results[m]['rows'][0]['max ms']:.0f} ms; target <= {TARGET}: "
+              f"{'met' if full['meets'] == 'yes' else 'not met'}")
     print(f"wall time {time.perf_counter() - wall:.0f} s")
-
-    write_json(args.json, {
-        "batch": B, "seq": T, "k": args.k, "steps": steps, "warmup": warmup,
-        "threads": torch.get_num_threads(), "target": TARGET, "verdict_on": primary,
-        "commits": {f"k={k} exclude={e}": c for (k, e), c in commits.items()}, "rows": rows,
-        "compress_by_layer": layer_rows,
-        "raw_ms": {v.name: [t * 1e3 for t in v.times] for v in variants},
-        "raw_cpu_ms": {v.name: [t * 1e3 for t in v.cpu] for v in variants},
-    })
+    write_json(args.json, {"batch": args.batch, "seq": args.seq, "k": args.k, "steps": args.steps,
+                           "warmup": args.warmup, "threads": torch.get_num_threads(), "clock": unit,
+                           "target": TARGET, "models": results})
 
 
 if __name__ == "__main__":

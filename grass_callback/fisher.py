@@ -207,9 +207,10 @@ class FisherStats:
         device: where the ``k x k`` sums live (the training device: no copy of the rows).
         buffer_rows: rows a layer collects before they are added to its sum in one product.
             Adding a few rows at a time sweeps every ``k x k`` sum per step (memory-bound); a
-            buffer of 64 rows makes the update one larger, compute-bound product. The layers'
-            first folds are staggered (layer ``i`` of ``L`` folds first at ``64 (i+1)/L`` rows), so
-            each step folds about ``L B / 64`` layers instead of every 8th step folding all.
+            buffer of 128 rows makes the update one larger, compute-bound product (float64, one
+            thread, k = 1024: 0.054 ms per row at 128 rows, 0.059 at 64). The layers' first folds
+            are staggered (layer ``i`` of ``L`` folds first at ``128 (i+1)/L`` rows), so each step
+            folds about ``L B / 128`` layers instead of every 16th step folding all of them.
         compute_dtype: dtype of the products. Default: ``dtype``, except float32 on CUDA for a
             float64 ``dtype`` (fast GEMMs on every GPU); float32 products then go into a float32
             partial sum per layer that is folded into the ``dtype`` sum every ``fold_rows`` rows.
@@ -229,7 +230,7 @@ class FisherStats:
         layer_dims: Mapping[str, int],
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
-        buffer_rows: int = 64,
+        buffer_rows: int = 128,
         compute_dtype: torch.dtype | None = None,
         fold_rows: int = 1024,
     ) -> None:

@@ -30,19 +30,23 @@ float32 rows from the kernel; Fisher in float32 products folded into float64 eve
 numbers for GPT-2 small, ``B = 32``, ``L = 49``, ``k = 1024``, float16 storage)::
 
     piece                         FLOPs / step            device bytes / step         host syncs
-    cast to storage dtype         -                       (4 + s) B L k    = 9.6 MB       0
-    finite mask (amax, amin)      2 B L k                 2 s B L k        = 6.4 MB       0
-    rows to float32, zero dropped -                       (s + 8) B L k    = 16 MB        0
-    Fisher, upper block triangle  1.25 B L k^2 = 2.1 G    10 L k^2 B / 64  = 100 MB       0
-      (4 row panels; fold of a buffer of 64 rows reads and writes 10/16 of a float32 k x k)
-    fold float32 -> float64       L k^2 B / 1024 = 1.6 M  20 L k^2 B/1024  = 32 MB        0
+    cast to storage dtype         -                       (4 + s) B L k     = 9.6 MB      0
+    finite mask (amax, amin)      2 B L k   = 3.2 M       2 s B L k         = 6.4 MB      0
+    rows to float32, zero dropped -                       (s + 12) B L k    = 22 MB       0
+    Fisher, upper block triangle  1.25 B L k^2 = 2.1 G    5 L k^2 B / 128   = 64 MB       0
+      (4 row panels; a fold of a 128-row buffer reads and writes 10/16 of a float32 k x k)
+    fold float32 -> float64       L k^2 B / 1024 = 1.6 M  24 L k^2 B / 1024 = 38 MB       0
     copy to pinned host memory    -                       s B L k = 3.2 MB over PCIe      0
                                                           (async, on the current stream)
     event record                  -                       -                               0
     writer thread (host)          finite check, shard writes: off the training thread     0
 
-About 2.1 GFLOP of float32 GEMM (some 40 us on an H100) and 170 MB of device traffic (about
-60 us at 3 TB/s) per step: well under a millisecond. Per-step host syncs: none in the recorder.
+About 2.1 GFLOP of float32 GEMM (some 40 us on an H100) and 140 MB of device traffic (about
+50 us at 3 TB/s) per step: well under a millisecond. Per-step host syncs: none in the recorder.
+Kernel launches: about 10 per layer and step (cast, 5 for the mask, 2 for the Fisher rows, a
+copy) plus 4 per fold, some 500 at ``L = 49``: 2-3 ms of host time that overlaps the GPU's work
+while the step is GPU-bound; fusing the layers into one ``[B, sum k]`` buffer would cut it to a
+handful (not done).
 Not yet measured on a GPU (no GPU was at hand); the callback's other per-step sync on a GPU is
 the batch's dataset indices, read to the host by ``get_batch_indices``.
 
@@ -173,11 +177,15 @@ class StepRecorder:
         """Batches handed to the writer and not yet appended."""
         return self._in_flight
 
-    def flush(self) -> None:
-        """Wait for the writer, raise its error (chained), then commit the store's buffered rows."""
+    def drain(self) -> None:
+        """Wait until the writer has appended every batch handed to it (no shard is committed)."""
         if self._thread is not None:
             self._queue.join()
         self._raise_error()
+
+    def flush(self) -> None:
+        """Wait for the writer, raise its error (chained), then commit the store's buffered rows."""
+        self.drain()
         if self.store is not None and not self.store.closed:
             self.store.flush()
 

@@ -167,7 +167,7 @@ def test_folds_are_spread_over_the_steps(monkeypatch):
     folds = []
     real = fisher_mod._gram_upper_
     monkeypatch.setattr(fisher_mod, "_gram_upper_", lambda total, g: (folds.append(g.shape[0]), real(total, g)))
-    stats = FisherStats(dims)
+    stats = FisherStats(dims, buffer_rows=64)
     per_step, rows = [], []
     for step in range(48):
         r = _rows(8, seed=step, dims=dims)
