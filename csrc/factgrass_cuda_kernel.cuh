@@ -83,6 +83,7 @@ namespace grass_cuda {
 
 constexpr int kThreads = 256;         // reduce and sketch blocks (8 warps)
 constexpr int kMinBlocksPerSM = 2;    // launch bounds: up to 128 registers a thread
+constexpr int kMinBlocksPerSMSmall = 3;  // the 64 x 64 tensor-core tile: up to 80 registers (4 spills)
 constexpr int kUnroll = 4;            // independent 16-byte loads in flight per thread
 constexpr int64_t kSharedBudget = 48 * 1024;
 constexpr int64_t kMinChunkTokens = 128;
@@ -581,7 +582,7 @@ struct WmmaTile {
 };
 
 template <typename Traits, int P>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+__global__ void __launch_bounds__(kThreads, P == 1 ? kMinBlocksPerSMSmall : kMinBlocksPerSM)
 factgrass_reduce_kernel(const ReduceParams<typename Traits::storage, typename Traits::acc> p) {
   using S = typename Traits::storage;
   using A = typename Traits::acc;
