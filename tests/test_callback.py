@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from grass_callback import GraSSCallback, IndexedDataset
-from grass_callback.attribution import plans_from_store, query_gradients, score_store
+from grass_callback.attribution import plans_from_store, query_gradients
 from grass_callback.capture import LayerTaps
 from grass_callback.errors import CaptureError, ConfigError
-from grass_callback.fisher import FisherStats
 from grass_callback.store import GradientStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_independent_refs import WeightsAtEpochEnd, exact_query_rows, hand_scores, store_rows  # noqa: E402
 
 N_TRAIN, N_VAL = 48, 12
 
@@ -68,59 +71,78 @@ def fit(tmp_path, epochs=2, callback=None, logger=None, ckpt_path=None, extra_ca
     return trainer, model, callback
 
 
+def hand_score_matrices(cb, modules):
+    """Per scoring period, ``[6, N_TRAIN]`` scores computed by hand (``test_independent_refs``): the
+    epoch's rows read from the shards, its Fisher fitted by plain torch, exact query gradients at
+    the epoch-end weights ``modules[epoch]``."""
+    rows = store_rows(Path(cb.store_dir) / "train")
+    _, val = data()
+    examples = [val.dataset[i][:2] for i in range(6)]
+    out = []
+    for epoch, module in enumerate(modules):
+        keep = rows["epochs"] == epoch
+        own = {key: t[keep] for key, t in rows.items()}
+        assert sorted(own["ids"].tolist()) == list(range(N_TRAIN)), epoch
+        scores, _ = hand_scores(own, exact_query_rows(module, cb.taps.plans, examples), cb.damping_ratio)
+        dense = torch.zeros(6, N_TRAIN, dtype=torch.float64)
+        dense[:, own["ids"]] = scores
+        out.append(dense)
+    return out
+
+
 def read_tables(save_dir):
+    """W&B tables by name, oldest first (the file names carry W&B's step counter: ``influence_3_<hash>``)."""
     tables = {}
-    for path in glob.glob(str(Path(save_dir) / "wandb" / "offline-run-*" / "files" / "media" / "table" / "grass" / "*.json")):
+    paths = glob.glob(str(Path(save_dir) / "wandb" / "offline-run-*" / "files" / "media" / "table" / "grass" / "*.json"))
+    for path in sorted(paths, key=lambda p: int(re.search(r"_(\d+)_", Path(p).name)[1])):
         name = Path(path).name.split("_")[0]
         tables.setdefault(name, []).append(json.loads(Path(path).read_text()))
     return tables
 
 
-def test_tables_land_in_wandb_and_match_the_engine(tmp_path):
+def test_tables_land_in_wandb_and_hold_the_hand_computed_scores(tmp_path):
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="t")
-    trainer, model, cb = fit(tmp_path, epochs=2, logger=logger)
+    weights = WeightsAtEpochEnd()
+    trainer, model, cb = fit(tmp_path, epochs=2, logger=logger, extra_callbacks=[weights])
     logger.experiment.finish()  # the logger's run stays open otherwise (Lightning does not finish it)
     tables = read_tables(tmp_path)
     assert {"influence", "self", "data"} <= set(tables), tables.keys()
     infl = tables["influence"][-1]
-    assert {"query_id", "rank", "train_id", "kind"} <= set(infl["columns"])
+    assert {"query_id", "rank", "train_id", "kind", "score"} <= set(infl["columns"])
     col = {c: i for i, c in enumerate(infl["columns"])}
-    train_ids = [row[col["train_id"]] for row in infl["data"]]
-    assert train_ids and all(0 <= t < N_TRAIN for t in train_ids)
-    assert {row[col["kind"]] for row in infl["data"]} == {"proponent", "opponent"}
-    # the engine called directly on the same stored rows gives the same scores
-    store = GradientStore(cb.store.path, readonly=True)
-    last_epoch = max(int(c.epochs.max()) for c in store.iter_chunks())
-    stats, steps = FisherStats(store.layers), []
-    for chunk in store.iter_chunks(epochs=[last_epoch]):
-        stats.update(chunk.grads)
-        steps.append(chunk.steps)
-    start = int(torch.cat(steps).min())
-    assert stats.count == N_TRAIN
-    fitted = stats.fit(cb.damping_ratio)
-    taps = LayerTaps(model, plans=plans_from_store(store))
-    _, val = data()
-
-    def loss_fn(m, b):
-        return F.cross_entropy(m.net(b[0]), b[1])
-
-    with taps:
-        q_ids, q_grads = query_gradients(model, taps, val, loss_fn, max_queries=6, progress=False)
-    direct = score_store(store, fitted, q_ids, q_grads, topk=3, min_step=start, progress=False)
-    assert torch.equal(direct.top_ids, cb.last_result.top_ids)
-    torch.testing.assert_close(direct.top_scores, cb.last_result.top_scores, rtol=1e-4, atol=1e-6)
+    # the last table ranks by the ensemble: scores summed over both epochs, computed here by hand
+    total = sum(hand_score_matrices(cb, weights.modules))
+    want_top = total.argsort(dim=1, descending=True)[:, :3]
+    want_bottom = total.argsort(dim=1)[:, :3]
+    seen = set()
+    for row in infl["data"]:
+        q, rank, train_id, kind = (row[col[c]] for c in ("query_id", "rank", "train_id", "kind"))
+        want = want_top if kind == "proponent" else want_bottom
+        assert kind in ("proponent", "opponent") and train_id == int(want[q, rank - 1]), (q, rank, kind)
+        assert row[col["score"]] == pytest.approx(float(total[q, train_id]), rel=1e-4, abs=1e-6)
+        assert (row[col["score"]] > 0) == (kind == "proponent")  # the sign convention of the tables
+        seen.add((q, rank, kind))
+    assert len(seen) == 6 * 3 * 2
     # local copies exist without W&B
     rows = list(csv.reader(line for line in open(Path(cb.store_dir) / "scores" / "epoch-1" / "influence.csv") if not line.startswith("#")))
-    assert rows[0][:3] == ["query_id", "rank", "train_id"] and len(rows) > 1
+    assert rows[0][:3] == ["query_id", "rank", "train_id"] and len(rows) == 1 + 6 * 3 * 2
 
 
 def test_resume_keeps_each_example_once_and_the_same_data_value(tmp_path):
     _, _, full = fit(tmp_path / "a", epochs=2)
     ck = ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt", save_last=True, every_n_epochs=1)
-    fit(tmp_path / "b", epochs=1, extra_callbacks=[ck])
+    first, then = WeightsAtEpochEnd(), WeightsAtEpochEnd()
+    fit(tmp_path / "b", epochs=1, extra_callbacks=[ck, first])
     # a crash after the checkpoint leaves rows the resumed run must not count twice
     _, _, resumed = fit(tmp_path / "b", epochs=2, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"),
-                        extra_callbacks=[ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt2")])
+                        extra_callbacks=[ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt2"), then])
+    assert len(first.modules) == len(then.modules) == 1
+    # the resumed run against a reference computed by hand from its store and each epoch's weights
+    periods = hand_score_matrices(resumed, first.modules + then.modules)
+    total = periods[0] + periods[1]
+    got = torch.tensor([resumed.data_value[i] for i in range(N_TRAIN)], dtype=torch.float64)
+    torch.testing.assert_close(got, total.sum(0), rtol=1e-4, atol=1e-5 * float(total.sum(0).abs().max()))
+    assert torch.equal(resumed.ensemble_result.top_ids, total.argsort(dim=1, descending=True)[:, :3])
     store = GradientStore(resumed.store.path, readonly=True)
     pairs = []
     for chunk in store.iter_chunks():
@@ -184,6 +206,19 @@ def test_demo_finds_flipped_labels_better_than_chance(tmp_path):
     out = digits_mlp.main(["--epochs", "4", "--k", "64", "--quick", "--out", str(tmp_path / "demo")])
     # chance: 10% of the top-n; a binomial tail of >= 2.5x chance has probability < 1e-6
     assert out["caught"] >= 0.25 * out["n_flipped"], out["caught"]
+    # the sign convention: a flipped label raises the loss of queries of its true class, so flipped
+    # examples are opponents more often than proponents and their data value is negative on average
+    # (seed 0: 71% of the opponent slots vs 34% of the proponent slots; mean data value -32 vs +1.5)
+    from digits_mlp import load_digits_split
+
+    flipped = load_digits_split(0)[2]
+    result = out["result"]
+    among_opponents = torch.isin(result.bottom_ids, flipped).double().mean()
+    among_proponents = torch.isin(result.top_ids, flipped).double().mean()
+    assert among_opponents > 1.5 * among_proponents, (among_opponents, among_proponents)
+    is_flipped = torch.isin(result.data_value_ids, flipped)
+    flipped_value = result.data_value[is_flipped].double().mean()
+    assert flipped_value < 0 < result.data_value[~is_flipped].double().mean() - flipped_value, flipped_value
     assert out["run_dir"] is not None and list(Path(out["run_dir"]).glob("*.wandb"))
     # run again into the same folder (a second `make demo`): a fresh store, the same finding
     again = digits_mlp.main(["--epochs", "4", "--k", "64", "--quick", "--out", str(tmp_path / "demo")])
@@ -265,27 +300,3 @@ def test_joint_scorer_equals_a_dense_joint_reference(tmp_path):
     got = dict(zip(cb.last_result.self_influence_ids.tolist(), cb.last_result.self_influence.double().tolist()))
     torch.testing.assert_close(torch.tensor([got[i] for i in rows.ids.tolist()], dtype=torch.float64), self_ref,
                                rtol=1e-4, atol=1e-6)
-
-
-def test_ensemble_ranks_by_scores_summed_over_periods(tmp_path, monkeypatch):
-    from grass_callback.scoring import ScoreEnsemble
-
-    deltas = []
-    original = ScoreEnsemble.delta
-
-    def recording(self, result):
-        scores, seen = original(self, result)
-        dense = torch.full((result.query_ids.numel(), N_TRAIN), float("nan"), dtype=torch.float64)
-        dense[:, result.full_ids] = result.full.double()  # each id once per period
-        deltas.append(dense)
-        return scores, seen
-
-    monkeypatch.setattr(ScoreEnsemble, "delta", recording)
-    _, _, cb = fit(tmp_path, epochs=3)
-    assert len(deltas) == 3 and not torch.isnan(deltas[0]).any()
-    total = sum(deltas)
-    top_scores, top_ids = total.topk(3, dim=1)
-    assert torch.equal(cb.ensemble_result.top_ids, top_ids)
-    torch.testing.assert_close(cb.ensemble_result.top_scores.double(), top_scores, rtol=1e-5, atol=1e-6)
-    # the last period alone ranks differently from the ensemble for some query (else the test is moot)
-    assert not torch.equal(cb.last_result.top_ids, cb.ensemble_result.top_ids)
