@@ -7,7 +7,8 @@ thing a user would type afterwards::
 
     PYTHONPATH=examples python -m grass_callback attribute \\
         --ckpt runs/ckpt/epoch=1.ckpt --ckpt runs/ckpt/epoch=2.ckpt \\
-        --model attribute_checkpoint:DigitsModule --data attribute_checkpoint:DigitsData
+        --model attribute_checkpoint:DigitsModule --data attribute_checkpoint:DigitsData \\
+        --renderer attribute_checkpoint:digit_image
 
 Two checkpoints are ensembled (their scores summed). Tables land in ``<out>/scores`` and an
 offline W&B run under ``<out>/wandb``.
@@ -30,6 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits_mlp import load_digits_split  # noqa: E402  (same data as the main demo)
 
 from grass_callback import IndexedDataset  # noqa: E402
+from grass_callback.render import make_renderer  # noqa: E402
+
+# table cells: each sample's 64 pixels as an 8x8 image, 12x enlarged (labels come from the sample)
+digit_image = make_renderer(image_shape=(8, 8), image_scale=12)
 
 
 class DigitsModule(L.LightningModule):
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     cli_args = ["attribute", *[a for p in paths for a in ("--ckpt", str(p))],
                 "--model", "attribute_checkpoint:DigitsModule", "--data", "attribute_checkpoint:DigitsData",
+                "--renderer", "attribute_checkpoint:digit_image",
                 "--out", str(out / "attribution"), "--k", str(args.k), "--num-queries", "8", "--topk", "5"]
     if args.quick:
         cli_args += ["--no-wandb", "--quiet"]
