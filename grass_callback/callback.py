@@ -63,6 +63,7 @@ from grass_callback.errors import ConfigError, GraSSError
 from grass_callback.fisher import FisherStats, JointFisherStats
 from grass_callback.recorder import StepRecorder
 from grass_callback.scoring import ScoreEnsemble, ScoreResult, merge_results
+from grass_callback.sharding import has_sharded_parameters
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -585,7 +586,8 @@ class GraSSCallback(Callback):
         Under DDP every rank holds the same weights, so one pass is enough; the other ranks wait in
         the broadcast. A failure on rank 0 is broadcast too, so no rank is left waiting.
         """
-        if trainer.world_size <= 1:
+        if trainer.world_size <= 1 or has_sharded_parameters(pl_module):
+            # sharded weights (FSDP) are gathered by every rank in each forward: all ranks compute
             return self._compute_query_gradients(trainer, pl_module)
         payload, error = None, None
         if trainer.is_global_zero:

@@ -71,7 +71,9 @@ def layer_shape(module: nn.Module) -> LayerShape:
     """The gradient shape of a tappable layer (``Conv1D`` always has a bias)."""
     if isinstance(module, nn.Linear):
         return LayerShape(module.in_features, module.out_features, module.bias is not None)
-    d_in, d_out = module.weight.shape  # Conv1D
+    if hasattr(module, "nx") and hasattr(module, "nf"):  # Conv1D's own sizes: its weight may be a flat FSDP shard
+        return LayerShape(int(module.nx), int(module.nf), getattr(module, "bias", None) is not None)
+    d_in, d_out = module.weight.shape  # Conv1D of a transformers without nx
     return LayerShape(int(d_in), int(d_out), getattr(module, "bias", None) is not None)
 
 
