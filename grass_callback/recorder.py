@@ -5,8 +5,8 @@ device, from :meth:`~grass_callback.capture.LayerTaps.collect`) per call of :met
 
 1. casts them to the store's dtype on the device, so the Fisher sees exactly what the store keeps
    (a resumed run rebuilds the Fisher from the store and gets the same sums);
-2. marks rows with NaN/Inf in any layer (after the cast) in a bool tensor ``keep [B]`` that never
-   leaves the device; the Fisher zeroes those rows and counts ``keep.sum()`` as a device tensor;
+2. marks rows with NaN/Inf in any layer (after the cast, judged from the rows' maxima) in a bool
+   tensor ``keep [B]`` that never leaves the device; the Fisher zeroes those rows and counts ``keep.sum()`` as a device tensor;
 3. adds the rows to the :class:`~grass_callback.fisher.FisherStats` on the device (its layers fold
    their buffers in turn, so every step pays about the same);
 4. on CUDA copies the rows into pinned host memory with ``non_blocking=True`` and records an
@@ -87,16 +87,19 @@ class _Batch:
     event: Any  # torch.cuda.Event after the copies, or None
 
 
-def finite_rows(rows: Mapping[str, Tensor]) -> Tensor:
-    """bool ``[B]``: rows finite in every layer, computed on the rows' device without a sync.
+def finite_rows(rows: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """bool ``[B]``: rows finite in every layer (once cast to ``dtype``, when given), on the rows'
+    device, without a sync.
 
-    A row is finite when its largest ``|value|`` is (NaN propagates through ``amax``/``amin``),
-    the store's own rule, and cheaper than ``isfinite`` over every element.
+    A row is kept when its largest ``|value|`` is finite after the cast: the store's own rule
+    (rounding is monotonic, so the cast of the row maximum decides, and NaN propagates through
+    ``amax``/``amin``). Reducing the float32 rows is far cheaper than reducing half-precision
+    ones on the CPU.
     """
     keep = None
     for g in rows.values():
         row_max = torch.maximum(g.amax(dim=1), g.amin(dim=1).neg())
-        ok = torch.isfinite(row_max)
+        ok = torch.isfinite(row_max if dtype is None else row_max.to(dtype))
         keep = ok if keep is None else keep & ok
     if keep is None:
         raise StoreError("finite_rows needs at least one layer of rows.")
@@ -147,7 +150,7 @@ class StepRecorder:
         dtype = self.store.dtype if self.store is not None else next(iter(grads.values())).dtype
         # a fresh tensor per layer: the caller may reuse its own, the writer reads these later
         cast = {n: g.detach().to(dtype=dtype, copy=True) for n, g in grads.items()}
-        keep = finite_rows(cast)
+        keep = finite_rows(grads, dtype)
         if self.fisher is not None:
             self.fisher.update(cast, keep=keep)
         if self.store is not None:
