@@ -3,14 +3,24 @@
 // For example b: gather the masked input columns (with the constant-1 bias column) and the
 // masked output-gradient columns of all tokens into thread-local buffers, form the small
 // product  sum_t dout[t, a] * x[t, b]  (k_out x k_in), and scatter it through the SJLT tables
-// into the k-sized output. The small product comes from a 4 x 16 register-tile micro-kernel
-// for short sequences and from one single-threaded BLAS GEMM per example (at::mm_out on the
-// thread's buffers) from kGemmMinTokens tokens on. The masks are sorted; neighbouring kept
-// columns (the default plans keep them in runs of 8) are copied as one contiguous segment, and
-// the memory lines of later tokens are prefetched, because on wide layers the gather is what
-// costs. Scratch per thread is O(T (k_in + k_out) + k_in k_out); nothing of size d_in * d_out
-// is ever allocated. Parallel over examples with at::parallel_for (OpenMP in torch's CPU
-// builds, so torch.set_num_threads applies).
+// into the k-sized output. Nothing of size d_in * d_out is ever allocated; scratch per thread is
+// O(T (k_in + k_out) + k_in k_out). Parallel over examples with at::parallel_for (OpenMP in
+// torch's CPU builds, so torch.set_num_threads applies).
+//
+// Each call picks a path from the shape and the masks (product_for, gather_for; the private op
+// _factgrass_cpu_path forces one, for tests and benchmarks, and _factgrass_cpu_choice reports it):
+//  * product: a 4 x 16 register-tile micro-kernel on packed panels for short sequences, one
+//    single-threaded BLAS GEMM per example (at::mm_out on the thread's buffers) from
+//    kGemmMinTokens tokens on;
+//  * gather: on wide layers the gather is what costs (a coordinate-wise mask of 64 columns
+//    touches about 57 of a 4096-wide row's 256 memory lines). "rows" copies token by token,
+//    prefetching the lines of a later token; "blocks" takes a block of tokens at a time and
+//    copies each kept column (or run of neighbouring kept columns, as one segment) down the
+//    whole block before the next: the loads of a block go to as many rows at once, which keeps
+//    more misses in flight than walking one row's scattered lines. Each factor takes blocks
+//    where its kept columns come mostly one by one (coordinate-wise masks) and rows where they
+//    come in runs (benchmarks/compress.py --coord measures the kernel against a gather + bmm
+//    path on coordinate-wise masks).
 //
 // The op schema is declared here once; the CUDA implementation registers against it from
 // factgrass_cuda_binding.cpp when torch has CUDA.
@@ -73,10 +83,10 @@ std::vector<int64_t> cache_lines(const int64_t* idx, int64_t n, int64_t width) {
 // one panel: the gather copies it as one contiguous block. The bias column (col == width) gets
 // a segment of its own with col = -1 (constant 1).
 struct Segment {
-  int64_t col, pos, len;
+  int64_t col, pos, len, dst;  // dst: offset of position pos in the panels at token 0
 };
 
-std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t width, int64_t panel) {
+std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t width, int64_t panel, int64_t T) {
   std::vector<Segment> segs;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t col = idx[i] >= width ? -1 : idx[i];
@@ -87,7 +97,7 @@ std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t width, int6
         continue;
       }
     }
-    segs.push_back({col, i, 1});
+    segs.push_back({col, i, 1, (i / panel) * T * panel + i % panel});
   }
   return segs;
 }
@@ -96,9 +106,10 @@ std::vector<Segment> segments(const int64_t* idx, int64_t n, int64_t width, int6
 // of token t lands at panels[(i / P) T P + t P + i % P]. P = k gives one row-major [T, k] matrix.
 template <typename scalar_t, typename acc_t>
 inline void gather_row(const scalar_t* __restrict__ row, const std::vector<Segment>& segs, int64_t t,
-                       int64_t T, int64_t P, acc_t* __restrict__ panels) {
+                       int64_t P, acc_t* __restrict__ panels) {
+  acc_t* base = panels + t * P;
   for (const Segment& s : segs) {
-    acc_t* dst = panels + (s.pos / P) * T * P + t * P + s.pos % P;
+    acc_t* dst = base + s.dst;
     if (s.col < 0) {
       dst[0] = acc_t(1);
       continue;
@@ -111,6 +122,22 @@ inline void gather_row(const scalar_t* __restrict__ row, const std::vector<Segme
 template <typename scalar_t>
 inline void prefetch_lines(const scalar_t* row, const std::vector<int64_t>& lines) {
   for (const int64_t offset : lines) __builtin_prefetch(row + offset);
+}
+
+// The same panels from tokens [t0, t1) at once: each segment is copied down the whole block.
+template <typename scalar_t, typename acc_t>
+inline void gather_block(const scalar_t* __restrict__ rows, const std::vector<Segment>& segs, int64_t t0,
+                         int64_t t1, int64_t width, int64_t P, acc_t* __restrict__ panels) {
+  for (const Segment& s : segs) {
+    acc_t* dst = panels + s.dst;
+    if (s.col < 0) {
+      for (int64_t t = t0; t < t1; ++t) dst[t * P] = acc_t(1);
+      continue;
+    }
+    const scalar_t* src = rows + s.col;
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t q = 0; q < s.len; ++q) dst[t * P + q] = static_cast<acc_t>(src[t * width + q]);
+  }
 }
 
 // Below this many tokens the small product is formed by the register-tile micro-kernel; from
@@ -129,21 +156,110 @@ inline void sketch(const acc_t* small, const int32_t* bucket, const float* weigh
   }
 }
 
+// How one call computes: the small product's method and each factor's gather. A negative field
+// of a forced path means "choose" (resolve_path).
+struct Path {
+  int64_t product;     // 0: register tile, 1: BLAS GEMM
+  int64_t gather_in;   // x: 0 rows, 1 blocks of tokens
+  int64_t gather_out;  // grad_out: the same
+  int64_t block;       // tokens per block
+};
+
+// Tokens per block of the "blocks" gather. On this project's 2-core AVX2 machine (B = 8, one
+// thread) blocks of 8 made the whole call on coordinate-wise masks 1.05-1.55x faster than "rows"
+// at T >= 128 on layers 4096 wide and more (1.3-1.55x at T = 512); blocks of 16 and 32 were
+// slower than 8 on most shapes. On masks kept in runs of 8 "rows" was as fast at T <= 128 and
+// 1.2-1.3x faster at T = 512, so each factor takes blocks only where its segments are short.
+constexpr int64_t kBlockTokens = 8;
+
+int64_t product_for(int64_t forced, int64_t T) { return forced >= 0 ? forced : (T >= kGemmMinTokens ? 1 : 0); }
+
+// Blocks where the factor's kept columns come mostly one by one (mean segment length below 2).
+int64_t gather_for(int64_t forced, const std::vector<Segment>& segs, int64_t n) {
+  return forced >= 0 ? forced : (2 * static_cast<int64_t>(segs.size()) > n ? 1 : 0);
+}
+
+// Gather one factor of one example (rows [T, width]) into its panels.
+template <typename scalar_t, typename acc_t>
+void gather_factor(const scalar_t* rows, int64_t T, int64_t width, const std::vector<Segment>& segs,
+                   const std::vector<int64_t>& lines, int64_t P, int64_t method, int64_t block, acc_t* out) {
+  if (method == 1) {
+    for (int64_t t0 = 0; t0 < T; t0 += block)
+      gather_block<scalar_t, acc_t>(rows, segs, t0, std::min(T, t0 + block), width, P, out);
+    return;
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    if (t + kAhead < T) prefetch_lines(rows + (t + kAhead) * width, lines);
+    gather_row<scalar_t, acc_t>(rows + t * width, segs, t, P, out);
+  }
+}
+
+// Gather one example's masked columns of x and grad_out into the panels xs / ds.
+template <typename scalar_t, typename acc_t>
+void gather_example(const scalar_t* xb, const scalar_t* db, int64_t T, int64_t d_in, int64_t d_out,
+                    const std::vector<Segment>& in_segs, const std::vector<Segment>& out_segs,
+                    const std::vector<int64_t>& in_lines, const std::vector<int64_t>& out_lines,
+                    int64_t pin, int64_t pout, const Path& path, acc_t* xs, acc_t* ds) {
+  if (path.gather_in == 1 || path.gather_out == 1) {
+    gather_factor<scalar_t, acc_t>(xb, T, d_in, in_segs, in_lines, pin, path.gather_in, path.block, xs);
+    gather_factor<scalar_t, acc_t>(db, T, d_out, out_segs, out_lines, pout, path.gather_out, path.block, ds);
+    return;
+  }
+  for (int64_t t = 0; t < T; ++t) {  // both by rows, token by token (bias column = 1)
+    const scalar_t* xr = xb + t * d_in;
+    const scalar_t* dr = db + t * d_out;
+    if (t + kAhead < T) {  // the gather is latency-bound: ask for later tokens' lines now
+      prefetch_lines(xr + kAhead * d_in, in_lines);
+      prefetch_lines(dr + kAhead * d_out, out_lines);
+    }
+    gather_row<scalar_t, acc_t>(xr, in_segs, t, pin, xs);
+    gather_row<scalar_t, acc_t>(dr, out_segs, t, pout, ds);
+  }
+}
+
+// The small product of one example by the register tile, scattered tile by tile into ob.
+template <typename acc_t>
+void tile_product(const acc_t* xs, const acc_t* ds, int64_t T, int64_t k_in, int64_t k_out,
+                  const int32_t* bucket, const float* weight, int64_t c, acc_t* small, acc_t* ob) {
+  constexpr int RA = Tile<acc_t>::RA, RB = Tile<acc_t>::RB;
+  const int64_t k_prime = k_in * k_out;
+  const int64_t n_in = (k_in + RB - 1) / RB, n_out = (k_out + RA - 1) / RA;
+  for (int64_t pa = 0; pa < n_out; ++pa) {
+    const int64_t na = std::min<int64_t>(RA, k_out - pa * RA);
+    for (int64_t pb = 0; pb < n_in; ++pb) {
+      const int64_t nb = std::min<int64_t>(RB, k_in - pb * RB);
+      micro_kernel<acc_t>(xs + pb * T * RB, ds + pa * T * RA, T, small);
+      for (int64_t r = 0; r < na; ++r) {  // sketch: scatter through the SJLT tables
+        const int64_t e0 = (pa * RA + r) * k_in + pb * RB;
+        for (int64_t j = 0; j < c; ++j) {
+          const int32_t* bj = bucket + j * k_prime + e0;
+          const float* wj = weight + j * k_prime + e0;
+          for (int64_t q = 0; q < nb; ++q) ob[bj[q]] += static_cast<acc_t>(wj[q]) * small[r * RB + q];
+        }
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t* in_idx,
                           const int64_t* out_idx, const int32_t* bucket, const float* weight,
                           const float* scale, acc_t* out, int64_t B, int64_t T, int64_t d_in,
-                          int64_t d_out, int64_t k_in, int64_t k_out, int64_t c, int64_t k) {
+                          int64_t d_out, int64_t k_in, int64_t k_out, int64_t c, int64_t k, Path path) {
   constexpr int RA = Tile<acc_t>::RA, RB = Tile<acc_t>::RB;
   const int64_t k_prime = k_in * k_out;
-  const bool gemm = T >= kGemmMinTokens;
+  path.product = product_for(path.product, T);
+  const bool gemm = path.product == 1;
   // panels of width RB / RA for the micro-kernel; plain row-major [T, k] matrices for the GEMM
   const int64_t pin = gemm ? k_in : RB, pout = gemm ? k_out : RA;
   const int64_t n_in = (k_in + pin - 1) / pin, n_out = (k_out + pout - 1) / pout;
   const std::vector<int64_t> in_lines = cache_lines<scalar_t>(in_idx, k_in, d_in);
   const std::vector<int64_t> out_lines = cache_lines<scalar_t>(out_idx, k_out, d_out);
-  const std::vector<Segment> in_segs = segments(in_idx, k_in, d_in, pin);
-  const std::vector<Segment> out_segs = segments(out_idx, k_out, d_out, pout);
+  const std::vector<Segment> in_segs = segments(in_idx, k_in, d_in, pin, T);
+  const std::vector<Segment> out_segs = segments(out_idx, k_out, d_out, pout, T);
+  path.gather_in = gather_for(path.gather_in, in_segs, k_in);
+  path.gather_out = gather_for(path.gather_out, out_segs, k_out);
+  if (path.block <= 0) path.block = kBlockTokens;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xs(static_cast<size_t>(n_in * T * pin), acc_t(0));    // gathered inputs
@@ -151,23 +267,8 @@ void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t
     std::vector<acc_t> small(static_cast<size_t>(gemm ? k_prime : RA * RB));  // the small product
     const at::TensorOptions opts = at::TensorOptions().dtype(acc_type);
     for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* xb = x + b * T * d_in;
-      const scalar_t* db = dout + b * T * d_out;
-      for (int64_t t = 0; t < T; ++t) {  // gather the masked columns (bias column = 1)
-        const scalar_t* xr = xb + t * d_in;
-        const scalar_t* dr = db + t * d_out;
-        if (t + kAhead < T) {  // the gather is latency-bound: ask for later tokens' lines now
-          prefetch_lines(xr + kAhead * d_in, in_lines);
-          prefetch_lines(dr + kAhead * d_out, out_lines);
-        }
-        if (gemm) {
-          gather_row<scalar_t, acc_t>(xr, in_segs, t, T, k_in, xs.data());
-          gather_row<scalar_t, acc_t>(dr, out_segs, t, T, k_out, ds.data());
-        } else {
-          gather_row<scalar_t, acc_t>(xr, in_segs, t, T, RB, xs.data());
-          gather_row<scalar_t, acc_t>(dr, out_segs, t, T, RA, ds.data());
-        }
-      }
+      gather_example<scalar_t, acc_t>(x + b * T * d_in, dout + b * T * d_out, T, d_in, d_out, in_segs,
+                                      out_segs, in_lines, out_lines, pin, pout, path, xs.data(), ds.data());
       acc_t* ob = out + b * k;
       std::fill(ob, ob + k, acc_t(0));
       if (gemm) {  // small[a, b] = sum_t ds[t, a] xs[t, b]
@@ -176,21 +277,7 @@ void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t
                    at::from_blob(xs.data(), {T, k_in}, opts));
         sketch<acc_t>(small.data(), bucket, weight, c, k_prime, ob);
       } else {
-        for (int64_t pa = 0; pa < n_out; ++pa) {
-          const int64_t na = std::min<int64_t>(RA, k_out - pa * RA);
-          for (int64_t pb = 0; pb < n_in; ++pb) {
-            const int64_t nb = std::min<int64_t>(RB, k_in - pb * RB);
-            micro_kernel<acc_t>(xs.data() + pb * T * RB, ds.data() + pa * T * RA, T, small.data());
-            for (int64_t r = 0; r < na; ++r) {  // sketch: scatter through the SJLT tables
-              const int64_t e0 = (pa * RA + r) * k_in + pb * RB;
-              for (int64_t j = 0; j < c; ++j) {
-                const int32_t* bj = bucket + j * k_prime + e0;
-                const float* wj = weight + j * k_prime + e0;
-                for (int64_t q = 0; q < nb; ++q) ob[bj[q]] += static_cast<acc_t>(wj[q]) * small[r * RB + q];
-              }
-            }
-          }
-        }
+        tile_product<acc_t>(xs.data(), ds.data(), T, k_in, k_out, bucket, weight, c, small.data(), ob);
       }
       if (scale != nullptr) {
         const acc_t s = static_cast<acc_t>(scale[b]);
@@ -234,9 +321,13 @@ void check_inputs(const at::Tensor& x, const at::Tensor& grad_out, const at::Ten
   }
 }
 
-at::Tensor factgrass_cpu(const at::Tensor& x_, const at::Tensor& grad_out_, const at::Tensor& in_idx_,
-                         const at::Tensor& out_idx_, const at::Tensor& bucket_, const at::Tensor& weight_,
-                         int64_t k, const c10::optional<at::Tensor>& scale_) {
+at::Tensor factgrass_cpu_path(const at::Tensor& x_, const at::Tensor& grad_out_, const at::Tensor& in_idx_,
+                              const at::Tensor& out_idx_, const at::Tensor& bucket_, const at::Tensor& weight_,
+                              int64_t k, const c10::optional<at::Tensor>& scale_, int64_t product,
+                              int64_t gather, int64_t block) {
+  TORCH_CHECK(product >= -1 && product <= 1 && gather >= -1 && gather <= 1,
+              "factgrass: product must be -1 (choose), 0 (tile) or 1 (gemm) and gather -1, 0 (rows) or "
+              "1 (blocks); got ", product, " and ", gather, ".");
   check_inputs(x_, grad_out_, in_idx_, out_idx_, bucket_, weight_, k, scale_);
   const at::Tensor x = x_.contiguous(), grad_out = grad_out_.contiguous();
   const at::Tensor in_idx = in_idx_.contiguous(), out_idx = out_idx_.contiguous();
@@ -257,9 +348,29 @@ at::Tensor factgrass_cpu(const at::Tensor& x_, const at::Tensor& grad_out_, cons
     factgrass_cpu_kernel<scalar_t, acc_t>(
         x.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), in_idx.data_ptr<int64_t>(),
         out_idx.data_ptr<int64_t>(), bucket.data_ptr<int32_t>(), weight.data_ptr<float>(), scale_ptr,
-        out.data_ptr<acc_t>(), B, T, d_in, d_out, in_idx.numel(), out_idx.numel(), bucket.size(0), k);
+        out.data_ptr<acc_t>(), B, T, d_in, d_out, in_idx.numel(), out_idx.numel(), bucket.size(0), k,
+        Path{product, gather, gather, block});
   });
   return out;
+}
+
+at::Tensor factgrass_cpu(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& in_idx,
+                         const at::Tensor& out_idx, const at::Tensor& bucket, const at::Tensor& weight,
+                         int64_t k, const c10::optional<at::Tensor>& scale) {
+  return factgrass_cpu_path(x, grad_out, in_idx, out_idx, bucket, weight, k, scale, -1, -1, 0);
+}
+
+// The path a float32 call takes: [product, gather_in, gather_out, block], as factgrass_cpu_kernel
+// resolves it (float64 panels for the register tile are narrower).
+std::vector<int64_t> factgrass_cpu_choice(int64_t T, int64_t d_in, int64_t d_out, const at::Tensor& in_idx_,
+                                          const at::Tensor& out_idx_) {
+  const at::Tensor in_idx = in_idx_.to(at::kLong).contiguous(), out_idx = out_idx_.to(at::kLong).contiguous();
+  const int64_t k_in = in_idx.numel(), k_out = out_idx.numel();
+  const int64_t product = product_for(-1, T);
+  const int64_t pin = product == 1 ? k_in : Tile<float>::RB, pout = product == 1 ? k_out : Tile<float>::RA;
+  const auto in_segs = segments(in_idx.data_ptr<int64_t>(), k_in, d_in, pin, T);
+  const auto out_segs = segments(out_idx.data_ptr<int64_t>(), k_out, d_out, pout, T);
+  return {product, gather_for(-1, in_segs, k_in), gather_for(-1, out_segs, k_out), kBlockTokens};
 }
 
 }  // namespace
@@ -267,8 +378,16 @@ at::Tensor factgrass_cpu(const at::Tensor& x_, const at::Tensor& grad_out_, cons
 TORCH_LIBRARY(grass_callback, m) {
   m.def("factgrass(Tensor x, Tensor grad_out, Tensor in_idx, Tensor out_idx, Tensor bucket, "
         "Tensor weight, int k, Tensor? scale) -> Tensor");
+  // Private, CPU only: the same op with its path forced (-1: chosen as factgrass does).
+  m.def("_factgrass_cpu_path(Tensor x, Tensor grad_out, Tensor in_idx, Tensor out_idx, Tensor bucket, "
+        "Tensor weight, int k, Tensor? scale, int product, int gather, int block) -> Tensor");
+  m.def("_factgrass_cpu_choice(int T, int d_in, int d_out, Tensor in_idx, Tensor out_idx) -> int[]",
+        &factgrass_cpu_choice);
 }
 
-TORCH_LIBRARY_IMPL(grass_callback, CPU, m) { m.impl("factgrass", &factgrass_cpu); }
+TORCH_LIBRARY_IMPL(grass_callback, CPU, m) {
+  m.impl("factgrass", &factgrass_cpu);
+  m.impl("_factgrass_cpu_path", &factgrass_cpu_path);
+}
 
 }  // namespace grass_callback

@@ -7,7 +7,9 @@ without forming it. ``impl`` picks the implementation:
   over tokens, ``index_add_``); always available, and the fallback;
 * ``"cpu"``: the C++/OpenMP kernel (``csrc/factgrass_cpu.cpp``), built on first use;
 * ``"cuda"``: the fused CUDA kernel (``csrc/factgrass_cuda.cu``), when torch has CUDA;
-* ``"auto"`` (default): the kernel for the inputs' device if it builds, else ``"torch"``.
+* ``"auto"`` (default): per shape and device the faster of the kernel for the inputs' device
+  and ``"torch"``, timed once and cached (:mod:`grass_callback.ops.autotune`, which also says how
+  to force one); ``"torch"`` where the kernel does not build.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from grass_callback.errors import KernelInputError
-from grass_callback.ops import _library
+from grass_callback.ops import _library, autotune
 from grass_callback.ops.reference import factgrass_reference
 
 if TYPE_CHECKING:
@@ -61,6 +63,14 @@ def factgrass(x: Tensor, grad_out: Tensor, plan: "FactGraSSPlan", scale: Tensor 
     choice = _choose(impl, x3.device)
     if choice == "torch":
         return factgrass_reference(*args)
+    if impl == "auto":
+        runs = (getattr(plan, "run_in", 1), getattr(plan, "run_out", 1))
+        key = autotune.TuneKey(str(x3.device), str(x3.dtype).removeprefix("torch."), plan.shape.d_in,
+                               plan.shape.d_out, plan.k_in, plan.k_out, plan.k, runs, autotune.token_bucket(x3.shape[1]))
+        picked = autotune.choose(key, x3.shape[0] * x3.shape[1], lambda: torch.ops.grass_callback.factgrass(*args),
+                                 lambda: factgrass_reference(*args), x3.device)
+        if picked == "torch":
+            return factgrass_reference(*args)
     return torch.ops.grass_callback.factgrass(*args)
 
 
