@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from grass_callback import IndexedDataset, attribute
 from grass_callback.attribution import plans_from_store
 from grass_callback.errors import CaptureError, GraSSError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_independent_refs import exact_query_rows  # noqa: E402
 
 
 def make_problem(n=96, m=8, seed=0):
@@ -55,6 +61,13 @@ def test_attribute_scores_equal_a_dense_reference(tmp_path):
                     damping_ratio=1e-2, topk=5, progress=False)
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # the query gradients against exact per-example autograd gradients through a dense sketch
+    # (tests/test_independent_refs.py), so dense_scores below does not reuse the engine's output
+    examples = [(x, y) for xb, yb in query for x, y in zip(xb, yb)]
+    exact = exact_query_rows(model, plans_from_store(res.store), examples, net=None)
+    for name, want in exact.items():
+        torch.testing.assert_close(res.query_grads[name].double(), want, rtol=1e-4,
+                                   atol=1e-5 * float(want.abs().max()))
     ids, dense = dense_scores(res, res.store, 1e-2)
     assert sorted(ids.tolist()) == list(range(96))
     order = dense.argsort(dim=1, descending=True)

@@ -177,7 +177,45 @@ def test_only_rank_zero_reports(runs: dict[str, Path]) -> None:
     for period in ("epoch-0", "epoch-1"):
         folder = runs["ddp"] / "grass" / "scores" / period
         assert {p.name for p in folder.iterdir()} == {"influence.csv", "self_influence.csv", "data_value.csv",
-                                                     "scalars.json"}
+                                                     "layers.csv", "scalars.json"}
         # the data value CSV covers both ranks' rows
         lines = [ln for ln in (folder / "data_value.csv").read_text().splitlines() if ln and not ln.startswith("#")]
         assert len(lines) == 1 + N_TRAIN
+
+
+def test_data_value_and_ranking_equal_a_hand_reference_from_the_ddp_store(runs: dict[str, Path]) -> None:
+    """Not DDP against the same code on one process: the data value both ranks hold against scores
+    computed here from the two ranks' shards, a Fisher per epoch fitted by plain torch and exact
+    query gradients at the (fixed, lr 0) weights (see ``tests/test_independent_refs.py``)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    sys.path.insert(0, str(SCRIPT.parents[1]))
+    import ddp_train
+    from test_independent_refs import exact_query_rows, hand_scores, store_rows
+
+    from grass_callback import GraSSCallback
+    from grass_callback.attribution import plans_from_store
+
+    r0, r1 = _load(runs["ddp"] / "rank0.pt"), _load(runs["ddp"] / "rank1.pt")
+    module = ddp_train.TinyModule()
+    module.load_state_dict(r0["weights"])
+    train_dir = runs["ddp"] / "grass" / "train"
+    plans = plans_from_store(GradientStore(train_dir, readonly=True))
+    val = ddp_train.data(4)[1].dataset
+    queries = exact_query_rows(module, plans, [val[i][:2] for i in range(NUM_QUERIES)])
+    rows = store_rows(train_dir)
+    ratio = GraSSCallback(k=K).damping_ratio
+    total = torch.zeros(NUM_QUERIES, N_TRAIN, dtype=torch.float64)
+    for epoch in range(EPOCHS):
+        keep = rows["epochs"] == epoch
+        own = {key: t[keep] for key, t in rows.items()}
+        assert sorted(own["ids"].tolist()) == list(range(N_TRAIN)), epoch
+        scores, _ = hand_scores(own, queries, ratio)
+        total[:, own["ids"]] += scores
+    want = total.sum(0)
+    for rec in (r0, r1):
+        ids, values = _by_id(*rec["data_value"])
+        assert ids.tolist() == list(range(N_TRAIN))
+        torch.testing.assert_close(values, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    last = r0["reports"][-1]["result"]  # ranked by the ensemble: scores summed over both epochs
+    assert torch.equal(last["top_ids"], total.argsort(dim=1, descending=True)[:, :3])
+    assert torch.equal(last["bottom_ids"], total.argsort(dim=1)[:, :3])

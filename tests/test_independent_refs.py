@@ -65,13 +65,14 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def exact_query_rows(module: nn.Module, plans: dict, examples: list[tuple[Tensor, Tensor]],
-                     net: str = "net") -> dict[str, Tensor]:
+                     net: str | None = "net") -> dict[str, Tensor]:
     """Compressed gradients ``{layer: [m, k]}`` of each example's own cross-entropy loss.
 
     The gradients are taken one example at a time by plain autograd on a float64 copy of
-    ``module.<net>`` in eval mode, then multiplied by :func:`dense_sketch` of the layer's plan.
+    ``module.<net>`` (``module`` itself when ``net`` is ``None``) in eval mode, then multiplied by
+    :func:`dense_sketch` of the layer's plan.
     """
-    model = copy.deepcopy(getattr(module, net)).double().eval()
+    model = copy.deepcopy(getattr(module, net) if net else module).double().eval()
     layers = linear_layers(model)
     prefix = f"{net}." if net else ""
     out: dict[str, list[Tensor]] = {f"{prefix}{n}": [] for n in layers}

@@ -10,7 +10,9 @@ autograd in float64 on a copy of the model holding the recorded weights.
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -22,11 +24,13 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from grass_callback import GraSSCallback, IndexedDataset
-from grass_callback.attribution import plans_from_store, query_gradients, score_store
+from grass_callback.attribution import plans_from_store, query_gradients
 from grass_callback.capture import LayerTaps, clean_layer_name
 from grass_callback.errors import ConfigError, GraSSError
-from grass_callback.fisher import FisherStats
 from grass_callback.store import GradientStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_independent_refs import exact_query_rows, hand_scores, store_rows  # noqa: E402
 
 N_TRAIN, BATCH = 24, 8
 
@@ -455,16 +459,21 @@ def test_several_validation_loaders_use_the_first(tmp_path):
     train(tmp_path, module, xy_data(), cb, val=[first, second])
     result = cb.last_result
     assert result.query_ids.tolist() == [0, 1, 2, 3]  # 4 queries: the first loader's, not 6 or 10
-    store = GradientStore(cb.store.path, readonly=True)
-    stats = FisherStats(store.layers)
-    for chunk in store.iter_chunks():
-        stats.update(chunk.grads)
-    taps = LayerTaps(module, plans=plans_from_store(store))
-    with taps:
-        q_ids, q_grads = query_gradients(module, taps, first, mlp_loss, progress=False)
-    direct = score_store(store, stats.fit(cb.damping_ratio), q_ids, q_grads, topk=2, progress=False)
-    assert torch.equal(direct.top_ids, result.top_ids)
-    torch.testing.assert_close(direct.top_scores, result.top_scores, rtol=1e-4, atol=1e-6)
+    want = _hand_scores_of(cb, module, first)
+    order = want.argsort(dim=1, descending=True)[:, :2]
+    assert torch.equal(result.top_ids, order)
+    torch.testing.assert_close(result.top_scores.double(), want.gather(1, order), rtol=1e-4, atol=1e-6)
+
+
+def _hand_scores_of(cb, module, queries):
+    """``[m, max id + 1]`` scores of every stored row, computed by hand (``tests/test_independent_refs.py``):
+    rows read from the shards, a plain-torch Fisher, exact query gradients of ``module`` (one period)."""
+    rows = store_rows(cb.store.path)
+    examples = [(x, y) for batch in queries for x, y in zip(batch[0], batch[1])]
+    scores, _ = hand_scores(rows, exact_query_rows(module, cb.taps.plans, examples), cb.damping_ratio)
+    dense = torch.zeros(len(examples), int(rows["ids"].max()) + 1, dtype=torch.float64)
+    dense.index_add_(1, rows["ids"], scores)
+    return dense
 
 
 def test_query_loader_given_as_a_list_of_loaders_is_a_clear_error(tmp_path):
@@ -538,8 +547,14 @@ def test_capture_every_other_step_and_score_after_an_uncaptured_batch(tmp_path):
     """``capture_every_n_steps=2`` over 4 batches: steps 0 and 2 are stored (exactly); the last batch
     (step 3) is not captured, and the epoch-end query pass must still see the taps."""
     cb = make_callback(tmp_path, query_loader=xy_data(8, seed=1), capture_every_n_steps=2)
-    _, rec = train(tmp_path, MLPModule(), xy_data(n=32), cb)
+    module = MLPModule()
+    _, rec = train(tmp_path, module, xy_data(n=32), cb)
     _, rows = stored_rows(cb.store.path)
     assert sorted({step for step, _ in rows}) == [0, 2]
     check_exact(cb, rec, MLPModule, mlp_loss, tol=1e-6, steps={0, 2})
-    assert cb.last_result is not None and cb.last_result.query_ids.numel() == 4
+    # the epoch-end scores: the 16 stored rows against exact query gradients at the final weights
+    want = _hand_scores_of(cb, module, xy_data(8, seed=1))[:4]  # num_queries=4
+    stored = sorted(set(torch.cat([b[-1] for _, _, b in rec.seen[0::2]]).tolist()))
+    ids, values = cb.last_result.data_value_ids, cb.last_result.data_value.double()
+    assert ids.tolist() == stored
+    torch.testing.assert_close(values, want.sum(0)[ids], rtol=1e-4, atol=1e-6)
