@@ -30,7 +30,7 @@ h1 { font-size: 17px; margin: 0 0 4px 0; } p { margin: 0 0 10px 0; color: #555; 
 table { border-collapse: collapse; } th { background: #f3f3f5; text-align: left; }
 th, td { border: 1px solid #ddd; padding: 3px 10px; vertical-align: middle; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { width: 64px; height: 64px; image-rendering: pixelated; display: block; }
+img { width: 96px; height: 96px; image-rendering: pixelated; display: block; }
 .proponent { color: #1a7f37; } .opponent { color: #b42318; }
 """
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=None, help="offline run folder (default: newest in runs/digits)")
     parser.add_argument("--out", type=Path, default=Path("docs/influence_table.png"))
-    parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--rows", type=int, default=10)
     parser.add_argument("--html", type=Path, default=None, help="also keep the HTML page here")
     args = parser.parse_args(argv)
     run = args.run or newest_run(Path("runs/digits"))
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         html_page = page(tables[-1], run, len(tables) - 1, args.rows, Path(tmp))
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        height = 110 + 72 * min(args.rows, len(tables[-1].rows))
+        height = 120 + 105 * min(args.rows, len(tables[-1].rows))
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                         f"--screenshot={args.out.resolve()}", f"--window-size=1100,{height}",
                         html_page.as_uri()], check=True, capture_output=True, timeout=120)
