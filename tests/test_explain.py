@@ -173,3 +173,16 @@ def test_query_cli_writes_the_tables_explain_gives(run, tmp_path):
     proponents = [(int(q), int(r), int(t)) for q, r, t, _s, kind in rows if kind == "proponent"]
     assert proponents == [(int(q), r + 1, int(t)) for i, q in enumerate(want.query_ids)
                           for r, t in enumerate(want.top_ids[i].tolist())]
+
+
+def test_package_names_call_the_functions():
+    import grass_callback
+    import grass_callback.daunce  # noqa: F401  (the submodules bound under the functions' names)
+    import grass_callback.explain  # noqa: F401
+    from grass_callback import explain as by_import
+
+    assert grass_callback.explain.__call__ is not None and callable(by_import)
+    with pytest.raises(Exception, match="no gradient store"):
+        grass_callback.explain("/nonexistent-store", nn.Linear(2, 2), [])
+    with pytest.raises(Exception, match="num_models"):
+        grass_callback.daunce(nn.Linear(2, 2), None, None, None, num_models=1)
