@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +23,12 @@ from grass_callback.projection import (
     plan_from_state,
     random_mask,
     run_mask,
+    sjlt_apply,
     sjlt_tables,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_independent_refs import dense_sketch  # noqa: E402
 
 
 def test_random_mask_sorted_without_replacement() -> None:
@@ -226,3 +232,22 @@ def test_factgrass_sketch_keeps_masked_inner_products() -> None:
         rel[k] = torch.stack(errs).pow(2).mean().item()
         assert rel[k] < 2.0 / k
     assert rel[64] > rel[256] > rel[1024]
+
+
+@pytest.mark.parametrize("c", [1, 2, 4])
+def test_sjlt_and_factgrass_projections_equal_dense_matrices_built_by_loops(c: int) -> None:
+    """``sjlt_apply`` and ``FactGraSSPlan.project_gradient`` against dense matrices filled entry by
+    entry from the tables: ``M[bucket[j, e], e] += sign[j, e] / sqrt(c)`` (so a wrong ``1/c`` or a
+    dropped sign fails for ``c > 1`` too)."""
+    gen = torch.Generator().manual_seed(c)
+    bucket, sign = sjlt_tables(90, 32, c, derive_generator(1, "d", "s"))
+    dense = torch.zeros(32, 90, dtype=torch.float64)
+    for j in range(c):
+        for e in range(90):
+            dense[int(bucket[j, e]), e] += int(sign[j, e]) / c ** 0.5
+    v = torch.randn(5, 90, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(sjlt_apply(v, bucket, sign, 32), v @ dense.T, rtol=1e-6, atol=1e-7)
+    plan = FactGraSSPlan(13, 9, True, k=24, k_in=8, k_out=6, c=c, seed=2, name="l", mask_run=1)
+    grads = torch.randn(3, 9, 14, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(plan.project_gradient(grads), grads.reshape(3, -1) @ dense_sketch(plan).T,
+                               rtol=1e-6, atol=1e-7)
