@@ -34,6 +34,7 @@ def needs_kernel() -> None:
 @pytest.fixture(autouse=True)
 def _fresh_autotune(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("GRASS_CALLBACK_AUTO_IMPL", raising=False)
+    monkeypatch.setattr(autotune, "MIN_TUNED_BYTES", 200_000)  # the tuned case below is above it, SHAPES[2] not
     autotune.clear()
     autotune.set_mode(None)
     yield
@@ -84,7 +85,7 @@ def test_a_bad_path_is_refused(needs_kernel):
 
 # ---- impl="auto" -------------------------------------------------------------------------------
 
-TUNED = (4, 96, 128, 80, 256, 24, 16, 1)  # B * T = 384 tokens: above MIN_TUNED_TOKENS
+TUNED = (4, 96, 128, 80, 256, 24, 16, 1)  # inputs of 320 kB
 
 
 def _tuned_case():
@@ -148,7 +149,7 @@ def test_a_forced_mode_overrides_the_timing(needs_kernel, monkeypatch, how, forc
 
 
 def test_small_calls_take_the_kernel_untimed(needs_kernel, monkeypatch):
-    plan, x, d = _case(SHAPES[2], torch.float32, 1, False)  # B * T = 18 tokens
+    plan, x, d = _case(SHAPES[2], torch.float32, 1, False)  # inputs of 8 kB
     timer = FakeTimer(2.0, 1.0)
     monkeypatch.setattr(autotune, "time_paths", timer)
     got = factgrass(x, d, plan)

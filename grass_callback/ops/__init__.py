@@ -67,7 +67,8 @@ def factgrass(x: Tensor, grad_out: Tensor, plan: "FactGraSSPlan", scale: Tensor 
         runs = (getattr(plan, "run_in", 1), getattr(plan, "run_out", 1))
         key = autotune.TuneKey(str(x3.device), str(x3.dtype).removeprefix("torch."), plan.shape.d_in,
                                plan.shape.d_out, plan.k_in, plan.k_out, plan.k, runs, autotune.token_bucket(x3.shape[1]))
-        picked = autotune.choose(key, x3.shape[0] * x3.shape[1], lambda: torch.ops.grass_callback.factgrass(*args),
+        nbytes = x3.numel() * x3.element_size() + g3.numel() * g3.element_size()
+        picked = autotune.choose(key, nbytes, lambda: torch.ops.grass_callback.factgrass(*args),
                                  lambda: factgrass_reference(*args), x3.device)
         if picked == "torch":
             return factgrass_reference(*args)

@@ -5,10 +5,11 @@ gather + ``bmm`` + ``index_add_`` path (:func:`~grass_callback.ops.reference.fac
 runs torch's own gather and BLAS. On the first call for a key ``(device, dtype, d_in, d_out,
 k_in, k_out, k, mask runs, T bucket)`` :func:`choose` times both on the call's own inputs (a few rounds,
 interleaved, median of wall time), keeps the faster in an in-memory cache for the rest of the
-process and logs the choice once (logger ``grass_callback.ops``, rank zero only). Calls too small
-for the difference to matter (fewer than :data:`MIN_TUNED_TOKENS` tokens in the batch), calls
-under ``torch.compile`` tracing or CUDA graph capture and calls on other devices are never timed:
-they take the kernel (or the cached choice).
+process and logs the choice once (logger ``grass_callback.ops``, rank zero only). Calls whose
+inputs are smaller than :data:`MIN_TUNED_BYTES` (there the kernel wins by its lower overhead and
+the gather is not yet bound by memory; this also keeps small runs deterministic from process to
+process), calls under ``torch.compile`` tracing or CUDA graph capture are never timed: they take
+the kernel (or the cached choice).
 
 Override with the environment variable ``GRASS_CALLBACK_AUTO_IMPL`` or :func:`set_mode`:
 ``"tune"`` (default), ``"kernel"`` (always the fused kernel) or ``"torch"`` (always the gather +
@@ -29,10 +30,10 @@ from torch import Tensor
 
 from grass_callback.errors import KernelInputError
 
-__all__ = ["MODES", "MIN_TUNED_TOKENS", "TuneKey", "cache", "choose", "clear", "mode", "set_mode", "token_bucket"]
+__all__ = ["MODES", "MIN_TUNED_BYTES", "TuneKey", "cache", "choose", "clear", "mode", "set_mode", "token_bucket"]
 
 MODES = ("tune", "kernel", "torch")
-MIN_TUNED_TOKENS = 256  # B * T below this: the kernel, untimed (it wins on small calls by its lower overhead)
+MIN_TUNED_BYTES = 16 * 2**20  # x and grad_out together below this: the kernel, untimed
 ROUNDS = 5
 _log = logging.getLogger("grass_callback.ops")
 _CACHE: dict["TuneKey", str] = {}
@@ -111,13 +112,13 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
-def choose(key: TuneKey, tokens: int, kernel: Callable[[], Tensor], reference: Callable[[], Tensor],
+def choose(key: TuneKey, nbytes: int, kernel: Callable[[], Tensor], reference: Callable[[], Tensor],
            device: torch.device) -> str:
     """``"kernel"`` or ``"torch"`` for this call (see the module docstring for the rules).
 
     Args:
         key: the call's :class:`TuneKey`.
-        tokens: ``B * T`` of the call.
+        nbytes: bytes of the call's ``x`` and ``grad_out`` together.
         kernel, reference: the call on the fused kernel and on the gather + bmm path.
         device: where the inputs live (timing synchronizes CUDA).
     """
@@ -126,7 +127,7 @@ def choose(key: TuneKey, tokens: int, kernel: Callable[[], Tensor], reference: C
         return forced
     if key in _CACHE:
         return _CACHE[key]
-    if tokens < MIN_TUNED_TOKENS or _untimeable_device(device):
+    if nbytes < MIN_TUNED_BYTES or _untimeable_device(device):
         return "kernel"
     seconds = time_paths({"kernel": kernel, "torch": reference}, device)
     choice = "kernel" if seconds["kernel"] <= seconds["torch"] else "torch"
