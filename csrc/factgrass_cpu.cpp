@@ -11,7 +11,7 @@
 // _factgrass_cpu_path forces one, for tests and benchmarks, and _factgrass_cpu_choice reports it):
 //  * product: a 4 x 16 register-tile micro-kernel on packed panels for short sequences, one
 //    single-threaded BLAS GEMM per example (at::mm_out on the thread's buffers) from
-//    kGemmMinTokens tokens on;
+//    kGemmMinTokens tokens on where the small product is at least 64 x 64;
 //  * gather: on wide layers the gather is what costs (a coordinate-wise mask of 64 columns
 //    touches about 57 of a 4096-wide row's 256 memory lines). "rows" copies token by token,
 //    prefetching the lines of a later token; "blocks" takes a block of tokens at a time and
@@ -172,7 +172,13 @@ struct Path {
 // 1.2-1.3x faster at T = 512, so each factor takes blocks only where its segments are short.
 constexpr int64_t kBlockTokens = 8;
 
-int64_t product_for(int64_t forced, int64_t T) { return forced >= 0 ? forced : (T >= kGemmMinTokens ? 1 : 0); }
+// The GEMM from kGemmMinTokens tokens on where the small product is at least 64 x 64; smaller
+// ones (k_in = k_out = 32 at k = 256) ran 1.1-1.3x faster on the register tile at T = 128-512.
+constexpr int64_t kGemmMinProduct = 64 * 64;
+
+int64_t product_for(int64_t forced, int64_t T, int64_t k_prime) {
+  return forced >= 0 ? forced : (T >= kGemmMinTokens && k_prime >= kGemmMinProduct ? 1 : 0);
+}
 
 // Blocks where the factor's kept columns come mostly one by one (mean segment length below 2).
 int64_t gather_for(int64_t forced, const std::vector<Segment>& segs, int64_t n) {
@@ -248,7 +254,7 @@ void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t
                           int64_t d_out, int64_t k_in, int64_t k_out, int64_t c, int64_t k, Path path) {
   constexpr int RA = Tile<acc_t>::RA, RB = Tile<acc_t>::RB;
   const int64_t k_prime = k_in * k_out;
-  path.product = product_for(path.product, T);
+  path.product = product_for(path.product, T, k_prime);
   const bool gemm = path.product == 1;
   // panels of width RB / RA for the micro-kernel; plain row-major [T, k] matrices for the GEMM
   const int64_t pin = gemm ? k_in : RB, pout = gemm ? k_out : RA;
@@ -366,7 +372,7 @@ std::vector<int64_t> factgrass_cpu_choice(int64_t T, int64_t d_in, int64_t d_out
                                           const at::Tensor& out_idx_) {
   const at::Tensor in_idx = in_idx_.to(at::kLong).contiguous(), out_idx = out_idx_.to(at::kLong).contiguous();
   const int64_t k_in = in_idx.numel(), k_out = out_idx.numel();
-  const int64_t product = product_for(-1, T);
+  const int64_t product = product_for(-1, T, k_in * k_out);
   const int64_t pin = product == 1 ? k_in : Tile<float>::RB, pout = product == 1 ? k_out : Tile<float>::RA;
   const auto in_segs = segments(in_idx.data_ptr<int64_t>(), k_in, d_in, pin, T);
   const auto out_segs = segments(out_idx.data_ptr<int64_t>(), k_out, d_out, pout, T);
