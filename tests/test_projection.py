@@ -251,3 +251,14 @@ def test_sjlt_and_factgrass_projections_equal_dense_matrices_built_by_loops(c: i
     grads = torch.randn(3, 9, 14, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(plan.project_gradient(grads), grads.reshape(3, -1) @ dense_sketch(plan).T,
                                rtol=1e-6, atol=1e-7)
+
+
+def test_mask_sizes_default_budget_is_four_k() -> None:
+    """``mask_sizes`` called with its defaults: sides ``2 sqrt(k)`` (``k' = 4k``); a narrow factor
+    keeps all its columns and the other widens to ``ceil(4k / width)``."""
+    from grass_callback.projection import mask_sizes
+
+    assert mask_sizes(1024, 769, 3072) == (64, 64)
+    assert mask_sizes(1024, 769, 3072, oversample=1.0) == (32, 32)
+    assert mask_sizes(1024, 17, 3072) == (17, 241)  # ceil(4096 / 17)
+    assert mask_sizes(256, 1000, 20) == (52, 20)    # ceil(1024 / 20)
