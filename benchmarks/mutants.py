@@ -14,15 +14,19 @@ and puts the file back before the next mutant. Kernel builds go to a build folde
 Statuses: ``caught`` (a test failed; the first failing test is named), ``survived`` (every test
 passed: the tests let the bug through), ``snippet not found`` / ``snippet ambiguous`` (the code
 changed since the mutant was written: update the snippet), ``no tests`` (none of its test files
-exists), ``timeout`` (counted as caught). Before the mutants, the union of their test files runs
-once on the unmutated copy (``--no-baseline`` skips it): a failing baseline makes "caught"
-meaningless, so the script stops. The exit status is the number of survivors (capped at 100).
+exists), ``timeout`` (reported apart, not counted as caught: on a loaded machine it is usually
+the load), ``baseline fails``. Before the mutants, their test targets run
+once on the unmutated copy, all of them (``--no-baseline`` skips it): a mutant whose targets
+already fail there is reported as ``baseline fails`` and not run, since "caught" would mean
+nothing (in a shared tree, usually another edit in progress). The exit status is the number of
+survivors (capped at 100).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import contextlib
 import dataclasses
 import os
 import re
@@ -48,33 +52,38 @@ class Mutant:
 
 
 T_REFS = "tests/test_independent_refs.py"
-T_CRASH = "tests/test_crash.py"
+T_DV = T_REFS + "::test_data_value_is_the_sum_of_every_period_scores"
+T_RESUME = "tests/test_crash.py::test_resume_keeps_exactly_the_rows_before_the_checkpoint_and_rebuilds_the_period_fisher"
+T_KERNEL = "tests/test_ops.py::test_cpu_kernel_matches_reference"
 
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ the issue's table
     Mutant("dv-replaced", "grass_callback/callback.py",
            "self.data_value[i] = self.data_value.get(i, 0.0) + v", "self.data_value[i] = v",
-           (T_REFS,), "data value replaced instead of summed across scoring periods", "issue"),
+           (T_DV,), "data value replaced instead of summed across scoring periods", "issue"),
     Mutant("keep-all-ignored", "grass_callback/callback.py",
            'if self.keep_history == "period":\n            self.period_start = self.batches_seen',
            'if True:\n            self.period_start = self.batches_seen',
-           (T_REFS,), "keep_history='all' ends periods like 'period': earlier rows not rescored", "issue"),
+           (T_REFS + "::test_keep_history_all_rescores_every_stored_row_each_period",),
+           "keep_history='all' ends periods like 'period': earlier rows not rescored", "issue"),
     Mutant("query-train-mode", "grass_callback/attribution.py",
            "    model.eval()\n    ids_all", "    ids_all",
-           (T_REFS,), "query gradients taken with the model left in train mode (dropout active)", "issue"),
+           (T_REFS + "::test_query_gradients_of_a_dropout_model_are_eval_mode_gradients",),
+           "query gradients taken with the model left in train mode (dropout active)", "issue"),
     Mutant("token-counts-ignored", "grass_callback/capture.py",
            "scale = counts.sum() / counts.clamp_min(1)", "scale = counts.sum() / counts.clamp_min(1) * 0 + batch_size",
            ("tests/test_capture.py",),
            "padding ignored: token_mean scale without the token counts (the taps' token mask is gone)", "issue"),
     Mutant("no-fsync-before-rename", "grass_callback/_store_format.py",
            "        os.fsync(f.fileno())\n    return h.hexdigest()", "    return h.hexdigest()",
-           ("tests/test_store.py", "tests/test_faults.py"), "shard not fsynced before its rename", "issue"),
+           ("tests/test_faults.py::test_shard_and_manifest_are_fsynced_before_their_rename",),
+           "shard not fsynced before its rename", "issue"),
     Mutant("truncate-one-too-many", "grass_callback/callback.py",
            "dropped = self.store.truncate_after(batches - 1)", "dropped = self.store.truncate_after(batches)",
-           (T_CRASH,), "truncate_after keeps one step too many on resume", "issue"),
+           (T_RESUME,), "truncate_after keeps one step too many on resume", "issue"),
     Mutant("resume-no-fisher-rebuild", "grass_callback/_continuity.py",
            "        cb.fisher.update(chunk.grads)\n", "        pass\n",
-           (T_CRASH,), "resume skips the Fisher rebuild from the store", "issue"),
+           (T_RESUME,), "resume skips the Fisher rebuild from the store", "issue"),
     # ------------------------------------------------------------------ capture
     Mutant("scale-mean-ones", "grass_callback/capture.py",
            "scale = torch.full((batch_size,), float(batch_size),", "scale = torch.full((batch_size,), 1.0,",
@@ -93,14 +102,14 @@ MUTANTS: list[Mutant] = [
     Mutant("ref-bias-zero", "grass_callback/ops/reference.py",
            "xs = torch.cat([xs, xs.new_ones(*xs.shape[:-1], 1)], dim=-1)",
            "xs = torch.cat([xs, xs.new_zeros(*xs.shape[:-1], 1)], dim=-1)",
-           ("tests/test_ops.py",), "torch reference: bias column of zeros instead of ones"),
+           (T_KERNEL,), "torch reference: bias column of zeros instead of ones"),
     Mutant("ref-scale-dropped", "grass_callback/ops/reference.py",
            "out = out * scale.to(device=out.device, dtype=acc).unsqueeze(1)", "out = out",
-           ("tests/test_ops.py",), "torch reference ignores the per-example scale"),
+           (T_KERNEL,), "torch reference ignores the per-example scale"),
     Mutant("kernel-gemm-first-sjlt-row", "csrc/factgrass_cpu.cpp",
            "  for (int64_t j = 0; j < c; ++j) {\n    const int32_t* bj = bucket + j * k_prime;",
            "  for (int64_t j = 0; j < 1; ++j) {\n    const int32_t* bj = bucket + j * k_prime;",
-           ("tests/test_ops.py",), "C++ kernel, GEMM path (T >= 64): only the first of c SJLT rows"),
+           (T_KERNEL,), "C++ kernel, GEMM path (T >= 64): only the first of c SJLT rows"),
     # ------------------------------------------------------------------ projection
     Mutant("tables-sign-dropped", "grass_callback/projection.py",
            "weight = self.sign.to(torch.float32) / math.sqrt(self.c)",
@@ -123,10 +132,12 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ fisher
     Mutant("fisher-no-divide-by-n", "grass_callback/fisher.py",
            "            fisher = self._sums[name] / self.count\n", "            fisher = self._sums[name] / 1\n",
-           ("tests/test_fisher.py",), "fit uses the sum, not the mean, of g gᵀ (wrong scale)"),
+           ("tests/test_fisher.py::test_fisher_damping_and_solve_match_dense_reference",),
+           "fit uses the sum, not the mean, of g gᵀ (wrong scale)"),
     Mutant("damping-not-per-k", "grass_callback/fisher.py",
            "        lam = ratio * trace / k\n", "        lam = ratio * trace\n",
-           ("tests/test_fisher.py",), "damping λ = r·trace instead of r·trace/k"),
+           ("tests/test_fisher.py::test_fisher_damping_and_solve_match_dense_reference",),
+           "damping λ = r·trace instead of r·trace/k"),
     Mutant("quadratic-not-squared", "grass_callback/fisher.py",
            "@ inv.to(dtype).T).square().sum(1)", "@ inv.to(dtype).T).sum(1)",
            ("tests/test_scoring.py",), "self-influence ‖L⁻¹g‖ summed without squaring"),
@@ -147,12 +158,12 @@ MUTANTS: list[Mutant] = [
            ("tests/test_store.py",), "fetch returns an id's earliest row instead of its latest"),
     Mutant("min-step-exclusive", "grass_callback/_store_read.py",
            "m = steps >= min_step", "m = steps > min_step",
-           ("tests/test_store.py", T_REFS), "min_step filter drops the period's first batch (off by one)"),
+           ("tests/test_store.py::test_read_filters", T_DV), "min_step filter drops the period's first batch (off by one)"),
     # ------------------------------------------------------------------ callback
     Mutant("period-start-off-by-one", "grass_callback/callback.py",
            "            self.period_start = self.batches_seen\n            self.fisher.reset()",
            "            self.period_start = self.batches_seen - 1\n            self.fisher.reset()",
-           (T_REFS,), "a period also rescores the previous period's last batch (off by one)"),
+           (T_DV,), "a period also rescores the previous period's last batch (off by one)"),
 ]
 
 
@@ -172,6 +183,7 @@ def _source_files(ref: str | None) -> list[str]:
 def make_workspace(root: Path, ref: str | None) -> Path:
     """A copy of the repository's files under ``root/tree`` (never the repository itself)."""
     tree = root / "tree"
+    shutil.rmtree(tree, ignore_errors=True)  # a previous run's copy; its build folder is kept
     if ref is not None:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref],
                                  check=True, capture_output=True).stdout
@@ -197,26 +209,33 @@ def _env(root: Path, build_dir: Path) -> dict[str, str]:
     return env
 
 
-def run_tests(root: Path, tests: list[str], build_dir: Path, timeout: float) -> tuple[str, str]:
-    """``(status, detail)`` of ``pytest -x`` on ``tests`` inside the workspace."""
+def run_tests(root: Path, tests: list[str], build_dir: Path, timeout: float,
+              first_failure: bool = True) -> tuple[str, list[str]]:
+    """``(status, failed test ids or a note)`` of ``pytest`` on ``tests`` inside the workspace;
+    ``first_failure`` stops at the first failing test (``-x``)."""
     tree = root / "tree"
     present = [t for t in tests if (tree / t.split("::")[0]).exists()]
     if not present:
-        return "no tests", f"none of {tests} exists"
-    cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
-           "--no-header", "-W", "ignore", *present]
+        return "no tests", [f"none of {tests} exists"]
+    cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+           "--no-header", "-W", "ignore", *(["-x"] if first_failure else []), *present]
     try:
         proc = subprocess.run(cmd, cwd=tree, env=_env(root, build_dir), capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
-        return "timeout", f"over {timeout:.0f} s"
+        return "timeout", [f"over {timeout:.0f} s"]
     output = proc.stdout + proc.stderr
     if proc.returncode == 0:
-        return "passed", ""
+        return "passed", []
     if proc.returncode == 5:
-        return "no tests", "pytest collected nothing"
+        return "no tests", ["pytest collected nothing"]
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.M)
-    return "failed", failed[0] if failed else output.strip().splitlines()[-1][:120]
+    return "failed", failed or [output.strip().splitlines()[-1][:120]]
+
+
+def _covers(target: str, test_id: str) -> bool:
+    """Whether a failing test id belongs to a test target (a file or a test, maybe parametrized)."""
+    return test_id == target or test_id.startswith(target + "::") or test_id.startswith(target + "[")
 
 
 # ---------------------------------------------------------------------- one mutant
@@ -248,7 +267,8 @@ def run_mutant(root: Path, mutant: Mutant, timeout: float) -> tuple[str, str, fl
     kernel = mutant.file.startswith("csrc/")
     build_dir = Path(tempfile.mkdtemp(prefix="build-", dir=root)) if kernel else root / "build"
     try:
-        status, detail = run_tests(root, list(mutant.tests), build_dir, timeout)
+        status, failed = run_tests(root, list(mutant.tests), build_dir, timeout)
+        detail = failed[0] if failed else ""
     finally:
         path.write_text(original)
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the shared kernel build stays valid
@@ -271,10 +291,13 @@ def _print_table(rows: list[tuple[Mutant, str, str, float]]) -> None:
         if not mine:
             continue
         survivors = [m.name for m, s in mine if s == "survived"]
-        broken = [m.name for m, s in mine if s.startswith("snippet") or s == "no tests"]
-        print(f"{origin}: {len(mine)} mutants, {len(survivors)} survived"
+        caught = sum(1 for _, s in mine if s == "caught")
+        timeouts = [m.name for m, s in mine if s == "timeout"]
+        not_run = [m.name for m, s in mine if s.startswith(("snippet", "baseline")) or s == "no tests"]
+        print(f"{origin}: {len(mine)} mutants, {caught} caught, {len(survivors)} survived"
               + (f" ({', '.join(survivors)})" if survivors else "")
-              + (f"; not run: {', '.join(broken)}" if broken else ""))
+              + (f"; timed out: {', '.join(timeouts)}" if timeouts else "")
+              + (f"; not run: {', '.join(not_run)}" if not_run else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref", default=None, help="copy this git revision's tree instead of the working tree")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant's tests (default 900)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the test files")
+    parser.add_argument("--workdir", default=None,
+                        help="keep the copies here between runs (same paths: the kernel is built once per "
+                             "worker, not once per run); default: a temporary folder removed at the end")
     args = parser.parse_args(argv)
     chosen = MUTANTS
     if args.only:
@@ -298,24 +324,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:<30} {m.origin:<6} {m.file:<32} {', '.join(m.tests)}\n    {m.what}")
         return 0
     jobs = max(1, min(args.jobs, len(chosen)))
-    with tempfile.TemporaryDirectory(prefix="grass-mutants-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="grass-mutants-"))
+        else:
+            tmp = args.workdir
         roots = [Path(tmp) / f"w{i}" for i in range(jobs)]
         for root in roots:
             make_workspace(root, args.ref)
+        broken: set[str] = set()  # targets whose unmutated run fails: their mutants prove nothing
         if not args.no_baseline:
-            tests = sorted({t for m in chosen for t in m.tests})
+            targets = sorted({t for m in chosen for t in m.tests})
             t0 = time.perf_counter()
-            status, detail = run_tests(roots[0], tests, roots[0] / "build", args.timeout * 2)
-            print(f"baseline ({len(tests)} test targets, unmutated): {status} {detail} "
-                  f"in {time.perf_counter() - t0:.0f} s", flush=True)
-            if status not in ("passed", "no tests"):
-                print("the unmutated tests fail: fix that first (or wait for a half-done edit).")
+            status, failed = run_tests(roots[0], targets, roots[0] / "build", args.timeout * 3,
+                                       first_failure=False)
+            broken = {t for t in targets for f in failed if _covers(t, f)} if status == "failed" else set()
+            print(f"baseline ({len(targets)} test targets, unmutated): {status} in "
+                  f"{time.perf_counter() - t0:.0f} s" + (f"; failing: {failed}" if failed else ""), flush=True)
+            if status == "timeout":
+                print("the unmutated tests did not finish: raise --timeout or pick fewer mutants.")
                 return 100
+        skipped = [m for m in chosen if set(m.tests) & broken]
+        chosen_run = [m for m in chosen if m not in skipped]
         free = list(roots)
         results: dict[str, tuple[str, str, float]] = {}
         with futures.ThreadPoolExecutor(jobs) as pool:
             pending = {}
-            queue = list(chosen)
+            queue = list(chosen_run)
             while queue or pending:
                 while queue and free:
                     m = queue.pop(0)
@@ -327,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                     free.append(root)
                     results[m.name] = fut.result()
                     print(f"  {m.name}: {results[m.name][0]} {results[m.name][1]}", flush=True)
+        for m in skipped:
+            results[m.name] = ("baseline fails", ", ".join(sorted(set(m.tests) & broken)), 0.0)
     rows = [(m, *results[m.name]) for m in chosen]
     _print_table(rows)
     return min(100, sum(1 for _, s, *_ in rows if s == "survived"))
