@@ -130,7 +130,8 @@ def resume(cb: Any, trainer: "pl.Trainer") -> None:
     rebuilt from the store, and a changed training set or plan is dealt with.
     """
     store, at = cb.store, cb.batches_seen
-    recoverable, lost = shard_problems(store, at)
+    read_again = cb.period_start if cb.keep_history == "period" else 0  # rows the resumed run reads
+    recoverable, lost = shard_problems(store, at, checksum_from=read_again)
     _agree(trainer, lost_rows_message(store, lost, at) if lost else None)
     if recoverable:
         warnings.warn(f"grass_callback: rank {store.rank}'s store {store.path} has {len(recoverable)} damaged "

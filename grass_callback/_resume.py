@@ -141,12 +141,15 @@ def is_resumable(loader: Any) -> bool:
                                  and callable(getattr(x, "load_state_dict", None)) for x in loaders)
 
 
-def shard_problems(store: Any, resume_batch: int) -> tuple[list[tuple[dict, str]], list[tuple[dict, str]]]:
+def shard_problems(store: Any, resume_batch: int,
+                   checksum_from: int | None = None) -> tuple[list[tuple[dict, str]], list[tuple[dict, str]]]:
     """This rank's damaged or missing listed shards, and the rows ``store repair`` unlisted:
     ``(recoverable, lost)``. Recoverable ones hold only rows of batches ``>= resume_batch``, which
-    the resume drops and captures again; lost ones hold older rows, which it cannot."""
+    the resume drops and captures again; lost ones hold older rows, which it cannot. Every shard's
+    size and header are checked; the sha256 of those holding rows of batches ``>= checksum_from``
+    (the ones the resumed run reads again: its Fisher and scores) too."""
     recoverable, lost = [], []
-    for _rank, entry, why in store.damaged_shards(ranks=[store.rank]):
+    for _rank, entry, why in store.damaged_shards(ranks=[store.rank], checksum_from=checksum_from):
         (recoverable if int(entry["min_step"]) >= resume_batch else lost).append((entry, why))
     for entry in read_lost(store.path, store.rank):
         if int(entry["min_step"]) < resume_batch:

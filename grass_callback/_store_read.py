@@ -237,14 +237,16 @@ class StoreReading:
         empty = torch.empty(0, dtype=torch.int64)
         return (torch.cat(ids_out) if ids_out else empty), (torch.cat(eps_out) if eps_out else empty)
 
-    def damaged_shards(self, ranks: Iterable[int] | int | None = None,
-                       checksum: bool = False) -> list[tuple[int, dict, str]]:
+    def damaged_shards(self, ranks: Iterable[int] | int | None = None, checksum: bool = False,
+                       checksum_from: int | None = None) -> list[tuple[int, dict, str]]:
         """``(rank, manifest entry, why)`` of every listed shard that is missing, of the wrong
-        size, with a bad safetensors header or wrong tensor shapes (and, with ``checksum``, a
-        sha256 other than the manifest's). No warning is issued; nothing is changed."""
+        size, with a bad safetensors header or wrong tensor shapes (and, with ``checksum``, or for
+        shards holding steps ``>= checksum_from``, a sha256 other than the manifest's). No warning
+        is issued; nothing is changed."""
         out = []
         for rank, entry in self._select(_int_set(ranks, "ranks"), None, None, None):
-            why = self._shard_problem(entry, checksum)
+            full = checksum or (checksum_from is not None and int(entry["max_step"]) >= checksum_from)
+            why = self._shard_problem(entry, full)
             if why is not None:
                 out.append((rank, dict(entry), why))
         return out

@@ -763,16 +763,18 @@ class GraSSCallback(Callback):
         self._close()
 
     def _close(self) -> None:
-        if self.taps is not None:
-            self.taps.remove()
-        if self.recorder is not None:
-            self.recorder.close()  # drains and joins the writer thread; never raises
-        if self.store is not None and not self.store.closed:
-            self.store.close()
-        if self.reporter is not None:
-            self.reporter.finish()
-            self.reporter = None
-        _continuity.release_lock(self)
+        try:
+            if self.taps is not None:
+                self.taps.remove()
+            if self.recorder is not None:
+                self.recorder.close()  # drains and joins the writer thread; never raises
+            if self.store is not None and not self.store.closed:
+                self.store.close()
+            if self.reporter is not None:
+                self.reporter.finish()
+                self.reporter = None
+        finally:  # a failed final flush (disk full) must not leave the store locked
+            _continuity.release_lock(self)
 
     def _train_dataset(self, trainer: "pl.Trainer") -> Any:
         return getattr(trainer.train_dataloader, "dataset", None)

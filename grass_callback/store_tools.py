@@ -6,8 +6,8 @@ one store (the folder holding ``meta.json``).
 * ``verify`` reads every manifest and every listed shard (size, safetensors header, shapes and
   sha256) and lists leftovers (temps, unlisted shards), rows unlisted by an earlier repair and
   the lock. Exit status 0 when nothing is wrong, 1 otherwise.
-* ``repair`` (refused while a live run holds the lock): unlists damaged or missing shards,
-  recording them in ``lost-rRRR.json`` so the callback knows on resume that those rows must be
+* ``repair`` (refused while a live run holds the lock): unlists damaged or missing shards (the
+  files are kept as ``<name>.damaged``), recording them in ``lost-rRRR.json`` so the callback knows on resume that those rows must be
   captured again (it then asks for a checkpoint taken before them); rebuilds a manifest that
   cannot be read from the shard files on disk (a shard whose every (step, id) is also in a later
   shard is a leftover of a killed write and is left out); deletes leftover temp files. Nothing
@@ -137,6 +137,9 @@ def _repair_rank(path: Path, rank: int) -> list[str]:
     lost = read_lost(path, rank) + [dict(e, why=why) for _, e, why in bad]
     write_lost(path, rank, lost)
     store._write_manifest(manifest)
+    for name in files:  # kept for inspection, under a name no reader or orphan scan picks up
+        if (path / name).exists():
+            os.replace(path / name, path / f"{name}.damaged")
     return [f"{path}: rank {rank}: unlisted the damaged shard {e['file']} ({e['rows']} rows of batches "
             f"{e['min_step']}-{e['max_step']}: {why}); resume from a checkpoint at or before batch "
             f"{e['min_step']} to capture them again" for _, e, why in bad]

@@ -103,10 +103,10 @@ class ForkServer:
         return json.loads(line)
 
     def start(self, workdir: Path, tag: str, crash: str | None = None, resume: bool = False,
-              loader: str = "ordered", announce: bool = False) -> int | None:
+              loader: str = "ordered", announce: bool = False, ckpt_every: int = 3) -> int | None:
         """Send a job; with ``announce`` return the child's pid (then call :meth:`wait`)."""
         job = {"workdir": str(workdir), "tag": tag, "crash": crash, "resume": resume, "loader": loader,
-               "announce": announce}
+               "announce": announce, "ckpt_every": ckpt_every}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         return int(self._reply(JOB_TIMEOUT_S)["pid"]) if announce else None
@@ -115,8 +115,8 @@ class ForkServer:
         return self._reply(JOB_TIMEOUT_S)
 
     def run(self, workdir: Path, tag: str, crash: str | None = None, resume: bool = False,
-            loader: str = "ordered") -> dict:
-        self.start(workdir, tag, crash, resume, loader)
+            loader: str = "ordered", ckpt_every: int = 3) -> dict:
+        self.start(workdir, tag, crash, resume, loader, ckpt_every=ckpt_every)
         return self.wait()
 
     def close(self) -> None:

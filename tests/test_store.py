@@ -558,3 +558,26 @@ def test_iter_chunks_reads_shards_lazily(tmp_path, monkeypatch):
     assert len(first) == 2 and len(opened) == 1  # the first chunk needs only the first shard
     rest = list(it)
     assert sum(len(c) for c in rest) == 16 and peak[0] == 1 and len(opened) == 6
+
+
+def test_store_cli_verify_and_repair(tmp_path, capsys):
+    """``python -m grass_callback store verify|repair``: exit 1 and the shard named when one is
+    damaged; repair unlists it (kept as ``.damaged``) and records the lost rows; verify then says so."""
+    from grass_callback.__main__ import main
+
+    store = GradientStore(tmp_path / "s", layer_dims={"a": 2}, dtype="float32", rows_per_shard=3)
+    store.append(torch.arange(6), 0, {"a": torch.randn(6, 2)})
+    store.close()
+    assert main(["store", "verify", str(tmp_path / "s")]) == 0
+    assert "store is whole" in capsys.readouterr().out
+    victim = tmp_path / "s" / "shard-r000-000001.safetensors"
+    victim.write_bytes(victim.read_bytes()[:40])
+    assert main(["store", "verify", str(tmp_path / "s")]) == 1
+    assert "shard-r000-000001.safetensors (3 rows, batches 0-0)" in capsys.readouterr().out
+    assert main(["store", "repair", str(tmp_path / "s")]) == 0
+    assert "unlisted the damaged shard shard-r000-000001.safetensors" in capsys.readouterr().out
+    assert (tmp_path / "s" / "shard-r000-000001.safetensors.damaged").exists()
+    assert GradientStore(tmp_path / "s", readonly=True).num_rows == 3
+    assert main(["store", "verify", str(tmp_path / "s")]) == 1  # the lost rows are still reported
+    assert "lost 3 rows of batches 0-0" in capsys.readouterr().out
+    assert main(["store", "verify", str(tmp_path / "nothing")]) == 2

@@ -17,8 +17,8 @@ Two ways to run it::
     python tests/scripts/crash_train.py serve       # a fork server, see serve()
 
 Importing Lightning takes several seconds, much longer than one of these runs, so the test uses
-``serve``: this process imports everything once, then forks one child per run (JSON jobs on
-stdin, one JSON reply per job on stdout).
+``serve``: this process imports everything (and loads the C++ kernel) once, then forks one child
+per run (JSON jobs on stdin, one JSON reply per job on stdout).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ LOADERS = ("ordered", "stateful", "shuffled")
 
 
 def data(loader: str = "ordered") -> tuple[DataLoader, DataLoader]:
-    """``ordered``: the resumable, unshuffled loader above; ``stateful``: torchdata's shuffled
+    """``ordered``: the resumable, unshuffled loader above; ``stateful``: torchdata's
     ``StatefulDataLoader`` (Lightning restores it mid-epoch); ``shuffled``: a plain shuffled
     ``DataLoader``, which Lightning restarts from the epoch's first batch after a mid-epoch resume."""
     g = torch.Generator().manual_seed(0)
@@ -182,8 +182,9 @@ def data(loader: str = "ordered") -> tuple[DataLoader, DataLoader]:
     elif loader == "stateful":
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        train = StatefulDataLoader(train_set, batch_size=BATCH, shuffle=True,
-                                   generator=torch.Generator().manual_seed(1))
+        # unshuffled: a shuffled one resumes the epoch exactly but draws later epochs' orders from a
+        # generator state the uninterrupted run did not have (each row still stored once)
+        train = StatefulDataLoader(train_set, batch_size=BATCH, shuffle=False)
     elif loader == "shuffled":
         train = DataLoader(train_set, batch_size=BATCH, shuffle=True)
     else:
@@ -192,15 +193,21 @@ def data(loader: str = "ordered") -> tuple[DataLoader, DataLoader]:
     return train, query
 
 
-def run(workdir: str | Path, resume: bool = False, loader: str = "ordered") -> dict[str, Any]:
-    """One training run in ``workdir``; returns (and saves to result.pt) the final data value."""
+def run(workdir: str | Path, resume: bool = False, loader: str = "ordered", ckpt_every: int = CKPT_EVERY) -> dict[str, Any]:
+    """One training run in ``workdir``; returns (and saves to result.pt) the final data value.
+
+    ``ckpt_every``: ``last.ckpt`` every that many steps. With torchdata's ``StatefulDataLoader`` a
+    checkpoint at an epoch's last batch resumes into an empty next epoch (Lightning restores the
+    exhausted loader state into the next epoch's iterator); the callback reports those rows as
+    missing, and the kill test checkpoints that loader off the epoch ends (every 5 steps)."""
     workdir = Path(workdir)
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     train, query = data(loader)
     callback = GraSSCallback(k=K, num_queries=N_QUERY, topk=3, store_dir=workdir / "grass", storage_dtype="float32",
-                             query_loader=query, rows_per_shard=ROWS_PER_SHARD, log_to_wandb=False, progress=False)
-    ckpt = ModelCheckpoint(dirpath=workdir / "ckpt", every_n_train_steps=CKPT_EVERY, save_last=True)
+                             query_loader=query, rows_per_shard=ROWS_PER_SHARD, log_to_wandb=False, progress=False,
+                             damping_ratio=0.1)  # fixed: the runs compare bit for bit, whatever "auto" does
+    ckpt = ModelCheckpoint(dirpath=workdir / "ckpt", every_n_train_steps=ckpt_every, save_last=True)
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False,
                         callbacks=[callback, *([TrackConsumed()] if loader == "ordered" else []), ckpt],
                         default_root_dir=str(workdir),
@@ -226,7 +233,8 @@ def _child(job: dict[str, Any]) -> int:
     os.dup2(log, 2)
     try:
         install_crash_point(job.get("crash"))
-        run(workdir, resume=bool(job.get("resume")), loader=job.get("loader", "ordered"))
+        run(workdir, resume=bool(job.get("resume")), loader=job.get("loader", "ordered"),
+            ckpt_every=int(job.get("ckpt_every", CKPT_EVERY)))
         return 0
     except BaseException:  # noqa: BLE001 - reported through the exit code and the log
         traceback.print_exc()
@@ -237,13 +245,18 @@ def serve() -> None:
     """Fork server: for each JSON job line on stdin, fork a child that runs it, reply when it ends.
 
     Job: ``{"workdir": str, "crash": "point:n" | null, "resume": bool, "tag": str, "loader": str,
-    "announce": bool}``. Reply: ``{"exitcode": int | null, "signal": int | null}``; with
+    "announce": bool, "ckpt_every": int}``. Reply: ``{"exitcode": int | null, "signal": int | null}``; with
     ``announce`` a line ``{"pid": int}`` comes first, as soon as the child is forked (so a test can
     kill it from outside at a time of its choosing). The child's output goes to
     ``<workdir>/log-<tag>.txt``. This process only imports; the children do all the work (with
     one thread each), so forking it is safe.
     """
     out = sys.stdout
+    # load (or build) the C++ kernel here, once: a child killed in the middle of a build would leave
+    # torch's build lock behind, and every later build of the same sources would wait on it forever
+    from grass_callback.ops import kernel_available
+
+    kernel_available()
     print(json.dumps({"ready": True}), file=out, flush=True)
     for line in sys.stdin:
         if not line.strip():
@@ -271,13 +284,14 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("workdir")
     one.add_argument("--resume", action="store_true", help="continue from <workdir>/ckpt/last.ckpt if it exists")
     one.add_argument("--loader", choices=LOADERS, default="ordered", help="the train loader (see data())")
+    one.add_argument("--ckpt-every", type=int, default=CKPT_EVERY, help="last.ckpt every this many steps")
     sub.add_parser("serve", help="fork server: JSON jobs on stdin")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         serve()
     else:
         install_crash_point(os.environ.get("GRASS_CRASH_AT"))
-        print(json.dumps({k: v for k, v in run(args.workdir, args.resume, args.loader).items() if not isinstance(v, torch.Tensor)}))
+        print(json.dumps({k: v for k, v in run(args.workdir, args.resume, args.loader, args.ckpt_every).items() if not isinstance(v, torch.Tensor)}))
 
 
 if __name__ == "__main__":
