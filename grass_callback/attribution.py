@@ -37,17 +37,16 @@ __all__ = ["attribute", "AttributionResult", "capture_pass", "query_gradients", 
            "open_store", "plans_from_store", "record_rows", "resolve_damping", "LossFn", "DEFAULT_DAMPING_RATIO"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-#: Relative damping ``λ = r · trace(F) / k``: ``"auto"`` takes the best ratio for ``k`` measured
-#: by ``benchmarks/quality.py`` (see :func:`grass_callback.evaluation.recommended_damping_ratio`).
+#: Relative damping ``λ = r · trace(F) / k``: ``"auto"`` takes each layer's ratio from its own
+#: Fisher when it is fitted (:func:`grass_callback.damping.auto_damping_ratio`).
 DEFAULT_DAMPING_RATIO = "auto"
 
 
-def resolve_damping(damping_ratio: float | str, k: int) -> float:
-    """A relative damping as a number: ``"auto"`` becomes the benchmark's best ratio for ``k``."""
-    if damping_ratio == "auto":
-        from grass_callback.evaluation import recommended_damping_ratio
-
-        return recommended_damping_ratio(int(k))
+def resolve_damping(damping_ratio: float | str, k: int) -> float | str:
+    """A checked relative damping: a positive number, or ``"auto"`` (resolved per layer by
+    ``FisherStats.fit`` from the layer's Fisher: the rule needs no ground truth)."""
+    if isinstance(damping_ratio, str) and damping_ratio == "auto":
+        return "auto"
     if isinstance(damping_ratio, bool) or not isinstance(damping_ratio, (int, float)) or not damping_ratio > 0:
         raise ConfigError(f"damping_ratio must be a positive number or 'auto', got {damping_ratio!r}.")
     return float(damping_ratio)
@@ -282,6 +281,7 @@ class AttributionResult:
     store: GradientStore
     query_ids: Tensor
     query_grads: dict[str, Tensor]
+    full_scores: Tensor | None = None  # [m, n] by training id, with attribute(full=True)
 
 
 def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, loss_fn: LossFn, *,
@@ -291,7 +291,8 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
               store_dir: str | Path | None = None, dtype: str = "float16", self_influence: bool = True,
               num_queries: int | None = None, impl: str = "auto", device: torch.device | str | None = None,
               progress: bool = True, plans: Mapping[str, Plan] | None = None,
-              ground_truth: tuple[Tensor, Tensor] | None = None, mask_run: int | str = "auto") -> AttributionResult:
+              ground_truth: tuple[Tensor, Tensor] | None = None, mask_run: int | str = "auto",
+              query_loss_fn: LossFn | None = None, full: bool = False) -> AttributionResult:
     """Influence of every training example on every query, at the model's current weights.
 
     Args:
@@ -302,8 +303,9 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
         index_key: the batch field holding dataset indices (default: ``"index"`` / last element).
         include, exclude: layer-name globs. k, seed, mask_run: the FactGraSS plans (per layer;
             ``mask_run`` as in :class:`~grass_callback.projection.FactGraSSPlan`).
-        damping_ratio: relative damping of each Fisher block, or ``"auto"`` (the benchmark's best
-            ratio for ``k``). topk: proponents/opponents per query.
+        damping_ratio: relative damping of each Fisher block, or ``"auto"`` (default: a ratio per
+            layer from its own Fisher, :mod:`grass_callback.damping`). topk: proponents/opponents
+            per query.
         reduction: how ``loss_fn`` reduces over the batch: ``"mean"``, ``"sum"``, ``"token_mean"``
             (then ``token_counts(batch) -> [B]`` is required).
         store_dir: where compressed gradients go (default: a temporary directory).
@@ -314,7 +316,12 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
         ground_truth: ``(masks [M, n], targets [M, m])`` from models trained on subsets (targets
             per query, in query order, higher = better, e.g. the correct-class margin). With
             ``damping_ratio="auto"`` the ratio is then chosen by LDS on the even-numbered queries
-            (:func:`grass_callback.evaluation.choose_damping`) instead of taken from the table.
+            (:func:`grass_callback.evaluation.choose_damping`) instead of from the rule.
+        query_loss_fn: ``fn(model, batch) -> scalar loss`` for query batches (default
+            ``loss_fn``), e.g. a margin or a passage's loss on its answer tokens only; reduced
+            over the batch as ``reduction`` says.
+        full: also return the whole score matrix, ``result.full_scores [m, n]`` by training id
+            (``m · n`` float64 in memory: for data sets where that fits).
 
     Returns:
         :class:`AttributionResult`; positive scores mean training on the example lowers the
@@ -329,12 +336,21 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
     with taps:
         capture_pass(model, taps, train_loader, loss_fn, store=store, fisher=fisher, index_key=index_key,
                      reduction=reduction, token_counts=token_counts, device=device, progress=progress)
-        q_ids, q_grads = query_gradients(model, taps, query_loader, loss_fn, reduction=reduction,
+        q_ids, q_grads = query_gradients(model, taps, query_loader, query_loss_fn or loss_fn, reduction=reduction,
                                          token_counts=token_counts, max_queries=num_queries, device=device,
                                          progress=progress)
     ratio = resolve_damping(damping_ratio, k)
     if damping_ratio == "auto" and ground_truth is not None:
         ratio = _damping_from_ground_truth(fisher, store, q_grads, ground_truth)
     fitted = fisher.fit(ratio)
-    scores = score_store(store, fitted, q_ids, q_grads, topk=topk, self_influence=self_influence, progress=progress)
-    return AttributionResult(scores=scores, fisher=fitted, store=store, query_ids=q_ids, query_grads=q_grads)
+    scores = score_store(store, fitted, q_ids, q_grads, topk=topk, self_influence=self_influence, progress=progress,
+                         full=full)
+    return AttributionResult(scores=scores, fisher=fitted, store=store, query_ids=q_ids, query_grads=q_grads,
+                             full_scores=_by_id(scores) if full else None)
+
+
+def _by_id(scores: ScoreResult) -> Tensor:
+    """``scores.full [m, rows]`` summed into ``[m, max id + 1]`` by training id (float64)."""
+    ids = scores.full_ids.long()
+    out = torch.zeros(scores.full.shape[0], int(ids.max()) + 1 if ids.numel() else 0, dtype=torch.float64)
+    return out.index_add_(1, ids, scores.full.to(torch.float64))

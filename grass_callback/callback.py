@@ -62,6 +62,7 @@ from grass_callback.data import get_batch_indices, resolve_index_key
 from grass_callback.errors import ConfigError, GraSSError
 from grass_callback.fisher import FisherStats, JointFisherStats
 from grass_callback.recorder import StepRecorder
+from grass_callback.ensembling import ENSEMBLE_WEIGHTINGS, PeriodLearningRate
 from grass_callback.scoring import ScoreEnsemble, ScoreResult, merge_results
 from grass_callback.sharding import has_sharded_parameters
 
@@ -114,7 +115,12 @@ class GraSSCallback(Callback):
         progress: progress bars on long passes.
         ensemble: rank the influence tables by scores summed over the scoring periods so far (one
             checkpoint each, TracIn/TRAK-style; better LDS in ``benchmarks/quality.py``); the
-            period's own scores stay in ``last_result``. On by default; off past 256 MB.
+            period's own scores stay in ``last_result``. On by default; off past 256 MB. The summed
+            matrix is :attr:`ensemble_scores` (``[m, n]``), the summed self-influence
+            :attr:`ensemble_self_influence` (``[n]``).
+        ensemble_weighting: how periods are weighed in the ensemble: ``"uniform"`` (default, a
+            plain sum) or ``"lr"`` (TracIn: each period times the mean learning rate of its steps;
+            see :mod:`grass_callback.ensembling`).
         scorer: ``"block"`` (default): a Fisher block per layer; ``"joint"``: one TRAK-style
             ``K x K`` Fisher over all layers together (``K = Σ k``; for few or small layers).
         mask: ``"random"`` (default) masks, or ``"selective"``: the paper's learned masks, fitted at
@@ -153,7 +159,7 @@ class GraSSCallback(Callback):
                  wandb_project: str = "grass-callback", log_to_wandb: bool = True, impl: str = "auto",
                  progress: bool = True, rows_per_shard: int = 8192, mask: str = "random",
                  selective_sample: int = 256, scorer: str = "block", ensemble: bool = True,
-                 mask_run: int | str = "auto") -> None:
+                 mask_run: int | str = "auto", ensemble_weighting: str = "uniform") -> None:
         _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
                         rows_per_shard=rows_per_shard)
         if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:
@@ -167,6 +173,7 @@ class GraSSCallback(Callback):
         _check_choice("impl", impl, ("auto", "torch", "cpu", "cuda"))
         _check_choice("mask", mask, ("random", "selective"))
         _check_choice("scorer", scorer, ("block", "joint"))
+        _check_choice("ensemble_weighting", ensemble_weighting, ENSEMBLE_WEIGHTINGS)
         _check_positive(selective_sample=selective_sample)
         if mask_run != "auto" and (not isinstance(mask_run, int) or isinstance(mask_run, bool) or mask_run < 1):
             raise ConfigError(f"mask_run must be 'auto' or a positive integer (1: coordinate-wise masks), got {mask_run!r}.")
@@ -185,6 +192,7 @@ class GraSSCallback(Callback):
         self.rows_per_shard = rows_per_shard
         self.mask, self.selective_sample, self.scorer = mask, selective_sample, scorer
         self.ensemble, self.mask_run = bool(ensemble), mask_run
+        self.ensemble_weighting, self._period_lr = ensemble_weighting, PeriodLearningRate()
         self._ensemble: ScoreEnsemble | None = None
         self._pending_ensemble: dict[str, Any] | None = None
         self._ensemble_warned = False
@@ -344,6 +352,7 @@ class GraSSCallback(Callback):
         if self.taps is None:
             return
         self._ids = None
+        self._period_lr.observe(trainer)  # the learning rate this step will use
         self.taps.clear()  # a backward whose rows were not stored must not leak into this batch
         self.taps.enabled = self._capturing(trainer)
         if self.taps.enabled:
@@ -538,15 +547,30 @@ class GraSSCallback(Callback):
         return self._ensemble
 
     def _add_to_ensemble(self, trainer: "pl.Trainer", ensemble: ScoreEnsemble, result: ScoreResult) -> None:
-        scores, seen = ensemble.delta(result)
+        scores, seen, own = ensemble.delta(result) + (ensemble.self_delta(result),)
         if trainer.world_size > 1:  # each rank scored its own rows: sum the pieces
             scores = trainer.strategy.reduce(scores, reduce_op="sum")
             seen = trainer.strategy.reduce(seen, reduce_op="sum")
-        ensemble.add(result.query_ids, scores, seen)
+            own = trainer.strategy.reduce(own, reduce_op="sum")
+        ensemble.add(result.query_ids, scores, seen, weight=self._period_lr.weight(self.ensemble_weighting),
+                     self_influence=own)
         result.full = result.full_ids = None  # not merged across ranks: the ensemble has it
+
+    @property
+    def ensemble_scores(self) -> Tensor | None:
+        """The ensemble's summed scores ``[m, n]`` (float64; rows in the order of
+        ``ensemble_result.query_ids``, columns = training ids), or ``None`` before the first period."""
+        return None if self._ensemble is None else self._ensemble.total
+
+    @property
+    def ensemble_self_influence(self) -> Tensor | None:
+        """Self-influence summed (weighted) over the ensemble's periods ``[n]`` (0 for ids never
+        stored), or ``None`` before the first period."""
+        return None if self._ensemble is None else self._ensemble.self_total
 
     def _end_period(self) -> None:
         self._capture_seconds, self._captured_batches = 0.0, 0
+        self._period_lr.reset()
         if self.keep_history == "period":
             self.period_start = self.batches_seen
             self.fisher.reset()

@@ -19,9 +19,10 @@ not explain, such as flipped labels. :func:`mislabel_detection` reports the bina
 (torchmetrics) of self-influence as a detector of the flipped examples, and the precision among
 the ``n_flipped`` examples with the highest self-influence.
 
-**Damping.** :func:`choose_damping` picks the relative damping ratio ``r`` (``λ_l = r ·
-trace(F_l) / k_l``) with the best LDS on a held-out slice of queries when subset ground truth is
-available; :class:`KernelInfluence` gives exact Fisher-preconditioned scores of in-memory
+**Damping.** Without ground truth the library's rule decides (``damping_ratio="auto"``,
+:mod:`grass_callback.damping`). :func:`choose_damping` picks the relative damping ratio ``r``
+(``λ_l = r · trace(F_l) / k_l``) with the best LDS on a held-out slice of queries when subset
+ground truth is available; :class:`KernelInfluence` gives exact Fisher-preconditioned scores of in-memory
 compressed gradients for a whole grid of ratios from one eigendecomposition per block (per layer,
 or one joint block over all layers: the TRAK-style kernel).
 
@@ -61,8 +62,6 @@ __all__ = [
     "library_scores_for",
     "DampingChoice",
     "choose_damping",
-    "BENCHMARK_DAMPING",
-    "recommended_damping_ratio",
 ]
 
 #: The relative damping ratios searched by default (``1e-6 .. 1e1``, one per decade).
@@ -340,25 +339,66 @@ class KernelInfluence:
             q = torch.cat([q64[n] for n in members], 1) if q64 is not None else None
             self.blocks[block] = _eig_block(g, q, self.count)
 
-    def scores(self, damping_ratio: float, queries: Tensor | Sequence[int] | None = None) -> Tensor:
-        """``[n, m]`` float64 scores at relative damping ``damping_ratio`` (only the ``queries``
-        columns, in that order, when given)."""
+    @classmethod
+    def from_grams(cls, grams: Mapping[str, tuple[Tensor, Tensor | None, int]], count: int | None = None) -> "KernelInfluence":
+        """Per-layer influence from Gram matrices only: ``{layer: (G G^T [n, n], Q G^T [m, n] or
+        None, k_l)}``, so an uncompressed layer too wide to hold for all examples at once can be
+        accumulated chunk by chunk (the dual form of :class:`KernelInfluence`)."""
+        self = cls.__new__(cls)
+        self.blocks, self.joint = {}, False
+        for name, (gram, cross, k) in grams.items():
+            n = gram.shape[0]
+            c = int(count) if count is not None else n
+            e, u = torch.linalg.eigh(gram.to(torch.float64))
+            ev = e.clamp_min(0) / c
+            self.blocks[name] = _Block(a=cross.to(torch.float64) @ u if cross is not None else None, b=u, ev=ev,
+                                       self_weight=c * ev, unit=float(gram.diagonal().sum()) / c / int(k))
+            self.n, self.count = n, c
+        return self
+
+    def eigenvalues(self) -> dict[str, tuple[Tensor, int, float]]:
+        """Per block ``(non-zero-rank eigenvalues of F_l, k_l, trace(F_l) / k_l)``; the ``k_l``
+        minus ``len`` missing eigenvalues are zero (dual form)."""
+        return {name: (b.ev, int(round(float(b.ev.sum()) / b.unit)) if b.unit > 0 else 0, b.unit)
+                for name, b in self.blocks.items()}
+
+    def _ratio(self, damping_ratio: float | Mapping[str, float], block: str) -> float:
+        return float(damping_ratio[block]) if isinstance(damping_ratio, Mapping) else float(damping_ratio)
+
+    def scores(self, damping_ratio: float | Mapping[str, float], queries: Tensor | Sequence[int] | None = None) -> Tensor:
+        """``[n, m]`` float64 scores at relative damping ``damping_ratio`` (one ratio, or one per
+        block name) (only the ``queries`` columns, in that order, when given)."""
         total = None
         index = None if queries is None else torch.as_tensor(queries, dtype=torch.long)
-        for block in self.blocks.values():
+        for name, block in self.blocks.items():
             if block.a is None:
                 raise EvaluationError("KernelInfluence was built without queries; pass queries= to score.")
-            w = 1.0 / (block.ev + damping_ratio * block.unit)
+            w = 1.0 / (block.ev + self._ratio(damping_ratio, name) * block.unit)
             a = block.a if index is None else block.a.index_select(0, index)
             part = block.b @ (a * w).T
             total = part if total is None else total + part
         return total  # type: ignore[return-value]
 
-    def self_influence(self, damping_ratio: float) -> Tensor:
+    def predictions(self, masks: Tensor, damping_ratio: float | Mapping[str, float]) -> Tensor:
+        """Summed scores of each subset, ``masks [M, n] @ scores [n, m] -> [M, m]`` (float64),
+        without forming ``scores``: ``masks @ B_l`` is kept per block, so a damping grid costs
+        ``O(M r m)`` per ratio instead of ``O(n r m)``."""
+        key = id(masks)
+        if getattr(self, "_mask_key", None) != key:
+            m64 = masks.to(torch.float64)
+            self._mask_key, self._masked_b = key, {name: m64 @ b.b for name, b in self.blocks.items()}
+        total = None
+        for name, block in self.blocks.items():
+            w = 1.0 / (block.ev + self._ratio(damping_ratio, name) * block.unit)
+            part = self._masked_b[name] @ (block.a * w).T
+            total = part if total is None else total + part
+        return total  # type: ignore[return-value]
+
+    def self_influence(self, damping_ratio: float | Mapping[str, float]) -> Tensor:
         """``[n]`` float64 self-influence ``s(i, i) = Σ_l g_{i,l}^T (F_l + λ_l I)^{-1} g_{i,l}``."""
         total = torch.zeros(self.n, dtype=torch.float64)
-        for block in self.blocks.values():
-            w = block.self_weight / (block.ev + damping_ratio * block.unit)
+        for name, block in self.blocks.items():
+            w = block.self_weight / (block.ev + self._ratio(damping_ratio, name) * block.unit)
             total += (block.b * block.b) @ w
         return total
 
@@ -397,33 +437,6 @@ def library_scores_for(stats: Any, chunks: Callable[[], Iterable[Any]], query_gr
 
 
 # ----------------------------------------------------------------------------- damping
-
-
-#: Relative damping ratio with the best held-out LDS per FactGraSS ``k`` (per layer) in
-#: ``benchmarks/quality.py`` (digits MLP, n = 1000 training examples, 100 subset models, 3 seeds).
-#: In absolute terms these are all ``λ ≈ 2e-4 .. 1e-3 · trace(F_l)``.
-BENCHMARK_DAMPING: dict[int, float] = {64: 1e-2, 256: 1e-1, 1024: 1.0}
-
-
-def recommended_damping_ratio(k: int) -> float:
-    """The benchmark's best relative damping for a FactGraSS size ``k`` (no ground truth at hand).
-
-    Interpolated linearly in ``log k`` / ``log r`` between the measured sizes of
-    :data:`BENCHMARK_DAMPING`, held constant outside them. One small benchmark: prefer
-    :func:`choose_damping` when subset-trained models are available.
-    """
-    if not isinstance(k, int) or k < 1:
-        raise EvaluationError(f"k must be a positive integer, got {k!r}.")
-    sizes = sorted(BENCHMARK_DAMPING)
-    if k <= sizes[0]:
-        return BENCHMARK_DAMPING[sizes[0]]
-    if k >= sizes[-1]:
-        return BENCHMARK_DAMPING[sizes[-1]]
-    for lo, hi in zip(sizes, sizes[1:]):
-        if lo <= k <= hi:
-            t = (math.log(k) - math.log(lo)) / (math.log(hi) - math.log(lo))
-            return math.exp((1 - t) * math.log(BENCHMARK_DAMPING[lo]) + t * math.log(BENCHMARK_DAMPING[hi]))
-    raise AssertionError("unreachable")
 
 
 @dataclass

@@ -87,6 +87,12 @@ def _check_damping_ratio(damping_ratio: Any) -> float:
     return float(damping_ratio)
 
 
+def _auto_ratio(fisher: Tensor, count: int) -> float:
+    from grass_callback.damping import auto_damping_ratio
+
+    return auto_damping_ratio(fisher, count)
+
+
 def _check_grads(grads: Mapping[str, Tensor], layers: Mapping[str, int], what: str) -> int:
     """Check ``grads`` has exactly ``layers`` with shapes ``[B, k_l]``; return ``B``."""
     if not isinstance(grads, Mapping):
@@ -393,8 +399,11 @@ class FisherStats:
         return self._sums[name] / self.count
 
     @torch.no_grad()
-    def fit(self, damping_ratio: float = 1e-3, *, max_retries: int = 4) -> FittedFisher:
+    def fit(self, damping_ratio: float | str = 1e-3, *, max_retries: int = 4) -> FittedFisher:
         """Factor ``F_l + lambda_l I`` for every layer, ``lambda_l = ratio * trace(F_l) / k_l``.
+
+        ``damping_ratio="auto"`` takes each layer's ratio from its own Fisher
+        (:func:`grass_callback.damping.auto_damping_ratio`).
 
         When a Cholesky factorisation fails, warns (naming the layer) and retries with the
         ratio multiplied by 10, up to ``max_retries`` times.
@@ -404,7 +413,8 @@ class FisherStats:
             FisherError: no gradients were accumulated, the statistics are not finite, or a
                 layer is still not positive definite after the retries.
         """
-        ratio = _check_damping_ratio(damping_ratio)
+        auto = isinstance(damping_ratio, str) and damping_ratio == "auto"
+        ratio = None if auto else _check_damping_ratio(damping_ratio)
         if self.count == 0:
             raise FisherError(
                 "cannot fit the Fisher: no gradients were accumulated (count == 0). Call "
@@ -419,8 +429,10 @@ class FisherStats:
                     f"the Fisher statistics of layer {name!r} are not finite (NaN/inf gradients "
                     "were accumulated); check the loss and the per-example gradient scale."
                 )
-            factors[name], damping[name], ratios[name] = _factor(name, fisher, trace, k, ratio, max_retries)
-        return FittedFisher(factors, damping, ratios, count=self.count, requested_damping_ratio=ratio)
+            layer_ratio = _auto_ratio(fisher, self.count) if auto else ratio
+            factors[name], damping[name], ratios[name] = _factor(name, fisher, trace, k, layer_ratio, max_retries)
+        return FittedFisher(factors, damping, ratios, count=self.count,
+                            requested_damping_ratio="auto" if auto else ratio)
 
     # ------------------------------------------------------------------ persistence
 

@@ -49,6 +49,7 @@ __all__ = [
     "random_mask",
     "run_mask",
     "auto_mask_run",
+    "mask_sizes",
     "sjlt_tables",
     "sjlt_apply",
 ]
@@ -238,6 +239,41 @@ def _check_positive(**values: int) -> None:
 # --------------------------------------------------------------------------- FactGraSS
 
 
+def _side(k: int, oversample: float) -> int:
+    """``sqrt(oversample · k)`` rounded up (exact for squares: ``2 sqrt(k)`` at ``oversample = 4``)."""
+    target = oversample * k
+    root = math.isqrt(int(target)) if float(target).is_integer() else None
+    if root is not None and root * root == target:
+        return int(root)
+    return math.ceil(math.sqrt(target))
+
+
+def mask_sizes(k: int, d_in_eff: int, d_out: int, *, oversample: float = 4.0,
+               keep_narrow: bool = False) -> tuple[int, int]:
+    """Default FactGraSS mask sizes ``(k_in', k_out')`` for a ``d_out x d_in_eff`` gradient.
+
+    The budget is ``k' = side²`` with ``side = sqrt(oversample · k)`` (``2 sqrt(k)`` by
+    default). A factor narrower than ``side`` keeps every column and the other factor gets the
+    columns that leaves unused (``ceil(side² / width)``, clipped to its width). With
+    ``keep_narrow`` a factor whose mask would keep at least half of its columns keeps them all
+    (the other keeps its share of the budget as before): on a layer of 128 outputs at
+    ``k = 1024`` the mask keeps 128, not 64, outputs. ``k'`` is then at most twice the budget
+    (four times when both factors are narrow).
+    """
+    if not (isinstance(oversample, (int, float)) and not isinstance(oversample, bool) and oversample > 0):
+        raise PlanError(f"oversample must be a positive number (the mask budget k' = oversample * k), got {oversample!r}.")
+    side = _side(k, float(oversample))
+    k_out = min(side, d_out)
+    k_in = min(d_in_eff, max(side, math.ceil(side**2 / k_out)))
+    k_out = min(d_out, max(k_out, math.ceil(side**2 / k_in)))
+    if keep_narrow:
+        if 2 * k_in >= d_in_eff - 1:  # half of the weight columns (the bias column aside)
+            k_in = d_in_eff
+        if 2 * k_out >= d_out:
+            k_out = d_out
+    return k_in, k_out
+
+
 def _mask_runs(mask_run: Any, k_in: int, k_out: int, d_in_eff: int, d_out: int) -> tuple[int, int]:
     """``(run_in, run_out)`` from ``"auto"``, one int, or a pair."""
     if mask_run == "auto":
@@ -254,10 +290,18 @@ class FactGraSSPlan(Plan):
     Args:
         d_in, d_out, bias: the layer (``bias=True`` adds the constant-1 input column).
         k: output size per example. Default 1024.
-        k_in, k_out: mask sizes of the input and output factor. Default ``2 sqrt(k)`` each,
-            clipped to the layer's sizes; when the clipped product ``k' = k_in k_out`` is not
-            above ``k``, the plan keeps every masked coordinate exactly (``k = k'``, identity
-            sketch), so small layers are compressed without error.
+        k_in, k_out: mask sizes of the input and output factor. Default
+            :func:`mask_sizes`: ``sqrt(oversample · k)`` each (``2 sqrt(k)`` at the default
+            ``oversample=4``, the paper's), a factor narrower than that keeps all its columns and
+            gives the budget it leaves to the other, and (``keep_narrow``) a factor whose mask
+            would keep half its columns or more keeps them all. When the product ``k' = k_in
+            k_out`` is not above ``k``, the plan keeps every masked coordinate exactly (``k = k'``,
+            identity sketch), so small layers are compressed without error. Saved plans carry
+            their sizes, so these defaults never change a plan loaded from a store.
+        oversample: the mask budget ``k' ≈ oversample · k`` (default 4).
+        keep_narrow: keep every column of a factor whose mask would keep at least half of it
+            (default ``False``: on the quality suite's tuning half it did not raise the LDS, and it
+            costs up to 2x kernel time per narrow factor; see the README).
         c: non-zeros per coordinate in the SJLT (the paper uses 1).
         mask_run: the masks keep coordinates in runs of this many neighbours (:func:`run_mask`;
             every coordinate is still kept with probability ``k_in / d_in``). ``"auto"``
@@ -274,20 +318,19 @@ class FactGraSSPlan(Plan):
 
     def __init__(self, d_in: int, d_out: int, bias: bool = False, k: int = 1024,
                  k_in: int | None = None, k_out: int | None = None, c: int = 1,
-                 seed: int = 0, name: str = "", mask_run: Any = "auto") -> None:
+                 seed: int = 0, name: str = "", mask_run: Any = "auto", oversample: float = 4.0,
+                 keep_narrow: bool = False) -> None:
         _check_positive(d_in=d_in, d_out=d_out, k=k, c=c)
         self.shape = LayerShape(int(d_in), int(d_out), bool(bias))
         self.seed, self.name, self.c = int(seed), str(name), int(c)
         self.requested = {"k": k, "k_in": k_in, "k_out": k_out}
         d_in_eff = self.shape.d_in_eff
-        default_side = 2 * math.isqrt(k) if math.isqrt(k) ** 2 == k else math.ceil(2 * math.sqrt(k))
         explicit = k_in is not None or k_out is not None
+        default_side = _side(k, 4.0)
         if not explicit and self.shape.numel <= k:  # the whole gradient fits: keep it exactly
             k_in, k_out = d_in_eff, d_out
-        elif not explicit:  # 2 sqrt(k) a side; a side clipped by the layer widens the other
-            k_out = min(default_side, d_out)
-            k_in = min(d_in_eff, max(default_side, math.ceil(default_side**2 / k_out)))
-            k_out = min(d_out, max(k_out, math.ceil(default_side**2 / k_in)))
+        elif not explicit:
+            k_in, k_out = mask_sizes(k, d_in_eff, d_out, oversample=oversample, keep_narrow=keep_narrow)
         else:
             k_in = k_in if k_in is not None else min(default_side, d_in_eff)
             k_out = k_out if k_out is not None else min(default_side, d_out)

@@ -393,6 +393,8 @@ class ScoreEnsemble:
         self.query_ids: Tensor | None = None
         self.total: Tensor | None = None      # [m, num_examples]
         self.seen: Tensor | None = None       # [num_examples] bool: ids scored at least once
+        self.self_total: Tensor | None = None  # [num_examples] weighted self-influence summed over periods
+        self.weights: list[float] = []        # the weight of every period added
         self.periods = 0
 
     @staticmethod
@@ -416,15 +418,30 @@ class ScoreEnsemble:
         total = state.get("total") if isinstance(state, Mapping) else None
         return None if total is None else int(total.shape[-1])
 
-    def add(self, query_ids: Tensor, scores: Tensor, seen: Tensor) -> None:
+    def self_delta(self, result: ScoreResult) -> Tensor:
+        """This period's self-influence summed per training id ``[num_examples]`` (float64)."""
+        out = torch.zeros(self.num_examples, dtype=torch.float64)
+        if result.self_influence is not None and result.self_influence_ids is not None:
+            out.index_add_(0, result.self_influence_ids.long(), result.self_influence.to(torch.float64))
+        return out
+
+    def add(self, query_ids: Tensor, scores: Tensor, seen: Tensor, weight: float = 1.0,
+            self_influence: Tensor | None = None) -> None:
+        """Add one period: ``weight · scores [m, num_examples]`` (and ``weight · self_influence``)."""
         if scores.dim() != 2 or scores.shape[1] != self.num_examples or seen.shape != (self.num_examples,):
             raise ScoringError(f"the ensemble covers {self.num_examples} training examples but this period's scores "
                                f"have shape {list(scores.shape)}: the training set changed size; restart the "
                                "ensemble (a new ScoreEnsemble) for the new training set.")
         if self.query_ids is None or not torch.equal(self.query_ids, query_ids):
             self.query_ids, self.total, self.seen, self.periods = query_ids.clone(), None, None, 0
-        self.total = scores.clone() if self.total is None else self.total + scores
+            self.self_total, self.weights = None, []
+        weighted = scores if weight == 1.0 else scores * float(weight)
+        self.total = weighted.clone() if self.total is None else self.total + weighted
         self.seen = (seen > 0) if self.seen is None else self.seen | (seen > 0)
+        if self_influence is not None:
+            part = float(weight) * self_influence.to(torch.float64)
+            self.self_total = part.clone() if self.self_total is None else self.self_total + part
+        self.weights.append(float(weight))
         self.periods += 1
 
     def result(self, topk: int, data_value: tuple[Tensor, Tensor], base: ScoreResult) -> ScoreResult:
@@ -438,7 +455,8 @@ class ScoreEnsemble:
                            self_influence_ids=base.self_influence_ids, self_influence=base.self_influence)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"query_ids": self.query_ids, "total": self.total, "seen": self.seen, "periods": self.periods}
+        return {"query_ids": self.query_ids, "total": self.total, "seen": self.seen, "periods": self.periods,
+                "self_total": self.self_total, "weights": list(self.weights)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         size = self.state_size(state)
@@ -447,3 +465,5 @@ class ScoreEnsemble:
                                "it was saved for another training set; start a new ensemble.")
         self.query_ids, self.total, self.seen = state.get("query_ids"), state.get("total"), state.get("seen")
         self.periods = int(state.get("periods", 0))
+        self.self_total = state.get("self_total")
+        self.weights = [float(w) for w in state.get("weights", [1.0] * self.periods)]

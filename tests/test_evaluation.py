@@ -11,7 +11,7 @@ from grass_callback.errors import FisherError, GraSSError
 from grass_callback.evaluation import (
     DAMPING_GRID, EvaluationError, KernelInfluence, LinearDatamodelingScore, MislabelDetection, choose_damping,
     dot_product_scores, fisher_scores, lds, lds_per_query, library_scores_for, mislabel_detection, precision_at_k,
-    recommended_damping_ratio, subset_predictions)
+    subset_predictions)
 from grass_callback.fisher import FisherStats
 from grass_callback.scoring import precondition_queries, score_chunks
 
@@ -242,9 +242,20 @@ def test_choose_damping_ties_failures_and_library_path() -> None:
     assert torch.allclose(scores_for(1e-2), KernelInfluence(train, queries).scores(1e-2), rtol=1e-5, atol=1e-7)
 
 
-def test_recommended_damping_follows_the_benchmark_table() -> None:
-    assert recommended_damping_ratio(1024) == 1.0 and recommended_damping_ratio(64) == pytest.approx(1e-2)
-    assert recommended_damping_ratio(16) == pytest.approx(1e-2) and recommended_damping_ratio(4096) == 1.0
-    assert recommended_damping_ratio(128) == pytest.approx(10 ** -1.5)  # halfway in log k and log r
-    with pytest.raises(EvaluationError):
-        recommended_damping_ratio(0)
+def test_kernel_influence_per_layer_ratios_and_predictions_match_dense_scores() -> None:
+    gen = torch.Generator().manual_seed(5)
+    train = {"a": torch.randn(30, 4, generator=gen, dtype=torch.float64),
+             "b": torch.randn(30, 40, generator=gen, dtype=torch.float64)}  # b: k > n, the dual form
+    queries = {n: torch.randn(3, g.shape[1], generator=gen, dtype=torch.float64) for n, g in train.items()}
+    ratios = {"a": 0.3, "b": 2.0}
+    want = 0
+    for name, g in train.items():
+        fisher = g.T @ g / 30
+        h = fisher + ratios[name] * torch.trace(fisher) / g.shape[1] * torch.eye(g.shape[1], dtype=torch.float64)
+        want = want + g @ torch.linalg.solve(h, queries[name].T)
+    ki = KernelInfluence(train, queries)
+    torch.testing.assert_close(ki.scores(ratios), want)
+    masks = torch.rand(9, 30, generator=gen) < 0.5
+    torch.testing.assert_close(ki.predictions(masks, ratios), masks.double() @ want)
+    grams = {n: (g @ g.T, queries[n] @ g.T, g.shape[1]) for n, g in train.items()}
+    torch.testing.assert_close(KernelInfluence.from_grams(grams).scores(ratios), want)
