@@ -1,0 +1,51 @@
+"""What the mask sizes cost in kernel time: FactGraSS ``plan.compress`` per layer shape.
+
+    nice -n 10 .venv/bin/python -m benchmarks.quality.mask_cost
+
+For each layer shape of the suite's workloads (and ``T`` tokens per example), the earlier
+``2 sqrt(k)`` masks, the default masks (a factor kept whole when its mask would keep half of it)
+and ``oversample=16`` (masks of ``4 sqrt(k)``) are timed side by side (interleaved rounds,
+median, CPU time of this process on one thread), with ``k'`` and the ratio to the earlier masks.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "benchmarks.quality"
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _util import time_interleaved  # noqa: E402
+
+from grass_callback.projection import FactGraSSPlan  # noqa: E402
+
+VARIANTS = {"2sqrt(k)": {"keep_narrow": False}, "default": {}, "oversample 16": {"oversample": 16.0}}
+# (d_in, d_out, T, B): MLP layers of the suite (T = 1) and the GPT-2 workload's (T = 48)
+SHAPES = [(64, 256, 1, 1024), (256, 128, 1, 1024), (128, 384, 1, 1024), (128, 384, 48, 64), (128, 128, 48, 64),
+          (128, 512, 48, 64), (512, 128, 48, 64), (128, 1024, 48, 64)]
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    print("layer (d_in x d_out, T, B) | masks | k_in' x k_out' = k' | ms per call | x 2sqrt(k)")
+    for d_in, d_out, T, B in SHAPES:
+        x = torch.randn(B, T, d_in)
+        d = torch.randn(B, T, d_out)
+        plans = {label: FactGraSSPlan(d_in, d_out, True, k=1024, name="l", **opt) for label, opt in VARIANTS.items()}
+        times = time_interleaved({label: (lambda p=p: p.compress(x, d)) for label, p in plans.items()},
+                                 repeat=9, clock=__import__("time").process_time)
+        base = times["2sqrt(k)"]
+        for label, p in plans.items():
+            print(f"{d_in}x{d_out}, T={T}, B={B} | {label} | {p.k_in} x {p.k_out} = {p.k_prime} | "
+                  f"{1e3 * times[label]:.2f} | {times[label] / base:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

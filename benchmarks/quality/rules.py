@@ -1,0 +1,56 @@
+"""Damping rules compared by the suite: each maps a fitted kernel to a ratio per layer.
+
+A rule sees what the library's ``FisherStats.fit`` sees (each layer's Fisher, its size ``k``, the
+number of rows ``N``), never ground truth. Candidates:
+
+* ``r=<c>``: one ratio everywhere (``r = 0.1`` is the field's usual 0.1 x mean eigenvalue);
+* ``table``: the earlier per-k table fitted on the old digits benchmark;
+* ``erank<c>``: ``λ = c · tr(F²) / tr(F)``, the eigenvalue-weighted mean eigenvalue (as a
+  ratio ``r = c · k / r_eff`` with the effective rank ``r_eff = tr(F)² / tr(F²)``);
+* ``nk<c>``: ``r = c · k / N``.
+* ``auto``: the library's rule (:func:`grass_callback.damping.auto_damping_ratio`):
+  ``r = max(1, k / N)``, ``λ = trace(F) / min(k, N)``, the mean non-zero eigenvalue.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from grass_callback.evaluation import KernelInfluence
+
+__all__ = ["RULES"]
+
+
+def _per_block(fn: Callable[[object, int, float, int], float]) -> Callable[[KernelInfluence], dict]:
+    def rule(ki: KernelInfluence) -> dict:
+        return {name: fn(ev, k, unit, ki.count) for name, (ev, k, unit) in ki.eigenvalues().items()}
+    return rule
+
+
+def _erank(c: float):
+    def fn(ev, k, unit, n):
+        tr, tr2 = float(ev.sum()), float((ev * ev).sum())
+        return c * tr2 / tr / unit
+    return fn
+
+
+def _table(ev, k, unit, n):
+    """The earlier default: 0.01 at k = 64, 0.1 at 256, 1 at 1024 (log-linear, constant outside)."""
+    t = min(1.0, max(0.0, (math.log(k) - math.log(64)) / (math.log(1024) - math.log(64))))
+    return 10 ** (-2 + 2 * t)
+
+
+def _auto(ev, k, unit, n):
+    from grass_callback.damping import auto_damping_ratio_from_moments
+
+    return auto_damping_ratio_from_moments(float(ev.sum()), float((ev * ev).sum()), k, n)
+
+
+RULES: dict[str, Callable[[KernelInfluence], dict]] = {
+    **{f"r={c:g}": _per_block(lambda ev, k, unit, n, c=c: c) for c in (0.01, 0.03, 0.1, 0.3, 1.0)},
+    "table": _per_block(_table),
+    **{f"erank{c:g}": _per_block(_erank(c)) for c in (0.003, 0.01, 0.03, 0.1, 0.3)},
+    **{f"nk{c:g}": _per_block(lambda ev, k, unit, n, c=c: c * k / n) for c in (0.1, 0.3, 1.0)},
+    "auto": _per_block(_auto),
+}
