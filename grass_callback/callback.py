@@ -95,8 +95,8 @@ class GraSSCallback(Callback):
         num_queries: how many query examples are scored (default 16).
         topk: proponents and opponents kept per query (default 10).
         damping_ratio: relative damping of each Fisher block, ``λ = r · trace(F) / k``; ``"auto"``
-            (default) takes the best ratio for ``k`` measured by ``benchmarks/quality.py``
-            (0.01 at k=64, 0.1 at 256, 1 at 1024, interpolated in log k).
+            (default) resolves it per layer at each fit from the layer's Fisher: ``λ = trace(F) /
+            min(k, N)``, the mean non-zero eigenvalue (:mod:`grass_callback.damping`).
         index_key: the batch field holding dataset indices (default: from ``IndexedDataset``).
         loss_reduction: how the training loss reduces over the batch: ``"mean"``, ``"sum"`` or
             ``"token_mean"`` (then ``token_counts(batch) -> [B]`` is required).
