@@ -122,7 +122,8 @@ def run_once(args: argparse.Namespace, with_callback: bool, workdir: Path) -> li
     callbacks = [timer]
     if with_callback:
         callbacks.insert(0, GraSSCallback(k=args.k, num_queries=4, topk=3, store_dir=workdir / "grass",
-                                          progress=False, log_to_wandb=False, query_loader=query))
+                                          damping_ratio=1.0, progress=False, log_to_wandb=False,
+                                          query_loader=query))
     trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator="cpu" if args.cpu_smoke else "gpu",
                         devices=1, precision="bf16-mixed",
                         logger=False, callbacks=callbacks, default_root_dir=str(workdir),

@@ -134,7 +134,7 @@ def _mlp_fit(tmp_path: Path, precision: str, accelerator: str = "gpu"):
     train = DataLoader(IndexedDataset(TensorDataset(x[:32], y[:32])), batch_size=16)
     query = DataLoader(IndexedDataset(TensorDataset(x[32:], y[32:])), batch_size=8)
     cb = GraSSCallback(k=16, num_queries=4, topk=3, store_dir=tmp_path / "grass", storage_dtype="float32",
-                       progress=False, log_to_wandb=False, query_loader=query)
+                       damping_ratio=1.0, progress=False, log_to_wandb=False, query_loader=query)
     model = TinyModule()
     start = copy.deepcopy(model).cpu()
     trainer = L.Trainer(max_steps=1, accelerator=accelerator, devices=1, precision=precision, logger=False,
@@ -218,8 +218,8 @@ def test_gpu_callback_bf16_mixed_no_host_sync_per_step(tmp_path):
     tokens = torch.randint(0, 97, (72, 32), generator=g)
     train = DataLoader(IndexedDataset(TensorDataset(tokens[:64], tokens[:64, 0])), batch_size=8)
     query = DataLoader(IndexedDataset(TensorDataset(tokens[64:], tokens[64:, 0])), batch_size=8)
-    cb = GraSSCallback(k=64, num_queries=4, topk=3, store_dir=tmp_path / "grass", progress=False,
-                       log_to_wandb=False, query_loader=query)
+    cb = GraSSCallback(k=64, num_queries=4, topk=3, store_dir=tmp_path / "grass", damping_ratio=1.0,
+                       progress=False, log_to_wandb=False, query_loader=query)
     trainer = L.Trainer(max_epochs=1, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
                         callbacks=[Arm(), cb, Disarm()], default_root_dir=str(tmp_path),
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
