@@ -477,7 +477,8 @@ class GraSSCallback(Callback):
             from grass_callback.explain import record_period
 
             record_period(Path(self.store_dir), period=period, min_step=min_step, max_step=self.batches_seen - 1,
-                          global_step=trainer.global_step, damping_ratio=self.damping_ratio,
+                          global_step=trainer.global_step,
+                          damping_ratio=getattr(fitted, "requested_damping_ratio", None) or self.damping_ratio,
                           keep_history=self.keep_history, rows=stats.count)
         self._end_period()
 

@@ -75,8 +75,10 @@ class ExplainResult:
 
 
 def record_period(root: str | Path, *, period: str, min_step: int | None, max_step: int, global_step: int,
-                  damping_ratio: float, keep_history: str, rows: int) -> None:
+                  damping_ratio: float | str | None, keep_history: str, rows: int) -> None:
     """Add one scoring period to ``root/train-periods.json`` (atomic rewrite; the callback calls it).
+
+    ``damping_ratio``: the ratio the period's fit used (a rule's name such as ``"auto"`` is kept as it is).
 
     Entries a killed run left past this period's start are replaced (a resumed run re-scores them).
     """
@@ -84,8 +86,9 @@ def record_period(root: str | Path, *, period: str, min_step: int | None, max_st
     entries = _read_entries(path)
     start = min_step if min_step is not None else max_step
     entries = [e for e in entries if int(e["max_step"]) < start]
+    ratio = damping_ratio if damping_ratio is None or isinstance(damping_ratio, str) else float(damping_ratio)
     entries.append({"period": str(period), "min_step": min_step, "max_step": int(max_step),
-                    "global_step": int(global_step), "damping_ratio": float(damping_ratio),
+                    "global_step": int(global_step), "damping_ratio": ratio,
                     "keep_history": keep_history, "rows": int(rows)})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"format": "grass_callback.periods", "periods": entries}, indent=1) + "\n")
