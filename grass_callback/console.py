@@ -173,8 +173,9 @@ def period_figures(fitted: Any, *, rows_scored: int, store_bytes: int, capture_s
                "store_bytes": float(store_bytes), "capture_seconds_per_step": float(capture_seconds_per_step),
                "period_seconds": float(sum(seconds.values())),
                **{f"seconds/{part}": float(v) for part, v in seconds.items()}}
-    layers = {name: {"k": int(fitted.layers[name]), "condition_number": conds[name],
-                     "damping": float(fitted.damping[name]), "damping_ratio": float(fitted.damping_ratio[name]),
+    blocks = getattr(fitted, "fitted", fitted)  # a joint fit: one block over all layers
+    layers = {name: {"k": int(blocks.layers[name]), "condition_number": conds[name],
+                     "damping": float(blocks.damping[name]), "damping_ratio": float(blocks.damping_ratio[name]),
                      "zero_gradient": name in silent} for name in conds}
     return scalars, layers
 
