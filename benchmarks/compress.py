@@ -19,8 +19,9 @@ before each call).
 
 ``--coord`` times, on coordinate-wise masks only, the kernel as it chooses its path (``fused``),
 the kernel forced to gather token by token (``fused-rows``, the gather of the kernel before
-blocks), the gather + bmm + ``index_add_`` path (``bmm``) and ``impl="auto"`` (``auto``, after its
-one timing), prints ``bmm/fused`` per shape and counts the shapes where the fused kernel loses.
+blocks), the gather + bmm + ``index_add_`` path (``bmm``), these three called alike on the plan's
+tables, and ``impl="auto"`` through ``factgrass`` with its input checks (``auto``, after its one
+timing), prints ``bmm/fused`` per shape and counts the shapes where the fused kernel loses.
 Materialize-then-SJLT forms the per-example gradients; it is skipped where they would exceed
 ``--materialize-limit-gb``.
 """
@@ -37,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import peak_rss_during, print_table, time_interleaved, write_json  # noqa: E402
 
-from grass_callback.ops import autotune, factgrass, kernel_available  # noqa: E402
+from grass_callback.ops import autotune, factgrass, factgrass_reference, kernel_available  # noqa: E402
 from grass_callback.projection import FactGraSSPlan, LoGraPlan, SJLTPlan, materialize  # noqa: E402
 
 SHAPES = [(768, 768), (4096, 4096), (4096, 11008), (768, 50257)]
@@ -88,11 +89,11 @@ def run_coord_case(d_in: int, d_out: int, T: int, k: int, B: int, clock) -> dict
     forced = torch.ops.grass_callback._factgrass_cpu_path
     autotune.clear()
     factgrass(x, d, plan)  # impl="auto" times its two paths once here
-    methods = {
-        "fused": lambda: factgrass(x, d, plan, impl="cpu"),
+    methods = {  # the first three called alike, on the tables (no Python wrapper, no checks)
+        "fused": lambda: torch.ops.grass_callback.factgrass(x, d, *tables, plan.k, None),
         "fused-rows": lambda: forced(x, d, *tables, plan.k, None, -1, 0, 0),
-        "bmm": lambda: factgrass(x, d, plan, impl="torch"),
-        "auto": lambda: factgrass(x, d, plan),
+        "bmm": lambda: factgrass_reference(x, d, *tables, plan.k, None),
+        "auto": lambda: factgrass(x, d, plan),  # through factgrass(), its checks included
     }
     times = time_interleaved(methods, clock=clock)
     row: dict = {"shape": f"{d_out}x{d_in}", "T": T, "k": k}

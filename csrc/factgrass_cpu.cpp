@@ -18,8 +18,8 @@
 //    copies each kept column (or run of neighbouring kept columns, as one segment) down the
 //    whole block before the next: the loads of a block go to as many rows at once, which keeps
 //    more misses in flight than walking one row's scattered lines. Each factor takes blocks
-//    where its kept columns come mostly one by one (coordinate-wise masks) and T fills a block,
-//    rows where they come in runs or T is short (benchmarks/compress.py --coord measures the kernel against a gather + bmm
+//    where its kept columns come mostly one by one (coordinate-wise masks) and rows where they
+//    come in runs (benchmarks/compress.py --coord measures the kernel against a gather + bmm
 //    path on coordinate-wise masks).
 //
 // The op schema is declared here once; the CUDA implementation registers against it from
@@ -168,7 +168,7 @@ struct Path {
 // Tokens per block of the "blocks" gather. On this project's 2-core AVX2 machine (B = 8, one
 // thread) blocks of 8 made the whole call on coordinate-wise masks 1.05-1.55x faster than "rows"
 // at T >= 128 on layers 4096 wide and more (1.3-1.55x at T = 512); blocks of 16 and 32 were
-// slower than 8 on most shapes. On masks kept in runs of 8 "rows" was as fast at T <= 128 and
+// slower than 8 on most shapes; at T = 1 blocks were as fast as rows. On masks kept in runs of 8 "rows" was as fast at T <= 128 and
 // 1.2-1.3x faster at T = 512, so each factor takes blocks only where its segments are short.
 constexpr int64_t kBlockTokens = 8;
 
@@ -180,10 +180,9 @@ int64_t product_for(int64_t forced, int64_t T, int64_t k_prime) {
   return forced >= 0 ? forced : (T >= kGemmMinTokens && k_prime >= kGemmMinProduct ? 1 : 0);
 }
 
-// Blocks where the factor's kept columns come mostly one by one (mean segment length below 2)
-// and there is at least one whole block of tokens (below that "rows" was 1.2-2x faster).
-int64_t gather_for(int64_t forced, const std::vector<Segment>& segs, int64_t n, int64_t T) {
-  return forced >= 0 ? forced : (T >= kBlockTokens && 2 * static_cast<int64_t>(segs.size()) > n ? 1 : 0);
+// Blocks where the factor's kept columns come mostly one by one (mean segment length below 2).
+int64_t gather_for(int64_t forced, const std::vector<Segment>& segs, int64_t n) {
+  return forced >= 0 ? forced : (2 * static_cast<int64_t>(segs.size()) > n ? 1 : 0);
 }
 
 // Gather one factor of one example (rows [T, width]) into its panels.
@@ -264,8 +263,8 @@ void factgrass_cpu_kernel(const scalar_t* x, const scalar_t* dout, const int64_t
   const std::vector<int64_t> out_lines = cache_lines<scalar_t>(out_idx, k_out, d_out);
   const std::vector<Segment> in_segs = segments(in_idx, k_in, d_in, pin, T);
   const std::vector<Segment> out_segs = segments(out_idx, k_out, d_out, pout, T);
-  path.gather_in = gather_for(path.gather_in, in_segs, k_in, T);
-  path.gather_out = gather_for(path.gather_out, out_segs, k_out, T);
+  path.gather_in = gather_for(path.gather_in, in_segs, k_in);
+  path.gather_out = gather_for(path.gather_out, out_segs, k_out);
   if (path.block <= 0) path.block = kBlockTokens;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -377,7 +376,7 @@ std::vector<int64_t> factgrass_cpu_choice(int64_t T, int64_t d_in, int64_t d_out
   const int64_t pin = product == 1 ? k_in : Tile<float>::RB, pout = product == 1 ? k_out : Tile<float>::RA;
   const auto in_segs = segments(in_idx.data_ptr<int64_t>(), k_in, d_in, pin, T);
   const auto out_segs = segments(out_idx.data_ptr<int64_t>(), k_out, d_out, pout, T);
-  return {product, gather_for(-1, in_segs, k_in, T), gather_for(-1, out_segs, k_out, T), kBlockTokens};
+  return {product, gather_for(-1, in_segs, k_in), gather_for(-1, out_segs, k_out), kBlockTokens};
 }
 
 }  // namespace
