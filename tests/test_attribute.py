@@ -143,6 +143,10 @@ def test_auto_damping_with_ground_truth_picks_the_ratio_that_explains_it():
     targets = masks.double() @ per_example                            # [M, m]: what the scores predict
     chosen = attribute(model, train, query, loss_fn, damping_ratio="auto", ground_truth=(masks, targets), **kw)
     assert chosen.fisher.requested_damping_ratio == pytest.approx(0.1)
-    fixed = attribute(model, train, query, loss_fn, **kw)                # no ground truth: the k table
-    from grass_callback.evaluation import recommended_damping_ratio
-    assert fixed.fisher.requested_damping_ratio == pytest.approx(recommended_damping_ratio(32))
+    fixed = attribute(model, train, query, loss_fn, **kw)                # no ground truth: the rule
+    assert fixed.fisher.requested_damping_ratio == "auto"
+    rows = fixed.store.fetch(fixed.store.ids(), dtype=torch.float64)
+    for name in fixed.store.layers:                                     # λ = trace(F) / min(k, N)
+        g = rows[name]
+        want = float(torch.trace(g.T @ g / g.shape[0])) / min(g.shape[1], g.shape[0])
+        assert fixed.fisher.damping[name] == pytest.approx(want, rel=1e-6), name

@@ -102,11 +102,20 @@ def store_rows(train_dir: Path) -> dict[str, Tensor]:
             for key, ts in parts.items()}
 
 
-def hand_fisher_inverse_apply(rows: Tensor, ratio: float, rhs: Tensor) -> Tensor:
-    """``(F + λI)^{-1} rhs`` with ``F = rowsᵀ rows / n`` and ``λ = ratio · trace(F) / k``."""
+def hand_damping(fisher: Tensor, n: int, ratio: float | str) -> Tensor:
+    """``λ = ratio · trace(F) / k``; ``ratio="auto"`` is the default rule written out here:
+    ``λ = trace(F) / min(k, n)``, the mean non-zero eigenvalue of a rank-``min(k, n)`` Fisher."""
+    k = fisher.shape[0]
+    if ratio == "auto":
+        return torch.trace(fisher) / min(k, n)
+    return ratio * torch.trace(fisher) / k
+
+
+def hand_fisher_inverse_apply(rows: Tensor, ratio: float | str, rhs: Tensor) -> Tensor:
+    """``(F + λI)^{-1} rhs`` with ``F = rowsᵀ rows / n`` and ``λ`` from :func:`hand_damping`."""
     n, k = rows.shape
     fisher = rows.T @ rows / n
-    damped = fisher + ratio * torch.trace(fisher) / k * torch.eye(k, dtype=torch.float64)
+    damped = fisher + hand_damping(fisher, n, ratio) * torch.eye(k, dtype=torch.float64)
     return torch.linalg.solve(damped, rhs)
 
 
