@@ -38,7 +38,7 @@ from _util import print_table, write_json  # noqa: E402
 
 from grass_callback.attribution import open_store, plans_from_store, query_gradients, score_store  # noqa: E402
 from grass_callback.capture import LayerTaps  # noqa: E402
-from grass_callback.explain import explain  # noqa: E402
+from grass_callback.explaining import explain  # noqa: E402
 
 
 def model(layers: int, width: int) -> nn.Module:

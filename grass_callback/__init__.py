@@ -27,10 +27,10 @@ _EXPORTS = {
     "LinearDatamodelingScore": "grass_callback.evaluation",
     "choose_damping": "grass_callback.evaluation",
     "SelectiveFactGraSSPlan": "grass_callback.projection",
-    "explain": "grass_callback.explain",
-    "ExplainResult": "grass_callback.explain",
-    "daunce": "grass_callback.daunce",
-    "DaunceResult": "grass_callback.daunce",
+    "explain": "grass_callback.explaining",
+    "ExplainResult": "grass_callback.explaining",
+    "daunce": "grass_callback.daunce_method",
+    "DaunceResult": "grass_callback.daunce_method",
 }
 
 __all__ = sorted(_EXPORTS)

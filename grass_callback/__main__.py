@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="influence (FactGraSS, default) or daunce (loss covariance of perturbed fine-tuned copies)")
     att.add_argument("--num-models", type=int, default=8, help="daunce: perturbed copies")
     att.add_argument("--epochs", type=float, default=1.0, help="daunce: fine-tuning epochs per copy")
-    from grass_callback.explain import add_query_parser
+    from grass_callback.explaining import add_query_parser
 
     add_query_parser(sub)
     return parser
@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return store_main(args)
     if args.command == "query":
-        from grass_callback.explain import run_query_cli
+        from grass_callback.explaining import run_query_cli
 
         return run_query_cli(args)
     if args.method == "daunce":
-        from grass_callback.daunce import run_daunce_cli
+        from grass_callback.daunce_method import run_daunce_cli
 
         return run_daunce_cli(args)
     from grass_callback.checkpoints import run_attribute_cli

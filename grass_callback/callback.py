@@ -476,7 +476,7 @@ class GraSSCallback(Callback):
             self._report_period(trainer, result, fitted, period, clock)
         self.period_seconds, self.last_period = dict(clock.seconds), period  # report included
         if trainer.is_global_zero:  # the period's row range, for explain() on the finished run
-            from grass_callback.explain import record_period
+            from grass_callback.explaining import record_period
 
             record_period(Path(self.store_dir), period=period, min_step=min_step, max_step=self.batches_seen - 1,
                           global_step=trainer.global_step,

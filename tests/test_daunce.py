@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from grass_callback import IndexedDataset
-from grass_callback.daunce import daunce
+from grass_callback.daunce_method import daunce
 from grass_callback.errors import ConfigError, GraSSError
 
 

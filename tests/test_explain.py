@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from grass_callback import GraSSCallback, IndexedDataset, attribute
 from grass_callback.errors import StoreMismatchError
-from grass_callback.explain import PERIODS_FILE, QueryFieldError, explain, read_periods
+from grass_callback.explaining import PERIODS_FILE, QueryFieldError, explain, read_periods
 
 N_TRAIN, N_VAL = 48, 12
 
@@ -177,11 +177,11 @@ def test_query_cli_writes_the_tables_explain_gives(run, tmp_path):
 
 def test_package_names_call_the_functions():
     import grass_callback
-    import grass_callback.daunce  # noqa: F401  (the submodules bound under the functions' names)
-    import grass_callback.explain  # noqa: F401
-    from grass_callback import explain as by_import
+    import grass_callback.daunce_method  # noqa: F401  (importing the modules keeps the names functions)
+    import grass_callback.explaining  # noqa: F401
+    from grass_callback import daunce, explain
 
-    assert grass_callback.explain.__call__ is not None and callable(by_import)
+    assert explain is grass_callback.explaining.explain and daunce is grass_callback.daunce_method.daunce
     with pytest.raises(Exception, match="no gradient store"):
         grass_callback.explain("/nonexistent-store", nn.Linear(2, 2), [])
     with pytest.raises(Exception, match="num_models"):

@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,14 +424,3 @@ def run_query_cli(args: Any) -> int:
     reporter.finish()
     print(f"scores of {result.query_ids.numel()} queries over {len(result.periods)} period(s) written to {folder}")
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """``grass_callback.explain`` is this module once it is imported (Python binds a package's submodule
-    under its name), so the module calls :func:`explain`: ``grass_callback.explain(...)`` works either way."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return explain(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -378,14 +376,3 @@ def run_daunce_cli(args: Any) -> int:
     reporter.finish()
     print(f"Daunce scores ({args.num_models} copies) written to {folder}")
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """``grass_callback.daunce`` is this module once it is imported (Python binds a package's submodule
-    under its name), so the module calls :func:`daunce`: ``grass_callback.daunce(...)`` works either way."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return daunce(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
