@@ -241,26 +241,33 @@ def test_writer_errors_surface_on_the_training_thread_chained(tmp_path, monkeypa
 
 
 def test_back_pressure_bounds_the_batches_in_flight(tmp_path, monkeypatch):
+    """With the writer held, two batches are accepted and the third ``record`` blocks until the
+    writer moves (no timing: the writer waits on an event the test sets)."""
     store = _store(tmp_path / "s")
     real = GradientStore.append
-    state = {"submitted": 0, "appended": 0, "in_flight": []}
+    go = threading.Event()
 
-    def slow(self, ids, step, grads, epoch=0):
-        state["in_flight"].append(state["submitted"] - state["appended"])
-        time.sleep(0.05)
-        out = real(self, ids, step, grads, epoch=epoch)
-        state["appended"] += 1
-        return out
+    def held(self, ids, step, grads, epoch=0):
+        go.wait(30)
+        return real(self, ids, step, grads, epoch=epoch)
 
-    monkeypatch.setattr(GradientStore, "append", slow)
+    monkeypatch.setattr(GradientStore, "append", held)
     recorder = StepRecorder(store, None, max_pending=2)
-    for step in range(8):
+    for step in range(2):
         recorder.record(torch.arange(4 * step, 4 * step + 4), _rows(4, step), step)
-        state["submitted"] += 1
+    third = threading.Thread(target=recorder.record, args=(torch.arange(8, 12), _rows(4, 2), 2))
+    third.start()
+    third.join(0.5)
+    assert third.is_alive() and recorder.pending == 2  # blocked: memory does not grow
+    go.set()
+    third.join(30)
+    assert not third.is_alive()
+    for step in range(3, 8):
+        recorder.record(torch.arange(4 * step, 4 * step + 4), _rows(4, step), step)
         assert recorder.pending <= 2
     recorder.flush()
     recorder.close()
-    assert max(state["in_flight"]) == 2 and recorder.peak_pending == 2, state["in_flight"]
+    assert recorder.peak_pending == 2
     assert store.num_rows == 32
 
 
