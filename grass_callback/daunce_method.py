@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from grass_callback.console import open_bar, progress_iter
 from grass_callback.data import get_batch_indices, move_to_device, resolve_index_key
 from grass_callback.errors import ConfigError, GraSSError
 from grass_callback.scoring import ScoreResult, score_chunks
@@ -105,10 +106,8 @@ def _losses(model: nn.Module, loader: Iterable, loss_fn: PerExampleLoss, index_k
     was = model.training
     model.eval()
     ids, out, seen = [], [], 0
-    if desc is not None:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc=desc, leave=False)
+    if desc is not None:  # the project's bars: beside Lightning's, quiet in pipes
+        loader = progress_iter(loader, desc, True)
     try:
         for batch in loader:
             try:
@@ -195,11 +194,7 @@ def _fine_tune_plain(model: nn.Module, loader: Iterable, anchor: list[Tensor], l
                      desc: str | None) -> None:
     opt = optimizer(p for p in model.parameters() if p.requires_grad)
     model.train()
-    bar = None
-    if desc is not None:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=desc, leave=False)
+    bar = open_bar(desc, True, total=steps) if desc is not None else None
     done = 0
     while done < steps:
         for batch in loader:
