@@ -113,13 +113,8 @@ cudaError_t launch(const grass_cuda::Pointers<Traits>& ptr, const grass_cuda::Pr
   return static_cast<cudaError_t>(rc);
 }
 
-template <typename Traits>
-int run(const typename Traits::storage* x, const typename Traits::storage* grad_out, const int64_t* in_idx,
-        const int64_t* out_idx, const int32_t* bucket, const float* weight, const float* scale,
-        typename Traits::acc* out, int64_t B, int64_t T, int64_t d_in, int64_t d_out, int64_t k_in,
-        int64_t k_out, int64_t c, int64_t k, int allow_tf32, void* workspace, int64_t workspace_bytes,
-        cudaStream_t stream) {
-  const grass_cuda::Pointers<Traits> ptr{x, grad_out, in_idx, out_idx, bucket, weight, scale, out};
+grass_cuda::Problem make_problem(int64_t B, int64_t T, int64_t d_in, int64_t d_out, int64_t k_in,
+                                 int64_t k_out, int64_t c, int64_t k) {
   grass_cuda::Problem pr;
   pr.B = B;
   pr.T = T;
@@ -129,6 +124,17 @@ int run(const typename Traits::storage* x, const typename Traits::storage* grad_
   pr.k_out = k_out;
   pr.c = c;
   pr.k = k;
+  return pr;
+}
+
+template <typename Traits>
+int run(const typename Traits::storage* x, const typename Traits::storage* grad_out, const int64_t* in_idx,
+        const int64_t* out_idx, const int32_t* bucket, const float* weight, const float* scale,
+        typename Traits::acc* out, int64_t B, int64_t T, int64_t d_in, int64_t d_out, int64_t k_in,
+        int64_t k_out, int64_t c, int64_t k, int allow_tf32, void* workspace, int64_t workspace_bytes,
+        cudaStream_t stream) {
+  const grass_cuda::Pointers<Traits> ptr{x, grad_out, in_idx, out_idx, bucket, weight, scale, out};
+  const grass_cuda::Problem pr = make_problem(B, T, d_in, d_out, k_in, k_out, c, k);
   return static_cast<int>(launch<Traits>(ptr, pr, allow_tf32, workspace, workspace_bytes, stream));
 }
 
@@ -139,15 +145,7 @@ extern "C" {
 int64_t grass_factgrass_cuda_workspace_bytes(int dtype, int64_t B, int64_t T, int64_t d_in,
                                              int64_t d_out, int64_t k_in, int64_t k_out, int64_t c,
                                              int64_t k, int allow_tf32) {
-  grass_cuda::Problem pr;
-  pr.B = B;
-  pr.T = T;
-  pr.d_in = d_in;
-  pr.d_out = d_out;
-  pr.k_in = k_in;
-  pr.k_out = k_out;
-  pr.c = c;
-  pr.k = k;
+  const grass_cuda::Problem pr = make_problem(B, T, d_in, d_out, k_in, k_out, c, k);
   switch (dtype) {
     case 0: return workspace_bytes<grass_cuda::F32>(pr, allow_tf32);
     case 1: return workspace_bytes<grass_cuda::F64>(pr, allow_tf32);
