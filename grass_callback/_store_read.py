@@ -69,8 +69,14 @@ class StoreReading:
         for name in ("ids", "steps", "epochs"):
             if name not in keys or handle.get_slice(name).get_shape() != [rows]:
                 raise _BadShard(f"tensor {name!r} is missing or not of shape [{rows}]")
+        zero = entry.get("zero_layers", ())
+        unknown = [n for n in zero if n not in self._layers]
+        if unknown:
+            raise _BadShard(f"its manifest entry lists zero layers {_few(unknown)} the store does not have")
         for layer, k in self._layers.items():
             key = f"g/{layer}"
+            if layer in zero:  # all zero in this shard: not written
+                continue
             if key not in keys or handle.get_slice(key).get_shape() != [rows, k]:
                 raise _BadShard(f"tensor {key!r} is missing or not of shape [{rows}, {k}]")
 
@@ -143,13 +149,15 @@ class StoreReading:
                     continue
                 mask = self._row_mask(steps, eps, epochs, min_step, max_step)
                 rows = ids.numel()
+                zero = set(entry.get("zero_layers", ()))
                 for a in range(0, rows, piece_rows):
                     b = min(a + piece_rows, rows)
                     sel = None if mask is None else mask[a:b]
                     if sel is not None and not bool(sel.any()):
                         continue
                     try:
-                        grads = {n: f.get_slice(f"g/{n}")[a:b] for n in layers}
+                        grads = {n: torch.zeros(b - a, self._layers[n], dtype=self._dtype) if n in zero
+                                 else f.get_slice(f"g/{n}")[a:b] for n in layers}
                     except Exception as e:
                         self._mark_bad(entry, str(e))
                         break
@@ -355,12 +363,16 @@ class StoreReading:
                 if f is None:
                     raise StoreError(f"shard {entry['file']} became unreadable during fetch")
                 i, n = 0, rows.numel()
+                zero = set(entry.get("zero_layers", ()))
                 try:
                     while i < n:
                         a = int(rows[i])
                         b = min(a + window_rows, int(entry["rows"]))
                         j = int(torch.searchsorted(rows, b))
                         for name in layer_list:
+                            if name in zero:  # all zero in this shard: not written
+                                grads[name][at[i:j]] = 0
+                                continue
                             block = f.get_slice(f"g/{name}")[a:b]
                             grads[name][at[i:j]] = block[rows[i:j] - a].to(grads[name].dtype)
                         i = j

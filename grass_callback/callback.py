@@ -340,6 +340,7 @@ class GraSSCallback(Callback):
         else:
             self._start_without_checkpoint()
         _continuity.start_message(self, trainer)
+        self.taps.skip([n for n in self.silent_layers if n in self.taps.plans])  # found silent before a resume
         self.taps.attach()
         self._score_missed_epoch(trainer, pl_module)
 
@@ -486,16 +487,21 @@ class GraSSCallback(Callback):
 
     def _fit(self, stats: FisherStats, period: str) -> Any:
         """Fit the Fisher blocks; layers that got no gradient are reported once, with the
-        ``exclude=`` to use, instead of a zero-trace warning every period (they stay tapped)."""
+        ``exclude=`` to use, instead of a zero-trace warning every period, and are no longer tapped:
+        from the next step on their hooks do nothing, and the store writes no rows of them (a layer
+        all zero in a shard is not written; it reads back as zeros and scores 0). The list is saved
+        in checkpoints, so a resumed run skips them too."""
         from grass_callback.console import silent_layers
 
         silent = silent_layers(stats)
         new = [n for n in silent if n not in self.silent_layers]
         if new:
             self.silent_layers += new
+            self.taps.skip(new)
             rank_zero_warn(f"grass_callback: {len(new)} layer(s) got no gradient in {period} (all their "
-                           f"gradients are zero, e.g. a pooler the loss does not use): {new}. They score 0; leave "
-                           f"them out with GraSSCallback(exclude={self.silent_layers!r}).")
+                           f"gradients are zero, e.g. a pooler the loss does not use): {new}. They score 0 and are "
+                           f"no longer tapped or stored; leave them out with "
+                           f"GraSSCallback(exclude={self.silent_layers!r}).")
         with warnings.catch_warnings():
             if silent:
                 warnings.filterwarnings("ignore", message=r"Fisher of layer .* has zero trace")
@@ -722,7 +728,7 @@ class GraSSCallback(Callback):
                 "scored_epoch": self.scored_epoch, "data_value_ids": ids, "data_value": values,
                 # loaded but not used yet (a resume before the next period) is saved as it came
                 "ensemble": self._ensemble.state_dict() if self._ensemble is not None else self._pending_ensemble,
-                **_continuity.state_extras(self)}
+                "silent_layers": list(self.silent_layers), **_continuity.state_extras(self)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -737,6 +743,7 @@ class GraSSCallback(Callback):
         if state_dict.get("store_dir") and self.store_dir is None:
             self.store_dir = state_dict["store_dir"]
         self._pending_state = dict(state_dict)
+        self.silent_layers = list(state_dict.get("silent_layers", []))  # not tapped again on resume
         _continuity.load_plain_state(self, state_dict)  # progress and data value now, the store at train start
         if self.taps is not None and self.store is not None and self.store.path != Path(self.store_dir) / "train":
             rank_zero_warn("grass_callback: the checkpoint's store_dir differs from the one opened; "

@@ -229,6 +229,7 @@ class LayerTaps:
         self._enabled = True
         self._scale: Tensor | float | None = None
         self._compute_seconds = 0.0
+        self._skipped: set[str] = set()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -236,6 +237,19 @@ class LayerTaps:
     def layer_dims(self) -> dict[str, int]:
         """Output size ``k`` of each tapped layer, in tap order."""
         return {name: plan.k for name, plan in self.plans.items()}
+
+    @property
+    def skipped(self) -> list[str]:
+        """Layers no longer tapped (see :meth:`skip`), in tap order."""
+        return [name for name in self.plans if name in self._skipped]
+
+    def skip(self, names: Sequence[str]) -> None:
+        """Stop tapping ``names`` (e.g. layers found to get no gradient): their hooks do nothing
+        from the next forward on and :meth:`collect` gives them zero rows, at no compute."""
+        unknown = [n for n in names if n not in self.plans]
+        if unknown:
+            raise CaptureError(f"cannot skip {unknown}: not tapped layers ({list(self.plans)}).")
+        self._skipped.update(names)
 
     @property
     def attached(self) -> bool:
@@ -305,7 +319,7 @@ class LayerTaps:
     # ------------------------------------------------------------------ hooks
 
     def _forward_hook(self, name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if not self._enabled or not torch.is_grad_enabled():
+        if not self._enabled or not torch.is_grad_enabled() or name in self._skipped:
             return
         if not isinstance(output, Tensor) or not output.requires_grad:
             return  # e.g. the no-grad first pass of reentrant activation checkpointing

@@ -20,6 +20,9 @@ Everything lives in one directory, readable with standard tools (``json`` and
                                        step, epochs present, byte size, sha256
       shard-r000-000000.safetensors    tensors "ids", "steps", "epochs" (int64 [n]) and one
       shard-r000-000001.safetensors    "g/<layer name>" [n, k_l] per layer in the storage dtype
+                                       (a layer whose rows in a shard are all zero is not
+                                       written: the manifest entry lists it in "zero_layers"
+                                       and readers give zeros; e.g. a pooler the loss ignores)
       manifest-r001.json               rank 1 of a DDP run, and so on: each rank writes only
       shard-r001-000000.safetensors    its own manifest and shards
       .<name>.<pid>-<hex>.tmp          a file being written (or left by a crash)
@@ -518,6 +521,7 @@ class GradientStore(StoreReading):
         self._buf_steps: list[Tensor] = []
         self._buf_epochs: list[Tensor] = []
         self._buf_grads: dict[str, list[Tensor]] = {}
+        self._buf_nonzero: dict[str, list[Tensor]] = {}  # bool [n] per piece: the row is not all zero
         self._buffered = 0
 
     def _check_writable(self) -> None:
@@ -558,6 +562,7 @@ class GradientStore(StoreReading):
             )
         batch = ids_t.numel()
         cast: dict[str, Tensor] = {}
+        nonzero: dict[str, Tensor] = {}
         finite = torch.ones(batch, dtype=torch.bool)
         finite_in = torch.ones(batch, dtype=torch.bool)
         for name, k in self._layers.items():
@@ -580,6 +585,7 @@ class GradientStore(StoreReading):
             # cheaper than isfinite over every element (slow for half types on the CPU).
             row_max = torch.maximum(g.amax(dim=1), g.amin(dim=1).neg())  # NaN propagates
             finite_in &= torch.isfinite(row_max).cpu()
+            nonzero[name] = (row_max != 0).cpu()  # all-zero layers of a shard are not written
             finite &= torch.isfinite(row_max.to(self._dtype)).cpu()
             if g.device.type == "cpu":
                 cast[name] = g.to(dtype=self._dtype, copy=True)
@@ -609,6 +615,7 @@ class GradientStore(StoreReading):
                 )
             ids_t = ids_t[finite]
             cast = {n: t[finite] for n, t in cast.items()}
+            nonzero = {n: t[finite] for n, t in nonzero.items()}
         n = ids_t.numel()
         if n == 0:
             return finite
@@ -617,6 +624,7 @@ class GradientStore(StoreReading):
         self._buf_epochs.append(torch.full((n,), epoch, dtype=torch.int64))
         for name, t in cast.items():
             self._buf_grads.setdefault(name, []).append(t)
+            self._buf_nonzero.setdefault(name, []).append(nonzero[name])
         self._buffered += n
         while self._buffered >= self._rows_per_shard:
             self._commit_buffered(self._rows_per_shard)
@@ -629,13 +637,16 @@ class GradientStore(StoreReading):
             self._buf_steps = [torch.cat(self._buf_steps)]
             self._buf_epochs = [torch.cat(self._buf_epochs)]
             self._buf_grads = {n: [torch.cat(ts)] for n, ts in self._buf_grads.items()}
+            self._buf_nonzero = {n: [torch.cat(ts)] for n, ts in self._buf_nonzero.items()}
 
     def _commit_buffered(self, n: int) -> None:
         """Commit the first ``n`` buffered rows as one shard; they leave the buffer on success."""
         self._consolidate()
         ids, steps, epochs = self._buf_ids[0], self._buf_steps[0], self._buf_epochs[0]
         grads = {name: self._buf_grads[name][0] for name in self._layers}
-        self._commit_rows(ids[:n], steps[:n], epochs[:n], {k: v[:n] for k, v in grads.items()})
+        nonzero = {name: self._buf_nonzero[name][0] for name in self._layers}
+        written = {k: v[:n] for k, v in grads.items() if bool(nonzero[k][:n].any())}  # all-zero layers: listed only
+        self._commit_rows(ids[:n], steps[:n], epochs[:n], written)
         if n >= ids.numel():
             self._clear_buffer()
         else:  # clone the remainder so the committed rows' memory is released
@@ -643,6 +654,7 @@ class GradientStore(StoreReading):
             self._buf_steps = [steps[n:].clone()]
             self._buf_epochs = [epochs[n:].clone()]
             self._buf_grads = {k: [v[n:].clone()] for k, v in grads.items()}
+            self._buf_nonzero = {k: [v[n:].clone()] for k, v in nonzero.items()}
             self._buffered = int(self._buf_ids[0].numel())
 
     def _next_seq(self, at_least: int = 0) -> int:
@@ -653,20 +665,27 @@ class GradientStore(StoreReading):
 
     def _write_shard(self, seq: int, ids: Tensor, steps: Tensor, epochs: Tensor,
                      grads: Mapping[str, Tensor]) -> dict:
-        """Write one shard file (temp, fsync, rename); returns its manifest entry."""
+        """Write one shard file (temp, fsync, rename); returns its manifest entry.
+
+        A store layer missing from ``grads`` is all zero in these rows: it is not written, and the
+        entry lists it in ``zero_layers`` (readers give zeros).
+        """
         name = _shard_name(self._rank, seq)
         final = self._path / name
         tensors = {"ids": ids.contiguous(), "steps": steps.contiguous(),
                    "epochs": epochs.contiguous()}
+        zero_layers = [layer for layer in self._layers if layer not in grads]
         for layer in self._layers:
-            tensors[f"g/{layer}"] = grads[layer].contiguous()
+            if layer in grads:
+                tensors[f"g/{layer}"] = grads[layer].contiguous()
         metadata = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
             "rank": str(self._rank),
             "seq": str(seq),
             "config_hash": self.config_hash,
-            "layers": json.dumps(list(self._layers)),
+            "layers": json.dumps([layer for layer in self._layers if layer in grads]),
+            "zero_layers": json.dumps(zero_layers),
         }
         digest: list[str] = []
         try:
@@ -679,7 +698,7 @@ class GradientStore(StoreReading):
                 f"could not write the gradient shard {final} ({e}): {_describe_os_error(e)}. "
                 f"Nothing was committed; the rows are kept in memory, call flush() to retry."
             ) from e
-        return {
+        entry = {
             "file": name,
             "seq": seq,
             "rows": int(ids.numel()),
@@ -690,6 +709,9 @@ class GradientStore(StoreReading):
             "sha256": digest[0],
             "dtype": self._meta["dtype"],
         }
+        if zero_layers:
+            entry["zero_layers"] = zero_layers
+        return entry
 
     def _write_manifest(self, manifest: dict) -> None:
         final = self._path / _manifest_name(self._rank)
@@ -774,7 +796,7 @@ class GradientStore(StoreReading):
                 keep = data["steps"] <= step
                 new = self._write_shard(
                     self._next_seq(next_seq), data["ids"][keep], data["steps"][keep],
-                    data["epochs"][keep], {n: data[f"g/{n}"][keep] for n in self._layers})
+                    data["epochs"][keep], {n: data[f"g/{n}"][keep] for n in self._layers if f"g/{n}" in data})
                 written.append(new)
                 next_seq = new["seq"] + 1
                 kept.append(new)
@@ -806,9 +828,11 @@ class GradientStore(StoreReading):
             steps = self._buf_steps[0][keep]
             epochs = self._buf_epochs[0][keep]
             grads = {n: self._buf_grads[n][0][keep] for n in self._layers}
+            nonzero = {n: self._buf_nonzero[n][0][keep] for n in self._layers}
             self._clear_buffer()
             if ids.numel():
                 self._buf_ids, self._buf_steps, self._buf_epochs = [ids], [steps], [epochs]
                 self._buf_grads = {n: [t] for n, t in grads.items()}
+                self._buf_nonzero = {n: [t] for n, t in nonzero.items()}
                 self._buffered = int(ids.numel())
         return dropped_rows

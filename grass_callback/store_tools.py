@@ -160,6 +160,9 @@ def _shard_entry(file: Path, config_hash: str, dtype: str) -> tuple[dict, set] |
     entry = {"file": file.name, "seq": seq, "rows": int(ids.numel()), "min_step": int(steps.min()),
              "max_step": int(steps.max()), "epochs": sorted(int(e) for e in torch.unique(epochs).tolist()),
              "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "dtype": dtype}
+    zero = json.loads(meta.get("zero_layers") or "[]")  # layers all zero in this shard, not written
+    if zero:
+        entry["zero_layers"] = zero
     return entry, set(zip(steps.tolist(), ids.tolist()))
 
 
