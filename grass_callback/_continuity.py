@@ -201,12 +201,16 @@ def _run_batches(trainer: "pl.Trainer") -> int | None:
 # ---------------------------------------------------------------------- each batch
 
 
-def admit(cb: Any, trainer: "pl.Trainer", ids: Tensor, batch: Any) -> Tensor | None:
-    """The rows of this batch to store (bool mask [B], ``None``: all); replays are skipped."""
+def note_batch(cb: Any, batch: Any) -> None:
+    """Remember the first training batch's field shapes (compared on resume)."""
     from grass_callback._resume import shapes
 
     if cb._train_shapes is None:
         cb._train_shapes = shapes(batch)
+
+
+def admit(cb: Any, trainer: "pl.Trainer", ids: Tensor) -> Tensor | None:
+    """The rows of this batch to store (bool mask [B], ``None``: all); replays are skipped."""
     epoch = trainer.current_epoch
     keep = cb._ledger.admit(ids, epoch)
     if keep is not None:

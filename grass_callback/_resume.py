@@ -60,6 +60,10 @@ class PairLedger:
             uniq, counts = torch.unique(ids[epochs == e], return_counts=True)
             self.before[int(e)] = (uniq, counts)
 
+    def may_replay(self, epoch: int) -> bool:
+        """Whether rows of ``epoch`` were stored before this session (a replayed epoch)."""
+        return epoch in self.before
+
     def stored_rows(self, epoch: int) -> int:
         """Rows of ``epoch`` stored before this session plus those admitted in it."""
         before = self.before.get(epoch)

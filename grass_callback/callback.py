@@ -58,7 +58,8 @@ from grass_callback.attribution import (
 )
 from grass_callback.capture import LayerTaps, find_layers, per_example_scale
 from grass_callback.projection import plan_from_state
-from grass_callback.data import get_batch_indices, resolve_index_key
+from grass_callback._batch_ids import BatchIds
+from grass_callback.data import batch_index_field, check_batch_indices, resolve_index_key
 from grass_callback.errors import ConfigError, GraSSError
 from grass_callback.fisher import FisherStats, JointFisherStats
 from grass_callback.recorder import StepRecorder
@@ -212,7 +213,8 @@ class GraSSCallback(Callback):
         self.data_value: dict[int, float] = {}
         self.last_result: ScoreResult | None = None
         # per batch
-        self._ids: Tensor | None = None
+        self._ids: BatchIds | None = None  # this batch's dataset indices, on their way to the host
+        self._ids_hint, self._admitted, self._host_ids = "", False, None
         self._capture_seconds = 0.0
         self._captured_batches = 0
         self._pending_state: dict[str, Any] | None = None
@@ -360,18 +362,29 @@ class GraSSCallback(Callback):
             self._begin_batch(trainer, batch)
 
     def _begin_batch(self, trainer: "pl.Trainer", batch: Any) -> None:
-        n = _dataset_len(trainer.train_dataloader)
-        self._ids = get_batch_indices(batch, self._index_key, num_examples=n)
-        self._keep = _continuity.admit(self, trainer, self._ids, batch)  # replays after a resume: skipped
-        if self._keep is not None and not bool(self._keep.any()):
+        value, self._ids_hint = batch_index_field(batch, self._index_key)
+        self._ids, self._keep, self._admitted = BatchIds(value), None, False
+        _continuity.note_batch(self, batch)
+        # on a GPU the indices come to the host during the step and are checked after backward; an
+        # epoch a resume may replay reads them now, so a batch stored before is skipped before any work
+        if (not self._ids.in_flight or self._ledger.may_replay(trainer.current_epoch)) and not self._admit(trainer):
             self._ids, self._keep, self.taps.enabled = None, None, False
             return
         counts = self.token_counts(batch) if self.token_counts is not None else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         grad_scale = _grad_scale(scaler) if scaler is not None and scaler.is_enabled() else None
-        self.taps.set_scale(per_example_scale(self._ids.numel(), self.loss_reduction, token_counts=counts,
+        self.taps.set_scale(per_example_scale(self._ids.numel, self.loss_reduction, token_counts=counts,
                                               accumulate_grad_batches=trainer.accumulate_grad_batches,
                                               grad_scale=grad_scale, device=trainer.strategy.root_device))
+
+    def _admit(self, trainer: "pl.Trainer") -> bool:
+        """Check the batch's host indices and admit its rows (replays after a resume are left out in
+        ``self._keep``); ``False`` when no row of the batch is to be stored."""
+        ids = self._host_ids = self._ids.host()
+        check_batch_indices(ids, self._index_key, num_examples=_dataset_len(trainer.train_dataloader),
+                            hint=self._ids_hint)
+        self._keep, self._admitted = _continuity.admit(self, trainer, ids), True
+        return self._keep is None or bool(self._keep.any())
 
     @override
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -385,10 +398,13 @@ class GraSSCallback(Callback):
         grads = self.taps.collect()
         if grads is None:
             return
-        if next(iter(grads.values())).shape[0] != self._ids.numel():
-            raise GraSSError(f"the batch carries {self._ids.numel()} indices but the tapped layers saw "
+        if next(iter(grads.values())).shape[0] != self._ids.numel:
+            raise GraSSError(f"the batch carries {self._ids.numel} indices but the tapped layers saw "
                              f"{next(iter(grads.values())).shape[0]} examples; is the batch dimension first?")
-        ids = self._ids
+        if not self._admitted and not self._admit(trainer):  # the indices landed during the step
+            self._ids, self._keep = None, None
+            return
+        ids = self._host_ids
         if self._keep is not None:  # rows whose (id, epoch) the store already holds are left out
             ids, grads = ids[self._keep], {n: g[self._keep.to(g.device)] for n, g in grads.items()}
             self._keep = None

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 
 from grass_callback.errors import CaptureError
 
-__all__ = ["IndexedDataset", "get_batch_indices", "resolve_index_key", "move_to_device"]
+__all__ = ["IndexedDataset", "get_batch_indices", "batch_index_field", "check_batch_indices", "resolve_index_key",
+           "move_to_device"]
 
 _HOW_TO_FIX = (
     "wrap the training dataset with grass_callback.IndexedDataset(dataset) (dict samples get an "
@@ -96,16 +97,32 @@ def _tuple_length(dataset: IndexedDataset) -> int | None:
 
 def get_batch_indices(batch: Any, index_key: str | int | None = None, batch_size: int | None = None,
                       num_examples: int | None = None) -> Tensor:
-    """The int64 ``[B]`` dataset indices a batch carries.
+    """The int64 ``[B]`` dataset indices a batch carries, on the host and checked.
 
     ``index_key=None`` looks for an ``"index"`` key in dict batches; tuple batches need an explicit
     position (or batches from an :class:`IndexedDataset`, see :func:`resolve_index_key`), since a
-    trailing label vector would look the same.
+    trailing label vector would look the same. For indices on a GPU this reads them back (a host
+    sync); the callback uses :func:`batch_index_field` and :class:`~grass_callback._batch_ids.BatchIds`
+    instead, which bring them over without one, and checks them with :func:`check_batch_indices`.
 
     Raises:
         CaptureError: no indices, indices of the wrong kind or length, half a batch or more of
             repeated indices (a repeat or two is a sampler with replacement), or an index outside
             ``[0, num_examples)``.
+    """
+    value, hint = batch_index_field(batch, index_key)
+    ids = value.detach().to("cpu", torch.int64)
+    check_batch_indices(ids, index_key, batch_size=batch_size, num_examples=num_examples, hint=hint)
+    return ids
+
+
+def batch_index_field(batch: Any, index_key: str | int | None = None) -> tuple[Tensor, str]:
+    """The batch's index tensor where it lives (no value is read: no host sync) and a hint for
+    error messages (non-empty when a ``collate_fn`` may have dropped an :class:`IndexedDataset`'s
+    index). Checks only what the tensor's metadata tells: present, one-dimensional, integer.
+
+    Raises:
+        CaptureError: no index field, or one that is not an integer vector.
     """
     hint = ""
     if isinstance(batch, Mapping):
@@ -139,7 +156,17 @@ def get_batch_indices(batch: Any, index_key: str | int | None = None, batch_size
         else:
             where = f"index_key={index_key!r}"
         raise CaptureError(f"this training batch carries no dataset indices ({where}); " + _HOW_TO_FIX + hint)
-    ids = value.detach().to("cpu", torch.int64)
+    return value, hint
+
+
+def check_batch_indices(ids: Tensor, index_key: str | int | None = None, *, batch_size: int | None = None,
+                        num_examples: int | None = None, hint: str = "") -> None:
+    """Check a batch's host indices (int64 ``[B]``): the count, repeats, the range; warn once
+    about a ``hint`` from :func:`batch_index_field`.
+
+    Raises:
+        CaptureError: see :func:`get_batch_indices`.
+    """
     if batch_size is not None and ids.numel() != batch_size:
         raise CaptureError(f"the batch holds {batch_size} examples but {ids.numel()} indices; " + _HOW_TO_FIX + hint)
     distinct = ids.unique().numel()
@@ -155,8 +182,7 @@ def get_batch_indices(batch: Any, index_key: str | int | None = None, batch_size
                            "index (or the loader is not over the training dataset)." + hint)
     if hint and not index_key.warned:  # type: ignore[union-attr]
         index_key.warned = True  # type: ignore[union-attr]
-        warnings.warn("grass_callback:" + hint, stacklevel=2)
-    return ids
+        warnings.warn("grass_callback:" + hint, stacklevel=3)
 
 
 def move_to_device(batch: Any, device: torch.device | str) -> Any:

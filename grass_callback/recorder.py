@@ -47,8 +47,8 @@ Kernel launches: about 10 per layer and step (cast, 5 for the mask, 2 for the Fi
 copy) plus 4 per fold, some 500 at ``L = 49``: 2-3 ms of host time that overlaps the GPU's work
 while the step is GPU-bound; fusing the layers into one ``[B, sum k]`` buffer would cut it to a
 handful (not done).
-Not yet measured on a GPU (no GPU was at hand); the callback's other per-step sync on a GPU is
-the batch's dataset indices, read to the host by ``get_batch_indices``.
+Not yet measured on a GPU (no GPU was at hand). The batch's dataset indices reach the host
+without a sync too (:mod:`grass_callback._batch_ids`).
 
 Example::
 
