@@ -139,7 +139,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_fisher.py::test_fisher_damping_and_solve_match_dense_reference",),
            "damping λ = r·trace instead of r·trace/k"),
     Mutant("quadratic-not-squared", "grass_callback/fisher.py",
-           "@ inv.to(dtype).T).square().sum(1)", "@ inv.to(dtype).T).sum(1)",
+           "upper=True, left=False).square().sum(1)", "upper=True, left=False).sum(1)",
            ("tests/test_scoring.py",), "self-influence ‖L⁻¹g‖ summed without squaring"),
     # ------------------------------------------------------------------ scoring
     Mutant("opponents-largest", "grass_callback/scoring.py",

@@ -276,6 +276,9 @@ def score_chunks(
         n = ids.numel()
         if n == 0:
             continue
+        # half-precision rows widened once, for the scores and the self-influence alike (exact)
+        grads = {name: g.detach().to(device=device, dtype=torch.promote_types(g.dtype, torch.float32))
+                 for name, g in grads.items()}
         if full and m * (rows + n) * 8 > max_full_bytes:
             raise ScoringError(
                 f"the full score matrix would need {m} x {rows + n} x 8 bytes > max_full_bytes="
