@@ -166,7 +166,7 @@ class StepRecorder:
             event.record()
         batch = _Batch(ids.detach(), int(step), int(epoch), cast, event)
         if not self.background:
-            self.store.append(batch.ids, batch.step, batch.rows, epoch=batch.epoch)
+            self.store.append(batch.ids, batch.step, batch.rows, epoch=batch.epoch, owned=True)
             return
         self._start()
         self._slots.acquire()  # back-pressure: wait while max_pending batches are in flight
@@ -242,7 +242,7 @@ class StepRecorder:
                 if self._error is None:  # after a failure the rest is dropped (until close)
                     if batch.event is not None:
                         batch.event.synchronize()
-                    self.store.append(batch.ids, batch.step, batch.rows, epoch=batch.epoch)
+                    self.store.append(batch.ids, batch.step, batch.rows, epoch=batch.epoch, owned=True)
             except BaseException as e:  # reported on the training thread
                 self._error = e
             finally:

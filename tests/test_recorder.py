@@ -216,11 +216,11 @@ def test_writer_errors_surface_on_the_training_thread_chained(tmp_path, monkeypa
     store = _store(tmp_path / "s")
     real, calls = GradientStore.append, []
 
-    def failing(self, ids, step, grads, epoch=0):
+    def failing(self, ids, step, grads, epoch=0, **kw):
         calls.append(step)
         if step == 1:
             raise OSError("disk on fire")
-        return real(self, ids, step, grads, epoch=epoch)
+        return real(self, ids, step, grads, epoch=epoch, **kw)
 
     monkeypatch.setattr(GradientStore, "append", failing)
     recorder = StepRecorder(store, None)
@@ -247,9 +247,9 @@ def test_back_pressure_bounds_the_batches_in_flight(tmp_path, monkeypatch):
     real = GradientStore.append
     go = threading.Event()
 
-    def held(self, ids, step, grads, epoch=0):
+    def held(self, ids, step, grads, epoch=0, **kw):
         go.wait(30)
-        return real(self, ids, step, grads, epoch=epoch)
+        return real(self, ids, step, grads, epoch=epoch, **kw)
 
     monkeypatch.setattr(GradientStore, "append", held)
     recorder = StepRecorder(store, None, max_pending=2)

@@ -456,6 +456,46 @@ def test_appended_tensors_are_copied(tmp_path):
     assert torch.equal(got.grads["head"], keep)
 
 
+@pytest.mark.parametrize("storage", ["float16", "bfloat16", "float32"])
+def test_kept_rows_equal_an_elementwise_reference_over_mixed_input_dtypes(tmp_path, storage):
+    """The row check runs on every layer's row maxima at once; the reference casts every element
+    and asks isfinite of each. Layers in float64, float32 and bfloat16, with NaN, Inf and values
+    that overflow the storage type (or just fit) planted at random."""
+    gen = torch.Generator().manual_seed(5)
+    dims = {"a": 7, "b": 5, "c": 4}
+    dtypes = {"a": torch.float64, "b": torch.float32, "c": torch.bfloat16}
+    s = GradientStore(tmp_path / "st", layer_dims=dims, dtype=storage)
+    big = torch.finfo(getattr(torch, storage)).max
+    kept_ref, kept = [], []
+    for step in range(12):
+        grads = {n: torch.randn(6, k, generator=gen, dtype=torch.float64) for n, k in dims.items()}
+        for n in dims:
+            for _ in range(int(torch.randint(0, 3, (1,), generator=gen))):
+                r, c = int(torch.randint(0, 6, (1,), generator=gen)), int(torch.randint(0, dims[n], (1,), generator=gen))
+                grads[n][r, c] = [float("nan"), float("inf"), -float("inf"), big * 1.01, -big * 0.99, 0.0][
+                    int(torch.randint(0, 6, (1,), generator=gen))]
+        grads = {n: g.to(dtypes[n]) for n, g in grads.items()}
+        ref = torch.stack([torch.isfinite(g.to(getattr(torch, storage))).all(1) for g in grads.values()]).all(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mask = s.append(torch.arange(6 * step, 6 * step + 6), step, grads)
+        kept_ref.append(ref)
+        kept.append(mask)
+    assert torch.equal(torch.cat(kept), torch.cat(kept_ref))
+    assert 0 < int(torch.cat(kept).sum()) < 72  # the draw planted both kinds
+    assert s.skipped_nonfinite == int((~torch.cat(kept_ref)).sum())
+
+
+def test_owned_rows_are_buffered_without_a_copy_and_others_are_copied(tmp_path):
+    s = GradientStore(tmp_path / "st", layer_dims=LAYERS, dtype="float16")
+    ids, grads = _batch([0, 1])
+    half = {n: g.half() for n, g in grads.items()}
+    s.append(ids, 0, half, owned=True)
+    assert s._buf_grads["head"][-1].data_ptr() == half["head"].data_ptr()
+    s.append(ids + 2, 1, half)
+    assert s._buf_grads["head"][-1].data_ptr() != half["head"].data_ptr()
+
+
 def test_flush_of_empty_buffer_writes_nothing(tmp_path):
     s = GradientStore(tmp_path / "st", layer_dims=LAYERS)
     s.flush()
