@@ -392,3 +392,26 @@ def test_the_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypa
     active["on"] = False
     assert calls == []
     torch.testing.assert_close(scale, torch.full((4,), 8 / 1024))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
+def test_finite_rows_equal_an_elementwise_reference(dtype):
+    """Every element cast and asked isfinite, against the row maxima judged together; layers in
+    float64 / float32 / bfloat16 with NaN, +-Inf, values that overflow the cast (or just fit) and zeros."""
+    from grass_callback.recorder import finite_rows
+
+    gen = torch.Generator().manual_seed(11)
+    big = torch.finfo(dtype or torch.float32).max
+    kinds = [float("nan"), float("inf"), -float("inf"), big * 1.01, -big * 0.99, 0.0]
+    seen = set()
+    for trial in range(20):
+        rows = {n: torch.randn(5, k, generator=gen, dtype=torch.float64) for n, k in (("a", 6), ("b", 3), ("c", 4))}
+        for n, g in rows.items():
+            for _ in range(int(torch.randint(0, 3, (1,), generator=gen))):
+                g[int(torch.randint(0, 5, (1,), generator=gen)), 0] = kinds[int(torch.randint(0, 6, (1,), generator=gen))]
+        rows = {"a": rows["a"], "b": rows["b"].float(), "c": rows["c"].to(torch.bfloat16)}
+        ref = torch.stack([torch.isfinite(g if dtype is None else g.to(dtype)).all(1) for g in rows.values()]).all(0)
+        got = finite_rows(rows, dtype)
+        assert torch.equal(got, ref), trial
+        seen |= set(got.tolist())
+    assert seen == {True, False}
