@@ -133,6 +133,12 @@ class GraSSCallback(Callback):
             :func:`grass_callback.projection.run_mask`).
         rows_per_shard: rows per store shard (default 8192); buffered rows are also committed at
             every checkpoint and scoring period.
+        report_every_n_periods: the period's tables (CSVs in ``<store_dir>/scores/<period>/``, the
+            W&B tables, histograms and artifact) are written at the first scoring period and every
+            n-th after it (default 10), and the last period of ``fit`` is always written (at the
+            end of fit). The scalars (condition number, seconds per part, ...) go to W&B every
+            period. 1: every period, as before (the tables cost seconds per period with hundreds
+            of queries: ``benchmarks/period_cost_mlp.py``).
 
     Raises:
         ConfigError: an option out of range (at construction).
@@ -160,9 +166,10 @@ class GraSSCallback(Callback):
                  wandb_project: str = "grass-callback", log_to_wandb: bool = True, impl: str = "auto",
                  progress: bool = True, rows_per_shard: int = 8192, mask: str = "random",
                  selective_sample: int = 256, scorer: str = "block", ensemble: bool = True,
-                 mask_run: int | str = "auto", ensemble_weighting: str = "uniform") -> None:
+                 mask_run: int | str = "auto", ensemble_weighting: str = "uniform",
+                 report_every_n_periods: int = 10) -> None:
         _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
-                        rows_per_shard=rows_per_shard)
+                        rows_per_shard=rows_per_shard, report_every_n_periods=report_every_n_periods)
         if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:
             raise ConfigError(f"capture_every_n_steps must be an integer >= 0 (0 = off), got {capture_every_n_steps!r}.")
         if score_every_n_steps is not None:
@@ -190,7 +197,8 @@ class GraSSCallback(Callback):
         self.query_loss_fn, self.checkpoint_attribution = query_loss_fn, checkpoint_attribution
         self.keep_history, self.renderer, self.tokenizer = keep_history, renderer, tokenizer
         self.wandb_project, self.log_to_wandb, self.impl, self.progress = wandb_project, log_to_wandb, impl, progress
-        self.rows_per_shard = rows_per_shard
+        self.rows_per_shard, self.report_every_n_periods = rows_per_shard, report_every_n_periods
+        self._unreported: dict[str, Any] | None = None  # the last period's tables, when not written yet
         self.mask, self.selective_sample, self.scorer = mask, selective_sample, scorer
         self.ensemble, self.mask_run = bool(ensemble), mask_run
         self.ensemble_weighting, self._period_lr = ensemble_weighting, PeriodLearningRate()
@@ -525,7 +533,9 @@ class GraSSCallback(Callback):
 
     def _report_period(self, trainer: "pl.Trainer", result: ScoreResult, fitted: Any, period: str,
                        clock: Any) -> None:
-        """Scalars (a handful) and per-layer figures of the period, then the reporter (rank 0)."""
+        """Scalars (a handful) and per-layer figures of the period, then the reporter (rank 0): the
+        tables at the first period and every ``report_every_n_periods``-th, else the scalars only
+        (the period's tables are kept, and written at the end of fit if it was the last)."""
         from grass_callback.console import period_figures
 
         scalars, layers = period_figures(
@@ -533,10 +543,21 @@ class GraSSCallback(Callback):
             capture_seconds_per_step=self._capture_seconds / max(1, self._captured_batches),
             seconds=clock.seconds, silent=self.silent_layers)
         clock.lap("conditions")  # O(k^2) per layer; not in the logged seconds, which it reports
-        self.last_report_folder = self.reporter.report(result, step=trainer.global_step, period=period,
-                                                       scalars=scalars, data_value=self.data_value_tensors(),
-                                                       layers=layers)
+        tables = {"result": result, "step": trainer.global_step, "period": period, "scalars": scalars,
+                  "data_value": self.data_value_tensors(), "layers": layers}
+        if (self.periods_scored - 1) % self.report_every_n_periods == 0:
+            self._unreported = None
+            self.last_report_folder = self.reporter.report(**tables)
+        else:
+            self._unreported = tables
+            self.reporter.report_scalars(step=trainer.global_step, period=period, scalars=scalars)
         clock.lap("report")
+
+    def _report_last_period(self) -> None:
+        """Write the last period's tables at the end of fit when its period did not (rank 0)."""
+        tables, self._unreported = self._unreported, None
+        if tables is not None and self.reporter is not None:
+            self.last_report_folder = self.reporter.report(**tables)
 
     def _print_fit_report(self, trainer: "pl.Trainer") -> None:
         """One short report at the end of ``fit`` (rank 0): tables, top self-influence, findings."""
@@ -718,6 +739,7 @@ class GraSSCallback(Callback):
             _write_json_atomic(self._finished_marker(), {"batches_seen": self.batches_seen,
                                                          "global_step": trainer.global_step,
                                                          "world_size": trainer.world_size})
+        self._report_last_period()
         if self.checkpoint_attribution == "end":
             self.taps.remove()
             self._checkpoint_attribution(trainer, pl_module, f"end-step{trainer.global_step}")

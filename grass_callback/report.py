@@ -233,6 +233,11 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def _scalars_json(step: int, period: str, scalars: Mapping[str, float]) -> str:
+    return json.dumps({"step": int(step), "period": str(period), "sign_convention": SIGN_CONVENTION,
+                       "scalars": dict(scalars)}, indent=2, allow_nan=True) + "\n"
+
+
 def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     buf.write(f"# sign convention: {SIGN_CONVENTION}\n")
@@ -353,8 +358,7 @@ class InfluenceReporter:
             "influence.csv": _csv_text(["query_id", "rank", "train_id", "score", "kind"], [list(r) for r in influence]),
             "self_influence.csv": _csv_text(["train_id", "self_influence"], [list(p) for p in self_inf]),
             "data_value.csv": _csv_text(["train_id", "data_value"], [list(p) for p in value]),
-            "scalars.json": json.dumps({"step": int(step), "period": str(period), "sign_convention": SIGN_CONVENTION,
-                                        "scalars": scalar_values}, indent=2, allow_nan=True) + "\n",
+            "scalars.json": _scalars_json(step, period, scalar_values),
         }
         if layer_rows:
             files["layers.csv"] = _csv_text(layer_header, layer_rows)
@@ -368,6 +372,30 @@ class InfluenceReporter:
             except Exception as exc:  # noqa: BLE001 - results are safe on disk
                 warnings.warn(f"grass_callback: logging {period!r} to W&B failed ({exc!r}); "
                               f"the results are in {folder}.", stacklevel=2)
+        return folder
+
+    def report_scalars(self, *, step: int, period: str, scalars: Mapping[str, float]) -> Path:
+        """A period whose tables are not written: ``out_dir/<period>/scalars.json`` and the scalars
+        to the run (``grass/<name>``, one ``run.log`` call); returns the folder. Milliseconds, where
+        :meth:`report` writes and logs the tables (seconds with hundreds of queries)."""
+        folder = self.out_dir / _safe_name(period)
+        folder.mkdir(parents=True, exist_ok=True)
+        values = {str(k): float(v) for k, v in scalars.items()}
+        _atomic_write(folder / "scalars.json", _scalars_json(step, period, values))
+        if self.run is not None:
+            try:
+                run = self.run
+                self._define_metrics(run, list(values))
+                payload: dict[str, Any] = {f"grass/{name}": v for name, v in values.items()}
+                current = getattr(run, "step", None)
+                if isinstance(current, int) and step < current:  # as in report(): W&B drops a lower step
+                    payload["trainer/global_step"] = step
+                    run.log(payload)
+                else:
+                    run.log(payload, step=step)
+            except Exception as exc:  # noqa: BLE001 - the scalars are safe on disk
+                warnings.warn(f"grass_callback: logging {period!r} scalars to W&B failed ({exc!r}); "
+                              f"they are in {folder}.", stacklevel=2)
         return folder
 
     def finish(self) -> None:
