@@ -65,6 +65,7 @@ from grass_callback.fisher import FisherStats, JointFisherStats
 from grass_callback.recorder import StepRecorder
 from grass_callback.ensembling import ENSEMBLE_WEIGHTINGS, PeriodLearningRate
 from grass_callback.scoring import ScoreEnsemble, ScoreResult, merge_results
+from grass_callback.data_value import DataValueSums, ValueTable
 from grass_callback.sharding import has_sharded_parameters
 
 if TYPE_CHECKING:
@@ -228,6 +229,7 @@ class GraSSCallback(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._index_key: Any = None
         self.silent_layers: list[str] = []  # layers reported as getting no gradient
+        self.duplicates: list[tuple[int, int, float, int, bool]] = []  # copies of queries, found at the end of fit
         self.period_seconds: dict[str, float] = {}  # the last period's parts (report included)
         self.last_period, self.last_report_folder = "", None
         _continuity.init_state(self)  # lock, (id, epoch) ledger, what checkpoints record
@@ -529,7 +531,9 @@ class GraSSCallback(Callback):
         with warnings.catch_warnings():
             if silent:
                 warnings.filterwarnings("ignore", message=r"Fisher of layer .* has zero trace")
-            return stats.fit(self.damping_ratio)
+            fitted = stats.fit(self.damping_ratio)
+        self._dup_fit = fitted  # the period's queries are preconditioned with it (_note_queries), then dropped
+        return fitted
 
     def _report_period(self, trainer: "pl.Trainer", result: ScoreResult, fitted: Any, period: str,
                        clock: Any) -> None:
@@ -567,9 +571,39 @@ class GraSSCallback(Callback):
         from grass_callback.console import fit_report
 
         run = self.reporter.run if self.reporter is not None else None
+        self.duplicates = self._find_duplicates(trainer)
         rank_zero_info(fit_report(result, periods=self.periods_scored, period=self.last_period,
                                   csv_dir=self.last_report_folder, run=run, silent_layers=self.silent_layers,
-                                  seconds=self.period_seconds))
+                                  seconds=self.period_seconds, duplicates=self.duplicates))
+
+    def _find_duplicates(self, trainer: "pl.Trainer") -> list[tuple[int, int, float, int, bool]]:
+        """Training examples that copy a query (rank 0, end of fit): the 64 rows of the last period
+        whose gradients are closest to each query's in the Fisher's metric, kept when the examples
+        hold the same values or the cosine is >= 0.99 (:func:`grass_callback.console.find_duplicates`).
+        Costs one pass over the last period's rows and up to 64 reads of training examples per
+        query; a failure is a warning, never a failed fit."""
+        noted, result = getattr(self, "_dup_queries", None), self.last_result
+        if noted is None or result is None or result.self_influence is None or self.store is None:
+            return []
+        from grass_callback.console import find_duplicates, gradient_neighbours
+
+        try:
+            order = result.self_influence_ids.argsort()
+            known_ids, known = result.self_influence_ids[order], result.self_influence.double()[order]
+
+            def row_self(ids: Tensor) -> Tensor:  # the period's gᵀF⁻¹g of each row
+                at = torch.searchsorted(known_ids, ids).clamp(max=max(known_ids.numel() - 1, 0))
+                hit = known_ids[at] == ids if known_ids.numel() else torch.zeros_like(ids, dtype=torch.bool)
+                return torch.where(hit, known[at], torch.zeros((), dtype=torch.float64))
+
+            chunks = self.store.iter_chunks(min_step=noted["min_step"], max_step=noted["max_step"],
+                                            dtype=torch.float32)
+            ids, cos = gradient_neighbours(noted["pre"], noted["self"], chunks, row_self, candidates=64)
+            same = _same_examples(self._train_dataset(trainer), self._query_dataset(trainer), self._index_key)
+            return find_duplicates(noted["ids"], ids, cos, same=same)
+        except Exception as exc:  # noqa: BLE001 - the report is a courtesy
+            rank_zero_warn(f"grass_callback: could not look for duplicates of the queries ({type(exc).__name__}: {exc}).")
+            return []
 
     def _ensemble_for(self, trainer: "pl.Trainer", q_ids: Tensor) -> ScoreEnsemble | None:
         """The running checkpoint ensemble, or ``None`` when it is off or would not fit."""
@@ -598,6 +632,7 @@ class GraSSCallback(Callback):
             scores = trainer.strategy.reduce(scores, reduce_op="sum")
             seen = trainer.strategy.reduce(seen, reduce_op="sum")
             own = trainer.strategy.reduce(own, reduce_op="sum")
+        self._period_matrix = (scores, seen)  # the period's full matrix, for the standardised data value
         ensemble.add(result.query_ids, scores, seen, weight=self._period_lr.weight(self.ensemble_weighting),
                      self_influence=own)
         result.full = result.full_ids = None  # not merged across ranks: the ensemble has it
@@ -622,20 +657,73 @@ class GraSSCallback(Callback):
             self.fisher.reset()
 
     def _add_data_value(self, result: ScoreResult) -> None:
-        ids, values = result.data_value_ids.tolist(), result.data_value.double().tolist()
-        if self.keep_history == "all":  # every row was scored: the latest scores replace the old ones
-            self.data_value = {}
-        for i, v in zip(ids, values):
-            self.data_value[i] = self.data_value.get(i, 0.0) + v
+        """Add the period to the running data values (:class:`~grass_callback.data_value.DataValueSums`):
+        the standardised sum from the period's full matrix (kept by ``_add_to_ensemble``), the plain
+        sum, the self-influence; each times the period's ensemble weight."""
+        matrix = getattr(self, "_period_matrix", None)
+        self._period_matrix = None
+        sums = self._value_sums()
+        if matrix is None and sums.complete and not getattr(self, "_plain_value_warned", False):
+            rank_zero_warn("grass_callback: the checkpoint ensemble is off, so a period's full score matrix is not "
+                           "kept and data_value is the plain sum over queries and periods (not standardised per "
+                           "query); turn the ensemble on (ensemble=True, at most 256 MB of scores) for the default.")
+            self._plain_value_warned = True
+        sums.add_period(result.data_value_ids, result.data_value, self._period_lr.weight(self.ensemble_weighting),
+                        matrix=None if matrix is None else matrix[0], seen=None if matrix is None else matrix[1],
+                        self_influence=(result.self_influence_ids, result.self_influence),
+                        replace=self.keep_history == "all")  # "all": every row rescored, the latest replaces
+
+    def _value_sums(self) -> DataValueSums:
+        if "_data_value_sums" not in self.__dict__:
+            self._data_value_sums = DataValueSums()
+        return self._data_value_sums
+
+    @property
+    def data_value(self) -> dict[int, float]:
+        """Training id -> data value: per-query standardised influence summed over queries and
+        scoring periods, ``Σ_p w_p Σ_q S_p[q, i] / σ_p[q]`` (:mod:`grass_callback.data_value`; low =
+        hurts the queries). The plain sum when the checkpoint ensemble is off (see
+        :attr:`data_value_plain`). Assigning ``{}`` restarts every running data value."""
+        return self._value_sums().value
+
+    @data_value.setter
+    def data_value(self, value: dict[int, float]) -> None:
+        sums = self._value_sums()
+        if not value:
+            sums.reset()
+        else:
+            sums.sums[sums.value_key] = {int(i): float(v) for i, v in value.items()}
 
     def data_value_tensors(self) -> tuple[Tensor, Tensor]:
-        """``(ids, values)`` of the running data value, highest first."""
-        if not self.data_value:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64)
-        ids = torch.tensor(list(self.data_value), dtype=torch.int64)
-        values = torch.tensor(list(self.data_value.values()), dtype=torch.float64)
-        order = values.argsort(descending=True)
-        return ids[order], values[order]
+        """``(ids, values)`` of the running data value, highest first; the pair also carries
+        ``.suspects = (ids, suspect, data_value, self_influence)``, most suspect first."""
+        sums = self._value_sums()
+        ids, values = sums.tensors("value")
+        s_ids, s_values = sums.suspects()
+        value_of = dict(zip(ids.tolist(), values.tolist()))
+        own = sums.sums["self_influence"]
+        table = (s_ids, s_values, torch.tensor([value_of[i] for i in s_ids.tolist()], dtype=torch.float64),
+                 torch.tensor([own.get(i, 0.0) for i in s_ids.tolist()], dtype=torch.float64))
+        return ValueTable(ids, values, table)
+
+    @property
+    def data_value_plain(self) -> tuple[Tensor, Tensor]:
+        """``(ids, values)`` highest first: the plain sum ``Σ_p w_p Σ_q S_p[q, i]`` (the data value
+        before standardisation; what each period's ``ScoreResult.data_value`` holds)."""
+        return self._value_sums().tensors("plain")
+
+    @property
+    def self_influence(self) -> tuple[Tensor, Tensor]:
+        """``(ids, values)`` highest first: self-influence ``s(i, i)`` summed over the scoring
+        periods (times each period's ensemble weight; high = unusual or mislabelled)."""
+        return self._value_sums().tensors("self_influence")
+
+    @property
+    def suspect(self) -> tuple[Tensor, Tensor]:
+        """``(ids, values)`` most suspect first: the mean of the unit ranks of ``-data_value`` and of
+        :attr:`self_influence`, in ``[0, 1]`` (:func:`grass_callback.data_value.suspect`);
+        the examples to look at, fix or drop first."""
+        return self._value_sums().suspects()
 
     def _query_source(self, trainer: "pl.Trainer") -> Iterable:
         source = self.query_loader
@@ -658,7 +746,7 @@ class GraSSCallback(Callback):
         """
         if trainer.world_size <= 1 or has_sharded_parameters(pl_module):
             # sharded weights (FSDP) are gathered by every rank in each forward: all ranks compute
-            return self._compute_query_gradients(trainer, pl_module)
+            return self._note_queries(self._compute_query_gradients(trainer, pl_module))
         payload, error = None, None
         if trainer.is_global_zero:
             try:
@@ -671,7 +759,24 @@ class GraSSCallback(Callback):
         if payload[0] != "ok":
             raise GraSSError(f"grass_callback: rank 0 could not compute the query gradients ({payload[1]}).")
         self._query_digest_now = trainer.strategy.broadcast(self._query_digest_now, src=0)
-        return payload[1]
+        return self._note_queries(payload[1])
+
+    def _note_queries(self, out: tuple[Tensor, dict]) -> tuple[Tensor, dict]:
+        """Keep the period's preconditioned queries ``F⁻¹q`` and ``qᵀF⁻¹q`` (``[m, K]``, small) for
+        the end-of-fit search for duplicates of queries; the fit itself is not kept."""
+        fitted, self._dup_fit = getattr(self, "_dup_fit", None), None
+        if fitted is not None:
+            ids, grads = out
+            from grass_callback.scoring import precondition_queries
+
+            q = {name: grads[name].float() for name in fitted.layers}
+            prev_end = getattr(self, "_dup_prev_end", 0)
+            self._dup_queries = {"ids": ids.cpu(), "self": fitted.quadratic(q).cpu(),
+                                 "pre": {n: t.cpu() for n, t in precondition_queries(fitted, q).items()},
+                                 "min_step": self.period_start if self.keep_history == "period" else prev_end,
+                                 "max_step": self.batches_seen - 1}
+            self._dup_prev_end = self.batches_seen
+        return out
 
     def _compute_query_gradients(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[Tensor, dict]:
         # failures name the query batch; a float loss and NaN queries are clear errors
@@ -764,6 +869,7 @@ class GraSSCallback(Callback):
                 "batches_seen": self.batches_seen, "period_start": self.period_start,
                 "periods_scored": self.periods_scored, "last_batch_epoch": self.last_batch_epoch,
                 "scored_epoch": self.scored_epoch, "data_value_ids": ids, "data_value": values,
+                "data_values": self._value_sums().state_dict(),  # every running sum of grass_callback.data_value
                 # loaded but not used yet (a resume before the next period) is saved as it came
                 "ensemble": self._ensemble.state_dict() if self._ensemble is not None else self._pending_ensemble,
                 "silent_layers": list(self.silent_layers), **_continuity.state_extras(self)}
@@ -783,6 +889,13 @@ class GraSSCallback(Callback):
         self._pending_state = dict(state_dict)
         self.silent_layers = list(state_dict.get("silent_layers", []))  # not tapped again on resume
         _continuity.load_plain_state(self, state_dict)  # progress and data value now, the store at train start
+        sums = self._value_sums()
+        if state_dict.get("data_values") is not None:
+            sums.load_state_dict(state_dict["data_values"])
+        elif sums.value:  # written before the standardised data value: its data value was the plain sum
+            plain = dict(sums.value)
+            sums.reset()
+            sums.sums["plain"], sums.complete = plain, False
         if self.taps is not None and self.store is not None and self.store.path != Path(self.store_dir) / "train":
             rank_zero_warn("grass_callback: the checkpoint's store_dir differs from the one opened; "
                            "pass store_dir= explicitly to continue the old store.")
@@ -877,6 +990,35 @@ def _dataset_len(loader: Any) -> int | None:
         return len(loader.dataset)
     except Exception:
         return None
+
+
+def _same_examples(train: Any, query: Any, index_key: Any) -> Callable[[int, int], bool | None] | None:
+    """``same(query_id, train_id)``: whether the two samples hold the same values, their index
+    field left out (``None`` when a sample cannot be read)."""
+    from grass_callback.console import same_example
+    from grass_callback.data import IndexedDataset
+
+    if train is None or query is None:
+        return None
+
+    def raw(ds: Any, i: int) -> Any:
+        if isinstance(ds, IndexedDataset):
+            return ds.dataset[i]
+        sample = ds[i]
+        if isinstance(index_key, str) and isinstance(sample, Mapping):
+            return {k: v for k, v in sample.items() if k != index_key}
+        if isinstance(index_key, int) and isinstance(sample, tuple):
+            return sample[:index_key] + sample[index_key + 1:] if index_key >= 0 else \
+                sample[:index_key] + (sample[index_key + 1:] if index_key != -1 else ())
+        return sample
+
+    def same(qid: int, tid: int) -> bool | None:
+        try:
+            return same_example(raw(query, qid), raw(train, tid))
+        except Exception:  # noqa: BLE001 - an unreadable sample: not compared
+            return None
+
+    return same
 
 
 def _lookup(get_dataset: Callable[[], Any]) -> Callable[[int], Any]:

@@ -6,7 +6,10 @@
   stderr is a terminal; nothing at all when it is not (a pipe, a log file, a CI job).
 * :class:`PeriodClock`: seconds per part of a scoring period (flush, reduce, fit, ...).
 * :func:`fit_report`: the few lines printed once (rank 0) at the end of ``fit``: where the
-  tables are, the highest self-influence examples, planted-looking examples, silent layers.
+  tables are, the highest self-influence examples, duplicates of queries, silent layers.
+* :func:`gradient_neighbours` / :func:`find_duplicates`: training examples that are copies of a
+  query: the closest training gradients to each query (cosine in the Fisher's metric), confirmed
+  by comparing the examples themselves, or a cosine of nearly 1.
 * :func:`dominant_proponents`: queries whose top proponent is far above the rest.
 
 Example::
@@ -22,14 +25,14 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 __all__ = ["ProgressHost", "open_bar", "progress_iter", "PeriodClock", "silent_layers", "period_figures",
-           "fit_report", "dominant_proponents"]
+           "fit_report", "dominant_proponents", "gradient_neighbours", "find_duplicates", "same_example"]
 
 
 class _RichTask:
@@ -203,6 +206,104 @@ def dominant_proponents(query_ids: Tensor, top_ids: Tensor, top_scores: Tensor, 
     return sorted(found, key=lambda f: -f[3])
 
 
+def gradient_neighbours(pre: Mapping[str, Tensor], query_self: Tensor, chunks: Iterable[Any],
+                        row_self: Callable[[Tensor], Tensor], candidates: int = 10) -> tuple[Tensor, Tensor]:
+    """The training rows whose gradients point most nearly the query's way, per query.
+
+    The cosine is taken in the metric of the fitted Fisher, ``c(q, g) = qᵀF⁻¹g / sqrt(qᵀF⁻¹q ·
+    gᵀF⁻¹g)``: the influence score over both self-influences, so the directions every example of a
+    class shares (which make raw gradient cosines of 0.95+ common) weigh little.
+
+    Args:
+        pre: ``F⁻¹q`` per layer, ``[m, k_l]`` (:func:`~grass_callback.scoring.precondition_queries`).
+        query_self: ``qᵀF⁻¹q`` ``[m]``.
+        chunks: store chunks (``.ids``, ``.grads``) of the rows to search (one period's).
+        row_self: ``ids -> gᵀF⁻¹g`` for a chunk's rows (the period's self-influence).
+        candidates: how many neighbours are kept per query.
+
+    Returns:
+        ``(ids, cosines)``, ``[m, c]`` each, closest first (``c`` = ``candidates`` or fewer rows;
+        ids ``-1`` and cosines ``-inf`` pad queries that met fewer rows).
+    """
+    import torch
+
+    m = int(query_self.numel())
+    best = torch.full((m, 0), float("-inf"), dtype=torch.float64)
+    best_ids = torch.zeros((m, 0), dtype=torch.int64)
+    q_norm = query_self.to(torch.float64).clamp_min(0).sqrt()
+    for chunk in chunks:
+        if len(chunk) == 0:
+            continue
+        score = None
+        for name, p in pre.items():
+            part = p.to(torch.float64) @ chunk.grads[name].to(torch.float64).T
+            score = part if score is None else score + part
+        norm = q_norm[:, None] * row_self(chunk.ids).to(torch.float64).clamp_min(0).sqrt()[None]
+        cos = torch.where(norm > 0, score / norm.clamp_min(1e-300), torch.zeros_like(score))
+        best = torch.cat([best, cos], 1)
+        best_ids = torch.cat([best_ids, chunk.ids[None].expand(m, -1)], 1)
+        if best.shape[1] > candidates:
+            best, at = best.topk(candidates, dim=1)
+            best_ids = best_ids.gather(1, at)
+    order = best.argsort(dim=1, descending=True)
+    return best_ids.gather(1, order), best.gather(1, order)
+
+
+def same_example(a: Any, b: Any) -> bool:
+    """Whether two samples hold the same values (tensors, arrays, numbers, strings, PIL images,
+    and tuples, lists or dicts of them)."""
+    import numpy as np
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        return a.shape == b.shape and bool(torch.equal(a.detach().cpu(), b.detach().cpu().to(a.dtype)))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and \
+            bool(np.array_equal(a, b))
+    if isinstance(a, Mapping):
+        return isinstance(b, Mapping) and set(a) == set(b) and all(same_example(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(same_example, a, b))
+    if hasattr(a, "tobytes") and hasattr(a, "size") and hasattr(a, "mode"):  # PIL images
+        return hasattr(b, "tobytes") and a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes()
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that do not compare
+        return False
+
+
+def find_duplicates(query_ids: Tensor, neighbour_ids: Tensor, cosines: Tensor, *,
+                    same: Callable[[int, int], bool | None] | None = None, near: float = 0.99
+                    ) -> list[tuple[int, int, float, int, bool]]:
+    """``(query_id, train_id, cosine, rank, identical)`` for training examples that copy a query.
+
+    A neighbour (from :func:`gradient_neighbours`) is a duplicate when ``same(query_id, train_id)``
+    says the two examples hold the same values (``identical``), or when its cosine is at least
+    ``near`` (a gradient nearly identical to the query's: an augmented or re-encoded copy; ``same``
+    returning ``None`` means the examples could not be compared). ``rank``: 1 for the query's
+    closest training gradient. Why both: the stored row of a copy was taken during the period and
+    the query's gradient at its end, so on a model still moving fast a copy's cosine is well below
+    1 (0.6-0.95 on a small digits run) and other examples of its class come closer (a copy ranked
+    1st to 19th of 604 rows there); comparing the candidates' contents finds it anyway, at the cost
+    of reading ``candidates`` examples per query.
+    """
+    found = []
+    for r, qid in enumerate(query_ids.tolist()):
+        for rank, (tid, cos) in enumerate(zip(neighbour_ids[r].tolist(), cosines[r].tolist()), start=1):
+            if tid < 0 or not math.isfinite(cos):
+                continue
+            identical = same(int(qid), int(tid)) if same is not None else None
+            if identical or cos >= near:
+                found.append((int(qid), int(tid), float(cos), rank, bool(identical)))
+    return found
+
+
+def _ordinal(n: int) -> str:
+    return {1: "the", 2: "2nd", 3: "3rd"}.get(n, f"{n}th")
+
+
 def _run_dir(run: Any) -> Path | None:
     try:
         return Path(run.dir).parent
@@ -212,12 +313,12 @@ def _run_dir(run: Any) -> Path | None:
 
 def fit_report(result: Any, *, periods: int, period: str, csv_dir: Path | None, run: Any = None,
                silent_layers: Sequence[str] = (), seconds: Mapping[str, float] | None = None,
-               top: int = 5) -> str:
+               top: int = 5, duplicates: Sequence[tuple[int, int, float, int, bool]] = ()) -> str:
     """The lines printed once at the end of ``fit`` (plain text, no colour, no carriage returns).
 
     ``result``: the ranked result of the last period (a :class:`~grass_callback.scoring.ScoreResult`);
     ``csv_dir``: the last period's local folder; ``run``: the W&B run or None; ``seconds``: the
-    last period's parts.
+    last period's parts; ``duplicates``: from :func:`find_duplicates`.
     """
     n_train = int(result.data_value_ids.numel()) if result.data_value_ids is not None else 0
     lines = [f"grass_callback: {periods} scoring period(s), last {period}: {int(result.query_ids.numel())} "
@@ -236,8 +337,14 @@ def fit_report(result: Any, *, periods: int, period: str, csv_dir: Path | None, 
         shown = ", ".join(f"#{int(result.self_influence_ids[i])} ({float(result.self_influence[i]):.3g})"
                           for i in order)
         lines.append(f"  highest self-influence (outliers or mislabelled?): {shown}")
+    for qid, tid, cos, rank, identical in list(duplicates)[:5]:
+        how = "the same values as the query" if identical else "a gradient nearly identical to the query's"
+        lines.append(f"  duplicate of query {qid}: training example #{tid} ({how}; gradient cosine {cos:.3f}, "
+                     f"{_ordinal(rank)} closest)")
+    if len(duplicates) > 5:
+        lines.append(f"  ... {len(duplicates) - 5} more duplicates of queries")
     for qid, tid, score, times in dominant_proponents(result.query_ids, result.top_ids, result.top_scores)[:3]:
-        lines.append(f"  looks like a copy: training example #{tid} dominates query {qid} "
+        lines.append(f"  training example #{tid} dominates query {qid} "
                      f"(score {score:.3g}, {times:.1f}x the next proponent)")
     if silent_layers:
         lines.append(f"  layers with no gradient: {', '.join(silent_layers)}; leave them out with "

@@ -131,8 +131,110 @@ def test_fit_report_finds_a_dominant_proponent() -> None:
     lines = text.splitlines()
     assert lines[0] == "grass_callback: 2 scoring period(s), last epoch-1: 3 queries against 10 training examples"
     assert "  highest self-influence (outliers or mislabelled?): #9 (9), #8 (8), #7 (7), #6 (6), #5 (5)" in lines
-    assert any(line.startswith("  looks like a copy: training example #9 dominates query 4") for line in lines)
+    assert any(line.startswith("  training example #9 dominates query 4 (score 50") for line in lines)
+    assert "duplicate" not in text
     assert "exclude=['pooler']" in text and "last period took 0.75 s" in text and "\r" not in text
+    text = fit_report(result, periods=2, period="epoch-1", csv_dir=None,
+                      duplicates=[(5, 3, 0.91, 2, True), (6, 8, 0.995, 1, False)])
+    assert "  duplicate of query 5: training example #3 (the same values as the query; gradient cosine 0.910, " \
+           "2nd closest)" in text.splitlines()
+    assert "duplicate of query 6: training example #8 (a gradient nearly identical to the query's; gradient " \
+           "cosine 0.995, the closest)" in text
+
+
+def test_gradient_neighbours_match_a_brute_force_reference() -> None:
+    from grass_callback._store_format import StoreChunk
+    from grass_callback.console import find_duplicates, gradient_neighbours
+
+    g = torch.Generator().manual_seed(3)
+    m, n, dims = 4, 37, {"a": 5, "b": 3}
+    rows = {name: torch.randn(n, k, generator=g) for name, k in dims.items()}
+    rows["a"][11] = 0.0  # a zero row in one layer
+    ids = torch.randperm(1000, generator=g)[:n]
+    q = {name: torch.randn(m, k, generator=g) for name, k in dims.items()}
+    metric = {name: torch.randn(k, k, generator=g, dtype=torch.float64) for name, k in dims.items()}
+    metric = {name: a @ a.T + torch.eye(a.shape[0], dtype=torch.float64) for name, a in metric.items()}  # F^-1, SPD
+    pre = {name: (q[name].double() @ metric[name]).float() for name in dims}
+    q_self = sum(((q[name].double() @ metric[name]) * q[name].double()).sum(1) for name in dims)
+    g_self = sum(((rows[name].double() @ metric[name]) * rows[name].double()).sum(1) for name in dims)
+    by_id = dict(zip(ids.tolist(), g_self.tolist()))
+    steps = torch.zeros(n, dtype=torch.int64)
+    chunks = [StoreChunk(ids[a:b], steps[a:b], steps[a:b], {k: v[a:b] for k, v in rows.items()})
+              for a, b in ((0, 9), (9, 10), (10, 10), (10, 30), (30, n))]
+    got_ids, got_cos = gradient_neighbours(pre, q_self, chunks,
+                                           lambda i: torch.tensor([by_id[v] for v in i.tolist()]), candidates=6)
+    score = sum(q[name].double() @ metric[name] @ rows[name].double().T for name in dims)
+    cos = score / (q_self[:, None] * g_self[None]).sqrt()
+    want_cos, at = cos.topk(6, dim=1)
+    torch.testing.assert_close(got_cos, want_cos, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_ids, ids[at])
+    assert float(got_cos.max()) <= 1 + 1e-6
+    # duplicates: the examples' own values decide; without them only a cosine of nearly 1 counts
+    qids = torch.tensor([100, 101, 102, 103])
+    copy = (101, int(got_ids[1, 2]))
+    found = find_duplicates(qids, got_ids, got_cos, same=lambda a, b: (a, b) == copy)
+    assert found == [(101, copy[1], float(got_cos[1, 2]), 3, True)]
+    near = float(want_cos[2, 0]) - 1e-4  # query 102's closest, and any closer neighbour of the others
+    want = [(int(qids[r]), int(ids[at[r, j]]), float(want_cos[r, j]), j + 1, False)
+            for r in range(m) for j in range(6) if float(want_cos[r, j]) >= near]
+    got = find_duplicates(qids, got_ids, got_cos, same=None, near=near)
+    assert [f[:2] + f[3:] for f in got] == [w[:2] + w[3:] for w in want] and (102, int(ids[at[2, 0]])) in \
+        [f[:2] for f in got]
+
+
+def test_same_example_compares_values() -> None:
+    from PIL import Image
+
+    from grass_callback.console import same_example
+
+    x = torch.arange(6.0).reshape(2, 3)
+    assert same_example((x, 3), (x.clone(), 3)) and not same_example((x, 3), (x, 4))
+    assert not same_example(x, x.reshape(3, 2)) and not same_example(x, x.numpy())
+    assert same_example({"input_ids": torch.tensor([1, 2]), "text": "a"}, {"text": "a", "input_ids": torch.tensor([1, 2])})
+    assert not same_example({"input_ids": torch.tensor([1, 2])}, {"input_ids": torch.tensor([1, 3])})
+    assert same_example(np.zeros(3), np.zeros(3)) and not same_example(np.zeros(3), np.ones(3))
+    img = Image.new("L", (4, 4), 7)
+    assert same_example(img, Image.new("L", (4, 4), 7)) and not same_example(img, Image.new("L", (4, 4), 8))
+
+
+def _digits_run(tmp_path: Path, planted: list[int]):
+    """A small digits MLP (600 training examples, 3 epochs, k = 32) with validation examples
+    ``planted`` copied into its training set; returns the callback and the copies' training ids."""
+    import warnings
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from digits_mlp import build_module, load_digits_split
+    from grass_callback import GraSSCallback, IndexedDataset
+
+    train, val, _ = load_digits_split(0)
+    x, y = train.tensors[0][:600], train.tensors[1][:600]
+    vx, vy = val.tensors
+    x, y = torch.cat([x, vx[planted]]), torch.cat([y, vy[planted]])
+    L.seed_everything(0, verbose=False)
+    grass = GraSSCallback(k=32, num_queries=12, log_to_wandb=False, progress=False, store_dir=tmp_path / "g")
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, callbacks=[grass], enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(build_module(), DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=32, shuffle=True),
+                    DataLoader(IndexedDataset(val), batch_size=64))
+    return grass, list(range(600, 600 + len(planted)))
+
+
+def test_planted_duplicates_are_found_and_a_clean_run_finds_none(tmp_path: Path, one_thread, capsys) -> None:
+    planted = [1, 4, 7, 10]  # validation examples among the 12 queries, copied into the training set
+    grass, copies = _digits_run(tmp_path / "planted", planted)
+    assert [(q, t, identical) for q, t, _, _, identical in grass.duplicates] == \
+        [(q, t, True) for q, t in zip(planted, copies)]
+    report = capsys.readouterr()
+    text = report.out + report.err
+    for q, t in zip(planted, copies):
+        assert f"duplicate of query {q}: training example #{t} (the same values as the query" in text
+    clean, _ = _digits_run(tmp_path / "clean", [])
+    assert clean.duplicates == []
+    assert "duplicate of query" not in capsys.readouterr().err
 
 
 def test_silent_layer_reported_once_with_exclude(tmp_path: Path) -> None:
