@@ -67,7 +67,9 @@ __all__ = [
 SIGN_CONVENTION = (
     "score > 0: training on train_id lowers the query's loss (proponent); "
     "score < 0: training on train_id raises the query's loss (opponent); "
-    "data_value = score summed over queries"
+    "data_value = score summed over queries (the callback's running value: each query's scores divided "
+    "by their standard deviation over the training rows, summed over periods); "
+    "suspect in [0, 1]: mean rank of low data_value and high self-influence"
 )
 
 # ----------------------------------------------------------------------------- W&B run
@@ -299,12 +301,15 @@ class InfluenceReporter:
     ``influence.csv`` (query_id, rank, train_id, score, kind; rank 1 = strongest, kind
     proponent / opponent, padding skipped), ``self_influence.csv`` (train_id,
     self_influence, highest first), ``data_value.csv`` (train_id, data_value, highest first),
+    ``suspects.csv`` (train_id, suspect, data_value, self_influence, most suspect first; when the
+    data value carries a suspect table, as the callback's does),
     ``layers.csv`` (one row of per-layer figures per layer, when given), ``scalars.json`` (step,
     period, sign_convention, scalars).
 
     W&B (one ``run.log`` call per period): tables ``grass/influence`` (query_id, query,
     [query_label], rank, train_id, train_example, [train_label], score, kind),
-    ``grass/self_influence``, ``grass/data_value``, ``grass/layers``, histograms
+    ``grass/self_influence``, ``grass/data_value``, ``grass/suspects`` (with ``suspects.csv``),
+    ``grass/layers``, histograms
     ``grass/self_influence_hist``, ``grass/data_value_hist``, scalars ``grass/<name>``. Scalars
     named ``seconds/<part>`` stay out of the run summary (``define_metric(..., summary="none")``),
     so it keeps a handful of lines; the sign convention is the summary key ``grass/sign_convention``; the period folder
@@ -339,7 +344,8 @@ class InfluenceReporter:
         """Write ``result`` to ``out_dir/<period>/`` and log it to the run; returns the folder.
 
         ``data_value``: ``(ids, values)`` written instead of ``result.data_value*`` (the
-        caller's running, accumulated value). ``layers``: per-layer figures, ``{layer: {name:
+        caller's running, accumulated value); one with a ``suspects`` attribute
+        (:class:`~grass_callback.data_value.ValueTable`) also writes the suspect table. ``layers``: per-layer figures, ``{layer: {name:
         value}}`` (e.g. the Fisher condition number), written as ``layers.csv`` and the W&B
         table ``grass/layers``. ``period`` is made file-name safe. A W&B failure is a warning;
         the local files are written before W&B is touched.
@@ -351,6 +357,7 @@ class InfluenceReporter:
         if data_value is None:
             data_value = (result.data_value_ids, result.data_value)
         value = _sorted_desc(*_ids_values(data_value[0], data_value[1], "data_value"))
+        suspects = _suspect_rows(getattr(data_value, "suspects", None))
         scalar_values = {str(k): float(v) for k, v in (scalars or {}).items()}
         layer_header, layer_rows = _layer_rows(layers or {})
 
@@ -360,6 +367,8 @@ class InfluenceReporter:
             "data_value.csv": _csv_text(["train_id", "data_value"], [list(p) for p in value]),
             "scalars.json": _scalars_json(step, period, scalar_values),
         }
+        if suspects is not None:
+            files["suspects.csv"] = _csv_text(["train_id", "suspect", "data_value", "self_influence"], suspects)
         if layer_rows:
             files["layers.csv"] = _csv_text(layer_header, layer_rows)
         for filename, text in files.items():
@@ -368,7 +377,7 @@ class InfluenceReporter:
         if self.run is not None:
             try:
                 self._log_to_wandb(folder, list(files), influence, self_inf, value, scalar_values, int(step), period,
-                                   (layer_header, layer_rows))
+                                   (layer_header, layer_rows), suspects)
             except Exception as exc:  # noqa: BLE001 - results are safe on disk
                 warnings.warn(f"grass_callback: logging {period!r} to W&B failed ({exc!r}); "
                               f"the results are in {folder}.", stacklevel=2)
@@ -432,7 +441,8 @@ class InfluenceReporter:
         return cache[i]
 
     def _tables(self, influence: list[tuple[int, int, int, float, str]], self_inf: list[tuple[int, float]],
-                value: list[tuple[int, float]]) -> dict[str, tuple[list[str], list[list[Any]]]]:
+                value: list[tuple[int, float]],
+                suspects: list[list[Any]] | None = None) -> dict[str, tuple[list[str], list[list[Any]]]]:
         """Columns and rows of the three example tables; label columns only where labels exist."""
         trains: dict[int, tuple[Any, Any]] = {}
         queries: dict[int, tuple[Any, Any]] = {}
@@ -457,6 +467,10 @@ class InfluenceReporter:
             "self_influence": ["train_id", "train_example", "train_label", "self_influence"],
             "data_value": ["group", "train_id", "train_example", "train_label", "data_value"],
         }
+        if suspects is not None:  # the most suspect examples, with both signals behind the ranking
+            rows["suspects"] = [[t, *train(t), s, v, own] for t, s, v, own in suspects[: self.max_rows]]
+            columns["suspects"] = ["train_id", "train_example", "train_label", "suspect", "data_value",
+                                   "self_influence"]
         out = {}
         for name, cols in columns.items():
             drop = [c for c, col in enumerate(cols) if col.endswith("_label")
@@ -479,14 +493,14 @@ class InfluenceReporter:
     def _log_to_wandb(self, folder: Path, filenames: list[str], influence: list[tuple[int, int, int, float, str]],
                       self_inf: list[tuple[int, float]], value: list[tuple[int, float]],
                       scalars: Mapping[str, float], step: int, period: str,
-                      layers: tuple[list[str], list[list[Any]]]) -> None:
+                      layers: tuple[list[str], list[list[Any]]], suspects: list[list[Any]] | None = None) -> None:
         import numpy as np
         import wandb
 
         run = self.run
         self._define_metrics(run, list(scalars))
         payload: dict[str, Any] = {}
-        for name, (columns, rows) in self._tables(influence, self_inf, value).items():
+        for name, (columns, rows) in self._tables(influence, self_inf, value, suspects).items():
             payload[f"grass/{name}"] = wandb.Table(columns=columns, data=rows, allow_mixed_types=True)
         for name, pairs in (("self_influence", self_inf), ("data_value", value)):
             finite = np.array([v for _, v in pairs if math.isfinite(v)], dtype=np.float64)
@@ -511,6 +525,18 @@ class InfluenceReporter:
         for filename in filenames:
             artifact.add_file(str(folder / filename), name=filename)
         run.log_artifact(artifact)
+
+
+def _suspect_rows(table: Any) -> list[list[Any]] | None:
+    """``[train_id, suspect, data_value, self_influence]`` rows of a suspect table
+    ``(ids, suspect, data_value, self_influence)`` (most suspect first), or ``None``."""
+    if table is None:
+        return None
+    ids, score, value, own = (torch.as_tensor(t) for t in table)
+    if not (ids.shape == score.shape == value.shape == own.shape) or ids.ndim != 1:
+        raise ValueError(f"the suspect table needs four [n] tensors, got {[tuple(t.shape) for t in (ids, score, value, own)]}.")
+    return [[int(i), float(a), float(b), float(c)]
+            for i, a, b, c in zip(ids.tolist(), score.tolist(), value.tolist(), own.tolist())]
 
 
 def _layer_rows(layers: Mapping[str, Mapping[str, float]]) -> tuple[list[str], list[list[Any]]]:

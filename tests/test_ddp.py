@@ -177,7 +177,7 @@ def test_only_rank_zero_reports(runs: dict[str, Path]) -> None:
     for period in ("epoch-0", "epoch-1"):
         folder = runs["ddp"] / "grass" / "scores" / period
         assert {p.name for p in folder.iterdir()} == {"influence.csv", "self_influence.csv", "data_value.csv",
-                                                     "layers.csv", "scalars.json"}
+                                                     "suspects.csv", "layers.csv", "scalars.json"}
         # the data value CSV covers both ranks' rows
         lines = [ln for ln in (folder / "data_value.csv").read_text().splitlines() if ln and not ln.startswith("#")]
         assert len(lines) == 1 + N_TRAIN
@@ -205,13 +205,14 @@ def test_data_value_and_ranking_equal_a_hand_reference_from_the_ddp_store(runs: 
     rows = store_rows(train_dir)
     ratio = GraSSCallback(k=K).damping_ratio
     total = torch.zeros(NUM_QUERIES, N_TRAIN, dtype=torch.float64)
+    want = torch.zeros(N_TRAIN, dtype=torch.float64)  # the data value: each period standardised per query
     for epoch in range(EPOCHS):
         keep = rows["epochs"] == epoch
         own = {key: t[keep] for key, t in rows.items()}
         assert sorted(own["ids"].tolist()) == list(range(N_TRAIN)), epoch
         scores, _ = hand_scores(own, queries, ratio)
         total[:, own["ids"]] += scores
-    want = total.sum(0)
+        want[own["ids"]] += (scores / scores.std(1, correction=0, keepdim=True)).sum(0)
     for rec in (r0, r1):
         ids, values = _by_id(*rec["data_value"])
         assert ids.tolist() == list(range(N_TRAIN))

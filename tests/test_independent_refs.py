@@ -7,7 +7,7 @@ scoring period (float64, eval mode) and compressed by a dense sketch matrix buil
 the plan's masks and tables. Nothing goes through ``score_store``, ``attribute``, ``FisherStats``
 or the taps, so a bug there cannot hide in the expected values:
 
-* the data value sums the periods (a bug that keeps only the last period's scores fails);
+* the plain data value sums the periods (a bug that keeps only the last period's scores fails);
 * the checkpoint ensemble ranks by scores summed over periods;
 * ``keep_history="all"`` rescores every stored row against the Fisher of all rows;
 * query gradients are eval-mode gradients (a model with dropout).
@@ -198,8 +198,11 @@ def _close(got: Tensor, want: Tensor, what: str) -> None:
 
 
 def _data_value_tensor(cb: GraSSCallback) -> Tensor:
-    assert sorted(cb.data_value) == list(range(N_TRAIN))
-    return torch.tensor([cb.data_value[i] for i in range(N_TRAIN)], dtype=torch.float64)
+    """The plain data value (scores summed over queries and periods; the standardised default:
+    ``tests/test_data_value.py``)."""
+    plain = dict(zip(*(t.tolist() for t in cb.data_value_plain)))
+    assert sorted(plain) == list(range(N_TRAIN))
+    return torch.tensor([plain[i] for i in range(N_TRAIN)], dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------- tests

@@ -71,7 +71,7 @@ def test_resume_with_another_query_set_restarts_the_data_value(tmp_path):
     other = callback(tmp_path, query_loader=loader(6, seed=7))
     with pytest.warns(UserWarning, match="query examples differ from those the checkpoint's"):
         fit(tmp_path, other, epochs=2, callbacks=[ckpt_cb(tmp_path)], ckpt_path=last_ckpt(tmp_path))
-    ids, values = other.data_value_tensors()
+    ids, values = other.data_value_plain
     last = other.last_result
     want = dict(zip(last.data_value_ids.tolist(), last.data_value.double().tolist()))
     assert dict(zip(ids.tolist(), values.tolist())) == pytest.approx(want, rel=1e-9)

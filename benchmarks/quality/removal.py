@@ -1,0 +1,316 @@
+"""Data removal: does removing the lowest-valued training examples help a retrained model?
+
+    nice -n 10 .venv/bin/python -m benchmarks.quality.removal                  # every workload, one table
+    nice -n 10 .venv/bin/python -m benchmarks.quality.removal --workloads r-flip20 --seeds 5
+
+For each workload (teacher-MLP data; clean labels, and 20% of the training labels flipped), the
+workload's MLP is trained once through :class:`GraSSCallback` (every validation query scored at
+each epoch end, uniform ensemble) and a recorder keeps every period's score matrix ``[m, n]``, its
+self-influence ``[n]`` and mean learning rate, so every signal of :mod:`grass_callback.data_value`
+is computed offline from one run. Each signal ranks the training set; the lowest ``f`` (5, 10, 20,
+30%) are removed and the MLP is retrained from scratch on the rest with ``--seeds`` seeds
+(initialisation and minibatch order; the models of one seed and fraction train at once, batched).
+Reported: held-out test accuracy (a test split neither trained on nor used as queries), its
+difference from random removal paired on the seed (± its standard error over seeds), the
+flip-detection AUROC of each signal, and on flipped workloads the oracle (exactly the flipped
+examples removed) and the share of the full-data -> oracle gap each signal closes at its best
+fraction. The workloads' ``half`` says which were used to choose (``tuning``) and which are
+reported (``reporting``): distinct data seeds, input sizes and widths.
+
+Everything is cached under ``--cache`` (default ``runs/quality-cache/removal/``): the callback run
+per workload config, each retrain by (config, kept subset, seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "benchmarks.quality"
+
+from grass_callback import data_value as dv  # noqa: E402
+from grass_callback.evaluation import binary_auroc  # noqa: E402
+
+from . import mlp  # noqa: E402
+from .ensemble import _EpochOrder, _module  # noqa: E402
+
+_BASE = {"kind": "mlp", "data": "teacher", "label_noise": 0.3, "classes": 10, "n_train": 2000, "n_val": 500,
+         "n_test": 1000, "init_seed": 0, "order_seed": 1, "lr": 3e-3, "weight_decay": 1e-2, "batch": 64,
+         "epochs": 20, "k": 1024}
+_TUNE = {**_BASE, "data_seed": 20, "dim": 24, "teacher_width": 64, "widths": [256], "split_seed": 20}
+_REPORT = {**_BASE, "data_seed": 21, "dim": 32, "teacher_width": 96, "widths": [256, 128], "split_seed": 21}
+WORKLOADS: dict[str, dict] = {
+    "t-clean": {**_TUNE, "half": "tuning", "flip_fraction": 0.0},
+    "t-flip20": {**_TUNE, "half": "tuning", "flip_fraction": 0.2, "flip_seed": 5},
+    "r-clean": {**_REPORT, "half": "reporting", "flip_fraction": 0.0},
+    "r-flip20": {**_REPORT, "half": "reporting", "flip_fraction": 0.2, "flip_seed": 6},
+}
+FRACTIONS = (0.05, 0.10, 0.20, 0.30)
+_RUN_VERSION, _RETRAIN_VERSION = 2, 2
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load(cfg: dict) -> dict:
+    """Train / validation (queries) / test splits of a workload, labels flipped where asked."""
+    data_cfg = {**cfg, "n_train": cfg["n_train"], "n_queries": cfg["n_val"] + cfg["n_test"]}
+    Xtr, ytr, Xrest, yrest = mlp.load_data(data_cfg)
+    flipped = torch.zeros(len(ytr), dtype=torch.bool)
+    if cfg["flip_fraction"]:
+        ytr, flipped = mlp.flip_labels(ytr, cfg["flip_fraction"], cfg["classes"], cfg["flip_seed"])
+    v = cfg["n_val"]
+    return {"Xtr": Xtr, "ytr": ytr, "Xval": Xrest[:v], "yval": yrest[:v], "Xte": Xrest[v:], "yte": yrest[v:],
+            "flipped": flipped}
+
+
+# ----------------------------------------------------------------------------- the callback run
+
+
+def _recorder(grass):
+    import lightning as L
+
+    class PeriodRecorder(L.Callback):
+        """Each period's score matrix and self-influence (differences of the ensemble's sums)."""
+
+        def __init__(self) -> None:
+            self.scores, self.self_influence, self.lrs, self._lr = [], [], [], []
+            self._prev, self._prev_self, self._seen = None, None, 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._lr.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        def on_train_epoch_end(self, trainer, pl_module):  # after the callback's (it comes first)
+            ens = grass._ensemble
+            if ens is None or ens.periods == self._seen:
+                return
+            total, own = grass.ensemble_scores.clone(), grass.ensemble_self_influence.clone()
+            self.scores.append((total - (self._prev if self._prev is not None else 0)).float())
+            self.self_influence.append(own - (self._prev_self if self._prev_self is not None else 0))
+            self.lrs.append(sum(self._lr) / max(1, len(self._lr)))
+            self._prev, self._prev_self, self._seen, self._lr = total, own, ens.periods, []
+
+    return PeriodRecorder()
+
+
+def callback_run(cfg: dict, data: dict) -> dict:
+    """Train the workload's MLP through the callback; every period's matrices, the callback's own
+    data value / self-influence / suspect, the final model's per-example training loss."""
+    import lightning as L
+
+    from grass_callback import GraSSCallback, IndexedDataset
+
+    Xtr, ytr = data["Xtr"], data["ytr"]
+    n = len(Xtr)
+    train = torch.utils.data.DataLoader(IndexedDataset(torch.utils.data.TensorDataset(Xtr, ytr)),
+                                        batch_sampler=_EpochOrder(cfg, n))
+    queries = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["Xval"], data["yval"]), batch_size=256)
+    store = tempfile.mkdtemp(prefix="quality-removal-")
+    grass = GraSSCallback(k=cfg["k"], num_queries=len(data["Xval"]), query_loader=queries, log_to_wandb=False,
+                          progress=False, store_dir=store)
+    rec = _recorder(grass)
+    module = _module(cfg, n)
+    trainer = L.Trainer(max_epochs=cfg["epochs"], accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[grass, rec], default_root_dir=store)
+    t0 = time.perf_counter()
+    trainer.fit(module, train)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        logits = module.net(Xtr)
+        loss = F.cross_entropy(logits, ytr, reduction="none")
+        test_acc = float((module.net(data["Xte"]).argmax(1) == data["yte"]).float().mean())
+    out = {"scores": torch.stack(rec.scores), "self_influence": torch.stack(rec.self_influence),
+           "lrs": torch.tensor(rec.lrs, dtype=torch.float64), "loss": loss, "test_acc": test_acc,
+           "seconds": seconds}
+    # the callback's own signals, dense by training id (to check them against the offline definitions)
+    for name, pair in (("data_value", grass.data_value_tensors()), ("self_influence", grass.self_influence),
+                       ("suspect", grass.suspect)):
+        out[f"callback_{name}"] = torch.zeros(n, dtype=torch.float64).index_put_((pair[0],), pair[1].double())
+    return out
+
+
+def cached_run(name: str, cache: Path, log=print) -> dict:
+    cfg = WORKLOADS[name]
+    path = cache / f"run-{name}-{_hash({**cfg, '_v': _RUN_VERSION})}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    log(f"{name}: training through the callback ({cfg['epochs']} epochs, {cfg['n_val']} queries) ...")
+    run = callback_run(cfg, load(cfg))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(run, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    log(f"{name}: {run['seconds']:.0f} s through the callback, test accuracy {run['test_acc']:.3f}")
+    return run
+
+
+# ----------------------------------------------------------------------------- retraining
+
+
+def retrain(cfg: dict, data: dict, kept: list[torch.Tensor], seed: int, cache: Path) -> list[float]:
+    """Test accuracy of the MLP retrained on each kept subset (all the same size) with ``seed``."""
+    key = {**{k: v for k, v in cfg.items() if k != "half"}, "_seed": seed, "_v": _RETRAIN_VERSION}
+    out: list[float | None] = []
+    todo = []
+    paths = []
+    for j, rows in enumerate(kept):
+        path = cache / "retrain" / f"{_hash({**key, '_rows': hashlib.sha256(rows.numpy().tobytes()).hexdigest()})}.json"
+        paths.append(path)
+        if path.exists():
+            out.append(json.loads(path.read_text())["test_acc"])
+        else:
+            out.append(None)
+            todo.append(j)
+    if todo:
+        run_cfg = {**cfg, "init_seed": 1000 + seed, "order_seed": 2000 + seed}
+        params = mlp.train_models(run_cfg, data["Xtr"], data["ytr"], torch.stack([kept[j] for j in todo]))
+        with torch.no_grad():
+            logits = mlp.batched_forward(params, data["Xte"].expand(len(todo), -1, -1))
+        acc = (logits.argmax(-1) == data["yte"]).float().mean(1)  # argmax accuracy
+        for j, a in zip(todo, acc.tolist()):
+            out[j] = a
+            paths[j].parent.mkdir(parents=True, exist_ok=True)
+            paths[j].write_text(json.dumps({"test_acc": a}))
+    return out  # type: ignore[return-value]
+
+
+def kept_rows(value: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Indices kept after removing the lowest ``fraction`` of ``value`` (ties broken by index)."""
+    n = value.numel()
+    drop = int(round(fraction * n))
+    order = torch.argsort(value.double(), stable=True)
+    return order[drop:].sort().values
+
+
+def random_value(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(777 + seed), dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def signals(run: dict) -> dict[str, torch.Tensor]:
+    """Every ranking studied: ``name -> [n]``, low = remove first."""
+    S, SI, lrs, loss = run["scores"], run["self_influence"], run["lrs"], run["loss"].double()
+    out = dv.candidate_signals(S, SI, lrs)
+    out["final training loss (high removed)"] = -loss
+    out["suspect (last self-infl.) + loss"] = -dv.rank_combine([-out[dv.DEFAULT_NAME], SI[-1], loss])
+    if "callback_suspect" in run:  # the library's default rankings, as the callback computed them
+        out["callback .data_value (default)"] = run["callback_data_value"].double()
+        out["callback .suspect (default)"] = -run["callback_suspect"].double()
+    return out
+
+
+def callback_check(run: dict) -> str:
+    """How far the callback's own values are from the offline definitions on the recorded periods."""
+    if "callback_data_value" not in run:
+        return ""
+    want = dv.standardised_sum(run["scores"])
+    own = run["self_influence"].double().sum(0)
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    return (f"callback vs offline definitions: data_value max rel diff {rel(run['callback_data_value'], want):.1e}, "
+            f"self_influence {rel(run['callback_self_influence'], own):.1e}, suspect max abs diff "
+            f"{float((run['callback_suspect'] - dv.suspect(want, own)).abs().max()):.1e}")
+
+
+def auroc(value: torch.Tensor, flipped: torch.Tensor) -> float:
+    """AUROC of ``-value`` (low value = flagged) as a detector of the flipped examples."""
+    return float(binary_auroc(dv.unit_ranks(-value), flipped.long()))  # ranks in [0, 1]: no sigmoid
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(xs)
+    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+    return mean, se
+
+
+def evaluate(name: str, seeds: int, cache: Path, only: list[str] | None = None, log=print) -> dict:
+    cfg = WORKLOADS[name]
+    data = load(cfg)
+    run = cached_run(name, cache, log)
+    sig = signals(run)
+    if only:
+        sig = {k: v for k, v in sig.items() if k in only}
+    n = len(data["ytr"])
+    full = [retrain(cfg, data, [torch.arange(n)], s, cache)[0] for s in range(seeds)]
+    res: dict = {"full": full, "signals": {}, "auroc": {}, "half": cfg["half"], "seconds": run["seconds"],
+                 "check": callback_check(run)}
+    flipped = data["flipped"]
+    if flipped.any():
+        res["oracle"] = [retrain(cfg, data, [torch.nonzero(~flipped).squeeze(1)], s, cache)[0] for s in range(seeds)]
+        for label, value in sig.items():
+            res["auroc"][label] = auroc(value, flipped)
+    for f in FRACTIONS:
+        for s in range(seeds):
+            kept = [kept_rows(random_value(n, s), f)] + [kept_rows(v, f) for v in sig.values()]
+            accs = retrain(cfg, data, kept, s, cache)
+            res.setdefault("random", {}).setdefault(f, []).append(accs[0])
+            for label, a in zip(sig, accs[1:]):
+                res["signals"].setdefault(label, {}).setdefault(f, []).append(a)
+    return res
+
+
+def print_table(name: str, res: dict) -> None:
+    full_m, full_se = _mean_se(res["full"])
+    line = f"\n## {name} ({res['half']} half): full data {100 * full_m:.1f} ± {100 * full_se:.1f}"
+    if "oracle" in res:
+        om, ose = _mean_se(res["oracle"])
+        line += f", oracle (flips removed) {100 * om:.1f} ± {100 * ose:.1f}"
+    print(line + f"; callback run {res['seconds']:.0f} s")
+    head = " | ".join(f"{int(100 * f)}%" for f in FRACTIONS)
+    print(f"signal | test acc removing lowest {head} | minus random (paired SE) {head} | AUROC | gap closed")
+    rnd = res["random"]
+    rows = [("random", rnd)] + list(res["signals"].items())
+    for label, by_f in rows:
+        accs = " | ".join(f"{100 * statistics.fmean(by_f[f]):.1f}" for f in FRACTIONS)
+        diffs = []
+        for f in FRACTIONS:
+            m, se = _mean_se([a - r for a, r in zip(by_f[f], rnd[f])])
+            diffs.append(f"{100 * m:+.1f} ± {100 * se:.1f}")
+        au = res["auroc"].get(label)
+        gap = ""
+        if "oracle" in res and label != "random":
+            best = max(statistics.fmean(by_f[f]) for f in FRACTIONS)
+            denom = statistics.fmean(res["oracle"]) - full_m
+            gap = f"{100 * (best - full_m) / denom:.0f}%" if denom > 0 else "-"
+        print(f"{label} | {accs} | {' | '.join(diffs)} | {'' if au is None else f'{au:.3f}'} | {gap}", flush=True)
+    if res["check"]:
+        print(f"({res['check']})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--signals", nargs="*", default=None, help="only these signals (names as printed)")
+    parser.add_argument("--cache", default="runs/quality-cache/removal")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs-only", action="store_true", help="only the callback runs (cached)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    print(f"data removal, teacher MLPs: {_BASE['n_train']} train / {_BASE['n_val']} validation queries / "
+          f"{_BASE['n_test']} test, {_BASE['epochs']} epochs, k = {_BASE['k']}; retrained with {args.seeds} seeds; "
+          "test accuracy in %, differences paired on the seed (± SE over seeds)")
+    for name in args.workloads:
+        if args.runs_only:
+            cached_run(name, cache)
+            continue
+        print_table(name, evaluate(name, args.seeds, cache, args.signals))
+
+
+if __name__ == "__main__":
+    main()
