@@ -22,7 +22,7 @@ from grass_callback.fisher import FisherStats
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_callback import fit  # noqa: E402
 
-TABLES = {"influence.csv", "self_influence.csv", "data_value.csv", "layers.csv", "scalars.json"}
+TABLES = {"influence.csv", "self_influence.csv", "data_value.csv", "suspects.csv", "layers.csv", "scalars.json"}
 
 
 def _files(folder: Path) -> set[str]:
@@ -71,7 +71,7 @@ def test_tables_every_nth_period_and_the_last_one_at_the_end_of_fit(tmp_path, mo
     a, b = Path(every.store_dir) / "scores", Path(sparse.store_dir) / "scores"
     for e in (0, 2, 3):
         assert _files(b / f"epoch-{e}") == TABLES
-        for name in ("influence.csv", "self_influence.csv", "data_value.csv", "layers.csv"):
+        for name in ("influence.csv", "self_influence.csv", "data_value.csv", "suspects.csv", "layers.csv"):
             assert (b / f"epoch-{e}" / name).read_text() == (a / f"epoch-{e}" / name).read_text(), (e, name)
     assert _files(b / "epoch-1") == {"scalars.json"}
     skipped = json.loads((b / "epoch-1" / "scalars.json").read_text())
