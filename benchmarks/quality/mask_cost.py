@@ -2,10 +2,12 @@
 
     nice -n 10 .venv/bin/python -m benchmarks.quality.mask_cost
 
-For each layer shape of the suite's workloads (and ``T`` tokens per example), the earlier
-``2 sqrt(k)`` masks, the default masks (a factor kept whole when its mask would keep half of it)
-and ``oversample=16`` (masks of ``4 sqrt(k)``) are timed side by side (interleaved rounds,
-median, CPU time of this process on one thread), with ``k'`` and the ratio to the earlier masks.
+For each layer shape of the suite's workloads (and ``T`` tokens per example), the candidate
+mask sizes are timed side by side (interleaved rounds, median, CPU time of this process on one
+thread), with ``k'`` and the ratio to the ``2 sqrt(k)`` masks: ``2 sqrt(k)`` (``oversample=4``),
+``keep_narrow`` (a factor kept whole when its mask would keep half of it or more),
+``oversample=8`` with and without ``keep_narrow``, ``oversample=16`` (masks of ``4 sqrt(k)``), and
+the library's current default (whatever ``FactGraSSPlan``'s defaults are).
 """
 
 from __future__ import annotations
@@ -25,9 +27,15 @@ from _util import time_interleaved  # noqa: E402
 
 from grass_callback.projection import FactGraSSPlan  # noqa: E402
 
-VARIANTS = {"2sqrt(k)": {"keep_narrow": False}, "default": {}, "oversample 16": {"oversample": 16.0}}
+VARIANTS = {"2sqrt(k)": {"oversample": 4.0, "keep_narrow": False},
+            "keep_narrow": {"oversample": 4.0, "keep_narrow": True},
+            "oversample 8": {"oversample": 8.0, "keep_narrow": False},
+            "oversample 8 + keep_narrow": {"oversample": 8.0, "keep_narrow": True},
+            "oversample 16": {"oversample": 16.0, "keep_narrow": False},
+            "default": {}}
 # (d_in, d_out, T, B): MLP layers of the suite (T = 1) and the GPT-2 workload's (T = 48)
-SHAPES = [(64, 256, 1, 1024), (256, 128, 1, 1024), (128, 384, 1, 1024), (128, 384, 48, 64), (128, 128, 48, 64),
+SHAPES = [(64, 256, 1, 1024), (256, 256, 1, 1024), (24, 512, 1, 1024), (48, 256, 1, 1024), (256, 128, 1, 1024),
+          (128, 256, 1, 1024), (64, 128, 1, 1024), (128, 384, 1, 1024), (128, 384, 48, 64), (128, 128, 48, 64),
           (128, 512, 48, 64), (512, 128, 48, 64), (128, 1024, 48, 64)]
 
 

@@ -5,11 +5,19 @@ weights) and scores queries with the block-diagonal Fisher influence
 ``Σ_l g_q^T (F_l + λ_l I)^{-1} g_i`` (:class:`grass_callback.evaluation.KernelInfluence`): one
 eigendecomposition per layer gives the LDS of every damping ratio of the grid and of every
 damping rule. ``exact`` uses the uncompressed gradients (Gram matrices accumulated in chunks, so
-wide layers never sit in memory for all examples at once).
+wide layers never sit in memory for all examples at once; for one-token examples, the MLPs,
+``<δ_i x_i^T, δ_j x_j^T> = (δ_i·δ_j)(x_i·x_j)`` gives the Gram matrix from the factors without
+materializing a gradient).
+
+The expensive parts are split so that :mod:`benchmarks.quality.cache` can keep them on disk:
+:func:`method_grads` (the compressed gradients, or the exact Gram matrices) and
+:func:`kernel_from` (the eigendecompositions).
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import time
 from collections.abc import Callable, Mapping
 
@@ -19,19 +27,44 @@ from torch import Tensor
 from grass_callback.evaluation import KernelInfluence, lds_per_query, oriented_targets
 from grass_callback.projection import FactGraSSPlan, LayerShape, make_plan, materialize
 
-__all__ = ["GRID", "METHODS", "compress", "exact_kernel", "method_kernel", "evaluate"]
+__all__ = ["GRID", "METHODS", "compress", "exact_grams", "exact_kernel", "method_grads", "method_kernel",
+           "plan_signature", "kernel_from", "evaluate"]
 
 #: Relative damping ratios of the grid (1e-4 .. 10, half decades).
 GRID: tuple[float, ...] = tuple(float(f"{10 ** (e / 2):.4g}") for e in range(-8, 3))
 
-#: method -> (plan kind, options); factgrass variants differ only in their mask sizes.
+#: method -> (plan kind, options); factgrass variants differ only in their mask sizes. ``factgrass``
+#: is the library's default plan (whatever its defaults are); the others pin their options.
 METHODS: dict[str, tuple[str, dict]] = {
     "gaussian": ("gaussian", {}),
-    "factgrass": ("factgrass", {}),  # the library's default plan: masks of 2 sqrt(k)
-    "factgrass-narrow": ("factgrass", {"keep_narrow": True}),  # narrow factors kept whole
-    "factgrass-x4": ("factgrass", {"oversample": 16.0}),  # k' = 16 k: masks of 4 sqrt(k)
+    "factgrass": ("factgrass", {}),
+    "factgrass-2sqrtk": ("factgrass", {"oversample": 4.0, "keep_narrow": False}),  # masks of 2 sqrt(k)
+    "factgrass-narrow": ("factgrass", {"oversample": 4.0, "keep_narrow": True}),  # narrow factors kept whole
+    "factgrass-x1.5": ("factgrass", {"oversample": 6.0, "keep_narrow": False}),  # k' = 6 k: 1.5x the budget
+    "factgrass-x2": ("factgrass", {"oversample": 8.0, "keep_narrow": False}),  # k' = 8 k
+    "factgrass-x2-narrow": ("factgrass", {"oversample": 8.0, "keep_narrow": True}),
+    "factgrass-x4": ("factgrass", {"oversample": 16.0, "keep_narrow": False}),  # k' = 16 k: masks of 4 sqrt(k)
+    "factgrass-coord": ("factgrass", {"mask_run": 1}),  # the default sizes, coordinate-wise masks
     "logra": ("logra", {}),
 }
+
+
+def plan_signature(method: str, shapes: Mapping[str, LayerShape], k: int, seed: int) -> dict:
+    """What a method's compressed gradients depend on: the resolved plan config of every layer
+    (mask sizes and runs included, so a change of the library's defaults changes the signature)
+    and the source of the plan's class and random draws."""
+    from grass_callback import projection
+
+    kind, options = METHODS[method]
+    if kind == "gaussian":  # building the plans would draw the k x D matrices
+        layers = {name: {"dim": s.numel, "k": k, "seed": seed} for name, s in shapes.items()}
+    else:
+        layers = {name: make_plan(kind, s, k=k, seed=seed, name=name, **options).config()
+                  for name, s in shapes.items()}
+    code = hashlib.sha256("".join(inspect.getsource(obj) for obj in (
+        projection.PLAN_KINDS[kind], projection.derive_generator, projection.run_mask, projection.sjlt_tables)
+    ).encode()).hexdigest()[:16]
+    return {"method": method, "kind": kind, "options": options, "k": k, "seed": seed, "layers": layers, "code": code}
 
 
 def compress(plans: Mapping[str, object], factors: Mapping[str, tuple[Tensor, Tensor]]) -> tuple[dict, float]:
@@ -47,30 +80,52 @@ def compress(plans: Mapping[str, object], factors: Mapping[str, tuple[Tensor, Te
     return out, seconds
 
 
-def method_kernel(method: str, shapes: Mapping[str, LayerShape], factors, n: int, k: int, seed: int) -> tuple[KernelInfluence, dict]:
+def method_grads(method: str, shapes: Mapping[str, LayerShape], factors, k: int, seed: int) -> tuple[dict, dict]:
+    """``({layer: [N, k] float32}, info)``: every example's compressed gradient under ``method``."""
     kind, options = METHODS[method]
     plans = {name: make_plan(kind, s, k=k, seed=seed, name=name, **options) for name, s in shapes.items()}
     grads, seconds = compress(plans, factors)
     info = {"compress_s": seconds}
     if kind == "factgrass":
         info["k_prime"] = sum(p.k_prime for p in plans.values() if isinstance(p, FactGraSSPlan))
-    return KernelInfluence({m: g[:n] for m, g in grads.items()}, {m: g[n:] for m, g in grads.items()}), info
+    return {m: g.to(torch.float32) for m, g in grads.items()}, info
 
 
-def exact_kernel(shapes: Mapping[str, LayerShape], factors, n: int, chunk: int = 256) -> KernelInfluence:
-    """Uncompressed per-layer influence from Gram matrices of the materialized gradients."""
+def kernel_from(grads: Mapping[str, Tensor], n: int) -> KernelInfluence:
+    """The influence kernel of compressed gradients (first ``n`` rows train, the rest queries)."""
+    return KernelInfluence({m: g[:n] for m, g in grads.items()}, {m: g[n:] for m, g in grads.items()})
+
+
+def method_kernel(method: str, shapes: Mapping[str, LayerShape], factors, n: int, k: int, seed: int) -> tuple[KernelInfluence, dict]:
+    grads, info = method_grads(method, shapes, factors, k, seed)
+    return kernel_from(grads, n), info
+
+
+def exact_grams(shapes: Mapping[str, LayerShape], factors, chunk: int = 256) -> dict[str, tuple[Tensor, int]]:
+    """``{layer: (Gram [N, N] float64 of the uncompressed per-example gradients, numel)}``."""
     grams = {}
     for name, shape in shapes.items():
         x, d = factors[name]
         N = len(x)
-        rows = [materialize(x[i:i + chunk], d[i:i + chunk], shape.bias).flatten(1) for i in range(0, N, chunk)]
-        full = torch.cat(rows)  # [N, D] float32, one layer at a time
-        gram = torch.zeros(N, N, dtype=torch.float64)
-        for i in range(0, N, 1024):
-            gram[i:i + 1024] = (full[i:i + 1024] @ full.T).to(torch.float64)
-        del full, rows
-        grams[name] = (gram[:n, :n], gram[n:, :n], shape.numel)
-    return KernelInfluence.from_grams(grams)
+        if x.dim() == 2 or x.shape[1] == 1:  # one token: the Gram is (x x^T + bias) * (δ δ^T)
+            x64, d64 = x.reshape(N, -1).to(torch.float64), d.reshape(N, -1).to(torch.float64)
+            gram = (x64 @ x64.T + (1.0 if shape.bias else 0.0)) * (d64 @ d64.T)
+        else:
+            rows = [materialize(x[i:i + chunk], d[i:i + chunk], shape.bias).flatten(1) for i in range(0, N, chunk)]
+            full = torch.cat(rows)  # [N, D] float32, one layer at a time
+            gram = torch.zeros(N, N, dtype=torch.float64)
+            for i in range(0, N, 1024):
+                gram[i:i + 1024] = (full[i:i + 1024] @ full.T).to(torch.float64)
+            del full, rows
+        grams[name] = (gram, shape.numel)
+    return grams
+
+
+def exact_kernel(shapes: Mapping[str, LayerShape], factors, n: int, chunk: int = 256,
+                 grams: Mapping[str, tuple[Tensor, int]] | None = None) -> KernelInfluence:
+    """Uncompressed per-layer influence from Gram matrices of the per-example gradients."""
+    grams = grams if grams is not None else exact_grams(shapes, factors, chunk)
+    return KernelInfluence.from_grams({name: (g[:n, :n], g[n:, :n], numel) for name, (g, numel) in grams.items()})
 
 
 def evaluate(ki: KernelInfluence, masks: Tensor, targets: Tensor, target: str,

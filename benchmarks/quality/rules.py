@@ -8,6 +8,8 @@ number of rows ``N``), never ground truth. Candidates:
 * ``erank<c>``: ``λ = c · tr(F²) / tr(F)``, the eigenvalue-weighted mean eigenvalue (as a
   ratio ``r = c · k / r_eff`` with the effective rank ``r_eff = tr(F)² / tr(F²)``);
 * ``nk<c>``: ``r = c · k / N``.
+* ``auto<c>``: ``r = c · max(1, k / N)``, ``λ = c · trace(F) / min(k, N)``: a fraction of the
+  mean non-zero eigenvalue;
 * ``auto``: the library's rule (:func:`grass_callback.damping.auto_damping_ratio`):
   ``r = max(1, k / N)``, ``λ = trace(F) / min(k, N)``, the mean non-zero eigenvalue.
 """
@@ -41,6 +43,12 @@ def _table(ev, k, unit, n):
     return 10 ** (-2 + 2 * t)
 
 
+def _scaled_auto(c: float):
+    def fn(ev, k, unit, n):
+        return c * max(1.0, k / n)
+    return fn
+
+
 def _auto(ev, k, unit, n):
     from grass_callback.damping import auto_damping_ratio_from_moments
 
@@ -48,9 +56,10 @@ def _auto(ev, k, unit, n):
 
 
 RULES: dict[str, Callable[[KernelInfluence], dict]] = {
-    **{f"r={c:g}": _per_block(lambda ev, k, unit, n, c=c: c) for c in (0.01, 0.03, 0.1, 0.3, 1.0)},
+    **{f"r={c:g}": _per_block(lambda ev, k, unit, n, c=c: c) for c in (0.01, 0.03, 0.1, 0.3, 0.5, 1.0)},
     "table": _per_block(_table),
     **{f"erank{c:g}": _per_block(_erank(c)) for c in (0.003, 0.01, 0.03, 0.1, 0.3)},
     **{f"nk{c:g}": _per_block(lambda ev, k, unit, n, c=c: c * k / n) for c in (0.1, 0.3, 1.0)},
+    **{f"auto{c:g}": _per_block(_scaled_auto(c)) for c in (0.1, 0.2, 0.3, 0.5)},
     "auto": _per_block(_auto),
 }

@@ -14,6 +14,12 @@ the per-seed differences ± their standard error (paired on the seed). ``exact``
 has no seed. Mislabel AUROC: self-influence on the workloads trained with flipped labels.
 The in-run ensemble (scores summed over the callback's scoring periods) is
 :mod:`benchmarks.quality.ensemble` (``--ensemble``).
+
+Everything expensive is cached on disk beside the ground truth (:mod:`benchmarks.quality.cache`):
+each (workload, method, plan seed)'s compressed gradients (the exact method's Gram matrices) and
+its measured row, keyed by the resolved plan configs and the source of the scoring code, so a
+rerun measures only what changed (``--no-cache`` recomputes all). The last lines print the wall
+time of the run and the seconds each (workload, method) took.
 """
 
 from __future__ import annotations
@@ -36,12 +42,14 @@ from grass_callback.evaluation import mislabel_detection  # noqa: E402
 
 from . import lm as lm_mod  # noqa: E402
 from . import mlp  # noqa: E402
-from .methods import GRID, METHODS, exact_kernel, evaluate, method_kernel  # noqa: E402
+from .cache import Cache, key_of, source_hash  # noqa: E402
+from .methods import (GRID, METHODS, evaluate, exact_grams, exact_kernel, kernel_from,  # noqa: E402
+                      method_grads, plan_signature)
 from .rules import RULES  # noqa: E402
-from .workloads import REPORTING, TUNING, WORKLOADS, ground_truth  # noqa: E402
+from .workloads import REPORTING, TUNING, WORKLOADS, config_hash, ground_truth  # noqa: E402
 
 DEFAULT_RULE = "auto"
-DEFAULT_METHODS = ("gaussian", "factgrass", "factgrass-narrow", "factgrass-x4")
+DEFAULT_METHODS = ("gaussian", "factgrass", "factgrass-narrow", "factgrass-x1.5", "factgrass-x2", "factgrass-x4")
 _VERSION = 2
 
 
@@ -121,7 +129,20 @@ def workload_inputs(name: str, gt: dict):
     return lm_mod.lm_shapes(model), factors, len(ids)
 
 
-def run_workload(name: str, args, log) -> dict:
+def _row_code() -> str:
+    """The source that turns a kernel into a row of figures (a change re-measures the rows)."""
+    import inspect
+
+    from grass_callback import damping, evaluation
+
+    from . import methods, rules
+
+    return key_of([source_hash(rules, damping, evaluation), inspect.getsource(methods.evaluate),
+                   inspect.getsource(methods.kernel_from), inspect.getsource(_auroc)])
+
+
+def run_workload(name: str, args, log, cache: Cache | None = None) -> dict:
+    cache = cache if cache is not None else Cache(None)
     t0 = time.perf_counter()
     gt = ground_truth(name, args.cache, log)
     t_gt = time.perf_counter() - t0
@@ -131,30 +152,52 @@ def run_workload(name: str, args, log) -> dict:
     rules = {r: RULES[r] for r in args.rules}
     rules[DEFAULT_RULE] = RULES[DEFAULT_RULE]
     out = {"version": _VERSION, "workload": name, "half": "tuning" if name in TUNING else "reporting", "n": n,
-           "queries": targets.shape[1], "models": masks.shape[0], "methods": {}, "mislabel": {}}
+           "queries": targets.shape[1], "models": masks.shape[0], "methods": {}, "mislabel": {}, "seconds": {}}
     seeds = args.seeds if cfg["kind"] == "mlp" else args.lm_seeds
     flipped = gt.get("flipped")
-    if "exact" in args.methods:
-        ki = exact_kernel(shapes, factors, n)
-        out["methods"]["exact"] = [evaluate(ki, masks, targets, kind, rules)]
+    base = {"workload": name, "ground_truth": config_hash(cfg), "n": n}
+    row_base = {**base, "rules": sorted(rules), "grid": list(GRID), "code": _row_code(), "mislabel": flipped is not None}
+
+    def measure(ki) -> dict:
+        row = {"row": evaluate(ki, masks, targets, kind, rules)}
         if flipped is not None:
-            out["mislabel"]["exact"] = [_auroc(ki, flipped, rules)]
-        del ki
-        log(f"  {name} exact: best {out['methods']['exact'][0]['best']:.4f} "
-            f"auto {out['methods']['exact'][0]['rules'][DEFAULT_RULE]:.4f}")
+            row["mislabel"] = _auroc(ki, flipped, rules)
+        return row
+
+    if "exact" in args.methods:
+        t1 = time.perf_counter()
+        grams = lambda: cache.get_or_compute("grads", {**base, "method": "exact"},  # noqa: E731
+                                             lambda: exact_grams(shapes, factors))
+        got = cache.get_or_compute("rows", {**row_base, "method": "exact"},
+                                   lambda: measure(exact_kernel(shapes, factors, n, grams=grams())))
+        out["methods"]["exact"] = [got["row"]]
+        if flipped is not None:
+            out["mislabel"]["exact"] = [got["mislabel"]]
+        out["seconds"]["exact"] = time.perf_counter() - t1
+        log(f"  {name} exact: best {got['row']['best']:.4f} auto {got['row']['rules'][DEFAULT_RULE]:.4f} "
+            f"({out['seconds']['exact']:.1f} s)")
     for method in args.methods:
         if method == "exact":
             continue
+        t1 = time.perf_counter()
         rows = []
         for seed in range(seeds):
-            ki, info = method_kernel(method, shapes, factors, n, args.k, seed)
-            row = {**evaluate(ki, masks, targets, kind, rules), **info}
+            signature = {**base, **plan_signature(method, shapes, args.k, seed)}
+            grads = lambda: cache.get_or_compute("grads", signature,  # noqa: E731
+                                                 lambda: method_grads(method, shapes, factors, args.k, seed))
+
+            def compute_row():
+                g, info = grads()
+                return {**measure(kernel_from(g, n)), "info": info}
+
+            got = cache.get_or_compute("rows", {**row_base, "signature": signature}, compute_row)
+            rows.append({**got["row"], **got["info"]})
             if flipped is not None:
-                out["mislabel"].setdefault(method, []).append(_auroc(ki, flipped, rules))
-            rows.append(row)
-            del ki
+                out["mislabel"].setdefault(method, []).append(got["mislabel"])
         out["methods"][method] = rows
-        log(f"  {name} {method}: best {fmt([r['best'] for r in rows])} auto {fmt([r['rules'][DEFAULT_RULE] for r in rows])}")
+        out["seconds"][method] = time.perf_counter() - t1
+        log(f"  {name} {method}: best {fmt([r['best'] for r in rows])} auto {fmt([r['rules'][DEFAULT_RULE] for r in rows])}"
+            f" ({out['seconds'][method]:.1f} s)")
     out["ground_truth_s"] = gt.get("seconds")
     out["scoring_s"] = time.perf_counter() - t0 - t_gt
     if flipped is not None:
@@ -217,6 +260,23 @@ def rule_table(results: list[dict], method: str = "factgrass") -> list[dict]:
     return rows
 
 
+#: rough relative cost of a workload's first (uncached) run, to start the longest first with --jobs
+_COST = {"gpt2-pydoc": 5, "teacher-deep": 4, "teacher-512": 2, "digits-256x2": 2, "digits-flip10": 2}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _run_in_worker(job) -> dict:
+    name, args = job
+    torch.set_num_threads(args.threads)
+    cache = Cache(None if args.no_cache else args.cache)
+    out = run_workload(name, args, _log, cache)
+    _log(f"  {name} cache: {cache.hits} hits, {cache.misses} misses")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", default=list(TUNING + REPORTING), choices=list(WORKLOADS))
@@ -226,14 +286,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lm-seeds", type=int, default=2, help="plan seeds on the language model (default 2)")
     parser.add_argument("--k", type=int, default=1024, help="compressed size per layer (default 1024)")
     parser.add_argument("--cache", default="runs/quality-cache", help="ground-truth cache folder")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recompute every kernel (the ground truth stays cached); default: compressed gradients "
+                             "and measured rows are cached under --cache/grads and --cache/rows")
     parser.add_argument("--json", default=None, help="write every measurement here")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="workloads measured in parallel processes (default 1; 2 on an idle 2-core machine)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--from-json", nargs="+", default=None,
                         help="print the tables of earlier --json files instead of measuring")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = _log
     if args.from_json:
         merged: dict[str, dict] = {}
         for path in args.from_json:  # a later file's (workload, method) replaces an earlier one's
@@ -248,7 +313,18 @@ def main(argv: list[str] | None = None) -> None:
         order = {name: i for i, name in enumerate(TUNING + REPORTING)}
         results.sort(key=lambda r: order.get(r["workload"], 99))
     else:
-        results = [run_workload(name, args, log) for name in args.workloads]
+        if args.jobs > 1:  # one process per workload, longest first (GPT-2, the deep MLP)
+            import concurrent.futures
+            import multiprocessing
+
+            order = sorted(args.workloads, key=lambda w: -_COST.get(w, 0))
+            with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                done = dict(zip(order, pool.map(_run_in_worker, [(w, args) for w in order])))
+            results = [done[w] for w in args.workloads]
+        else:
+            cache = Cache(None if args.no_cache else args.cache)
+            results = [run_workload(name, args, log, cache) for name in args.workloads]
+            log(f"cache: {cache.hits} hits, {cache.misses} misses")
     print(f"\nLDS at k = {args.k} per layer; default damping = rule {DEFAULT_RULE!r}; mean ± SE over plan seeds, "
           "differences paired on the seed")
     print_table(table(results))
@@ -261,7 +337,10 @@ def main(argv: list[str] | None = None) -> None:
         print("\nmislabel detection (self-influence, 10% labels flipped): AUROC")
         print_table(mis)
     total = time.perf_counter() - start
-    print(f"\nscoring time {sum(r['scoring_s'] for r in results):.0f} s; total {total:.0f} s")
+    print(f"\nscoring time {sum(r['scoring_s'] for r in results):.0f} s; total wall time {total:.0f} s")
+    for r in results:
+        if r.get("seconds"):
+            print(f"  {r['workload']}: " + ", ".join(f"{m} {s:.0f} s" for m, s in r["seconds"].items()))
     if args.json and not args.from_json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
