@@ -237,3 +237,25 @@ def test_the_last_period_folder_holds_the_suspect_table_of_the_callback(run):
     torch.testing.assert_close(torch.tensor([r[1] for r in rows], dtype=torch.float64), suspect)
     torch.testing.assert_close(torch.tensor([r[2] for r in rows], dtype=torch.float64),
                                torch.tensor([cb.data_value[i] for i in ids.tolist()], dtype=torch.float64))
+
+
+def test_the_reporter_logs_the_suspect_table_to_the_run_and_rejects_a_ragged_one(tmp_path):
+    from test_report import RecordingRun, make_result
+
+    from grass_callback.data_value import ValueTable
+    from grass_callback.report import InfluenceReporter, RunHandle
+
+    run = RecordingRun()
+    reporter = InfluenceReporter(tmp_path, RunHandle(run, owned=False), max_rows=2)
+    table = (torch.tensor([4, 0, 5]), torch.tensor([0.9, 0.7, 0.2], dtype=torch.float64),
+             torch.tensor([-3.0, -0.25, -1.5], dtype=torch.float64), torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    value = ValueTable(torch.tensor([1, 0, 4]), torch.tensor([1.0, -0.25, -3.0], dtype=torch.float64), table)
+    reporter.report(make_result(), step=3, period="epoch-0", data_value=value)
+    (payload, step), = run.logged
+    logged = payload["grass/suspects"]
+    assert step == 3 and logged.columns == ["train_id", "train_example", "suspect", "data_value", "self_influence"]
+    assert [row[0] for row in logged.data] == [4, 0]  # max_rows, most suspect first
+    assert [row[2:] for row in logged.data] == [[0.9, -3.0, 4.0], [0.7, -0.25, 1.0]]
+    with pytest.raises(ValueError, match="four \\[n\\] tensors"):
+        reporter.report(make_result(), step=4, period="epoch-1",
+                        data_value=ValueTable(value[0], value[1], (table[0], table[1][:2], table[2], table[3])))
