@@ -214,6 +214,21 @@ def signals(run: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def score_scales(run: dict) -> str:
+    """How unequal the queries' score scales are (what standardising changes): per period, the
+    largest per-query standard deviation over the training rows against the median, the share of
+    the scores' variance held by the top 10% of queries, and the first vs last period's median."""
+    sig = run["scores"].double().std(2, correction=0)  # [P, m]
+    ratio = sig.max(1).values / sig.median(1).values
+    var = sig ** 2
+    top = max(1, sig.shape[1] // 10)
+    share = (var.sort(1, descending=True).values[:, :top].sum(1) / var.sum(1)).mean()
+    med = sig.median(1).values
+    return (f"score scales: largest / median query std per period {float(ratio.min()):.1f}-{float(ratio.max()):.1f}x, "
+            f"top 10% of queries hold {float(share):.2f} of the variance, median std first / last period "
+            f"{float(med[0]):.3g} / {float(med[-1]):.3g}")
+
+
 def callback_check(run: dict) -> str:
     """How far the callback's own values are from the offline definitions on the recorded periods."""
     if "callback_data_value" not in run:
@@ -247,7 +262,7 @@ def evaluate(name: str, seeds: int, cache: Path, only: list[str] | None = None, 
     n = len(data["ytr"])
     full = [retrain(cfg, data, [torch.arange(n)], s, cache)[0] for s in range(seeds)]
     res: dict = {"full": full, "signals": {}, "auroc": {}, "half": cfg["half"], "seconds": run["seconds"],
-                 "check": callback_check(run)}
+                 "check": callback_check(run), "scales": score_scales(run)}
     flipped = data["flipped"]
     if flipped.any():
         res["oracle"] = [retrain(cfg, data, [torch.nonzero(~flipped).squeeze(1)], s, cache)[0] for s in range(seeds)]
@@ -289,6 +304,7 @@ def print_table(name: str, res: dict) -> None:
         print(f"{label} | {accs} | {' | '.join(diffs)} | {'' if au is None else f'{au:.3f}'} | {gap}", flush=True)
     if res["check"]:
         print(f"({res['check']})")
+    print(f"({res['scales']})")
 
 
 def main(argv: list[str] | None = None) -> None:
