@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from grass_callback.capture import LayerTaps, per_example_scale
 from grass_callback.data import get_batch_indices, move_to_device, resolve_index_key
-from grass_callback.errors import CaptureError, ConfigError, GraSSError
+from grass_callback.errors import CaptureError, ConfigError, GraSSError, ScoringError
 from grass_callback.fisher import FisherStats, FittedFisher
 from grass_callback.projection import Plan, plan_from_state
 from grass_callback.recorder import StepRecorder
@@ -240,9 +240,21 @@ def query_gradients(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn
 def score_store(store: GradientStore, fitted: FittedFisher, query_ids: Tensor, query_grads: Mapping[str, Tensor], *,
                 topk: int = 10, self_influence: bool = True, epochs: Iterable[int] | None = None,
                 min_step: int | None = None, ranks: Iterable[int] | None = None, chunk_rows: int = 4096,
-                full: bool = False, progress: bool = True) -> ScoreResult:
-    """Score queries against the stored rows (streamed in chunks of ``chunk_rows``)."""
-    pre = precondition_queries(fitted, {name: query_grads[name].float() for name in store.layers})
+                full: bool = False, progress: bool = True,
+                preconditioned: Mapping[str, Tensor] | None = None) -> ScoreResult:
+    """Score queries against the stored rows (streamed in chunks of ``chunk_rows``).
+
+    ``preconditioned``: the queries already preconditioned with ``fitted``
+    (:func:`~grass_callback.scoring.precondition_queries` of ``query_grads``, float32), when the
+    caller needs them too; they are not recomputed.
+    """
+    if preconditioned is None:
+        pre = precondition_queries(fitted, {name: query_grads[name].float() for name in store.layers})
+    else:
+        missing = [name for name in store.layers if name not in preconditioned]
+        if missing:
+            raise ScoringError(f"preconditioned queries lack the store's layers {missing}.")
+        pre = {name: preconditioned[name] for name in store.layers}
     chunks = store.iter_chunks(chunk_rows=chunk_rows, epochs=list(epochs) if epochs is not None else None,
                                min_step=min_step, ranks=list(ranks) if ranks is not None else None)
     bar = None

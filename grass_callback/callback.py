@@ -64,7 +64,7 @@ from grass_callback.errors import ConfigError, GraSSError
 from grass_callback.fisher import FisherStats, JointFisherStats
 from grass_callback.recorder import StepRecorder
 from grass_callback.ensembling import ENSEMBLE_WEIGHTINGS, PeriodLearningRate
-from grass_callback.scoring import ScoreEnsemble, ScoreResult, merge_results
+from grass_callback.scoring import ScoreEnsemble, ScoreResult, merge_results, precondition_queries
 from grass_callback.data_value import DataValueSums, ValueTable
 from grass_callback.sharding import has_sharded_parameters
 
@@ -487,9 +487,12 @@ class GraSSCallback(Callback):
         self._check_query_set()
         min_step = self.period_start if self.keep_history == "period" else None
         ensemble = self._ensemble_for(trainer, q_ids)
+        # F⁻¹q once: for the scores, and kept for the end-of-fit search for duplicates of queries
+        pre = precondition_queries(fitted, {name: q_grads[name].float() for name in self.store.layers})
+        self._note_queries(q_ids, q_grads, pre)
         result = score_store(self.store, fitted, q_ids, q_grads, topk=self.topk, min_step=min_step,
                              ranks=[trainer.global_rank], full=ensemble is not None,
-                             progress=self._bars(trainer))
+                             progress=self._bars(trainer), preconditioned=pre)
         if ensemble is not None:
             self._add_to_ensemble(trainer, ensemble, result)
         result = _merge_across_ranks(trainer, result)
@@ -531,9 +534,7 @@ class GraSSCallback(Callback):
         with warnings.catch_warnings():
             if silent:
                 warnings.filterwarnings("ignore", message=r"Fisher of layer .* has zero trace")
-            fitted = stats.fit(self.damping_ratio)
-        self._dup_fit = fitted  # the period's queries are preconditioned with it (_note_queries), then dropped
-        return fitted
+            return stats.fit(self.damping_ratio)
 
     def _report_period(self, trainer: "pl.Trainer", result: ScoreResult, fitted: Any, period: str,
                        clock: Any) -> None:
@@ -746,7 +747,7 @@ class GraSSCallback(Callback):
         """
         if trainer.world_size <= 1 or has_sharded_parameters(pl_module):
             # sharded weights (FSDP) are gathered by every rank in each forward: all ranks compute
-            return self._note_queries(self._compute_query_gradients(trainer, pl_module))
+            return self._compute_query_gradients(trainer, pl_module)
         payload, error = None, None
         if trainer.is_global_zero:
             try:
@@ -759,24 +760,18 @@ class GraSSCallback(Callback):
         if payload[0] != "ok":
             raise GraSSError(f"grass_callback: rank 0 could not compute the query gradients ({payload[1]}).")
         self._query_digest_now = trainer.strategy.broadcast(self._query_digest_now, src=0)
-        return self._note_queries(payload[1])
+        return payload[1]
 
-    def _note_queries(self, out: tuple[Tensor, dict]) -> tuple[Tensor, dict]:
-        """Keep the period's preconditioned queries ``F⁻¹q`` and ``qᵀF⁻¹q`` (``[m, K]``, small) for
-        the end-of-fit search for duplicates of queries; the fit itself is not kept."""
-        fitted, self._dup_fit = getattr(self, "_dup_fit", None), None
-        if fitted is not None:
-            ids, grads = out
-            from grass_callback.scoring import precondition_queries
-
-            q = {name: grads[name].float() for name in fitted.layers}
-            prev_end = getattr(self, "_dup_prev_end", 0)
-            self._dup_queries = {"ids": ids.cpu(), "self": fitted.quadratic(q).cpu(),
-                                 "pre": {n: t.cpu() for n, t in precondition_queries(fitted, q).items()},
-                                 "min_step": self.period_start if self.keep_history == "period" else prev_end,
-                                 "max_step": self.batches_seen - 1}
-            self._dup_prev_end = self.batches_seen
-        return out
+    def _note_queries(self, ids: Tensor, grads: Mapping[str, Tensor], pre: Mapping[str, Tensor]) -> None:
+        """Keep the period's preconditioned queries ``F⁻¹q`` (``[m, K]``, small; the scores' own) and
+        ``qᵀF⁻¹q = Σ_l q_l · (F⁻¹q)_l`` for the end-of-fit search for duplicates of queries; the fit
+        itself is not kept."""
+        query_self = sum((grads[name].double() * p.double()).sum(1) for name, p in pre.items())
+        prev_end = getattr(self, "_dup_prev_end", 0)
+        self._dup_queries = {"ids": ids.cpu(), "self": query_self.cpu(), "pre": {n: t.cpu() for n, t in pre.items()},
+                             "min_step": self.period_start if self.keep_history == "period" else prev_end,
+                             "max_step": self.batches_seen - 1}
+        self._dup_prev_end = self.batches_seen
 
     def _compute_query_gradients(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[Tensor, dict]:
         # failures name the query batch; a float loss and NaN queries are clear errors

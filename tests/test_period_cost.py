@@ -135,3 +135,34 @@ def test_self_influence_of_half_precision_rows_matches_a_float64_reference():
     # float64 rows take the float64 path
     got64 = fitted.quadratic({n: g.double() for n, g in rows.items()})
     torch.testing.assert_close(got64, want, rtol=1e-10, atol=0)
+
+
+def test_score_store_with_the_queries_preconditioned_once_gives_the_same_result(tmp_path):
+    """The callback preconditions the queries once (for the scores and the duplicate search) and
+    hands them to ``score_store``: the same result, field for field, as ``score_store`` doing it."""
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from grass_callback import IndexedDataset, attribute
+    from grass_callback.attribution import score_store
+    from grass_callback.errors import ScoringError
+    from grass_callback.scoring import precondition_queries
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    train = DataLoader(IndexedDataset(TensorDataset(x[:32], y[:32])), batch_size=8)
+    queries = DataLoader(TensorDataset(x[32:], y[32:]), batch_size=4)
+    run = attribute(model, train, queries, loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]), k=16,
+                    store_dir=tmp_path / "s", progress=False)
+    pre = precondition_queries(run.fisher, {n: g.float() for n, g in run.query_grads.items()})
+    once = score_store(run.store, run.fisher, run.query_ids, run.query_grads, topk=3, full=True, progress=False,
+                       preconditioned=pre)
+    again = score_store(run.store, run.fisher, run.query_ids, run.query_grads, topk=3, full=True, progress=False)
+    assert once.to_dict().keys() == again.to_dict().keys()
+    for name, value in again.to_dict().items():
+        assert torch.equal(getattr(once, name), value), name
+    with pytest.raises(ScoringError, match="lack the store's layers"):
+        score_store(run.store, run.fisher, run.query_ids, run.query_grads, progress=False,
+                    preconditioned={n: p for n, p in list(pre.items())[:1]})
