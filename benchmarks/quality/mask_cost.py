@@ -6,7 +6,7 @@ For each layer shape of the suite's workloads (and ``T`` tokens per example), th
 mask sizes are timed side by side (interleaved rounds, median, CPU time of this process on one
 thread), with ``k'`` and the ratio to the ``2 sqrt(k)`` masks: ``2 sqrt(k)`` (``oversample=4``),
 ``keep_narrow`` (a factor kept whole when its mask would keep half of it or more),
-``oversample=8`` with and without ``keep_narrow``, ``oversample=16`` (masks of ``4 sqrt(k)``), and
+``oversample=6``, ``oversample=8`` with and without ``keep_narrow``, ``oversample=16`` (masks of ``4 sqrt(k)``), and
 the library's current default (whatever ``FactGraSSPlan``'s defaults are).
 """
 
@@ -29,6 +29,7 @@ from grass_callback.projection import FactGraSSPlan  # noqa: E402
 
 VARIANTS = {"2sqrt(k)": {"oversample": 4.0, "keep_narrow": False},
             "keep_narrow": {"oversample": 4.0, "keep_narrow": True},
+            "oversample 6": {"oversample": 6.0, "keep_narrow": False},
             "oversample 8": {"oversample": 8.0, "keep_narrow": False},
             "oversample 8 + keep_narrow": {"oversample": 8.0, "keep_narrow": True},
             "oversample 16": {"oversample": 16.0, "keep_narrow": False},

@@ -226,7 +226,7 @@ def table(results: list[dict], reference: str = "gaussian") -> list[dict]:
             best = [r["best"] for r in rs]
             row = {"half": res["half"], "workload": res["workload"], "method": method, "seeds": len(rs),
                    "LDS default": fmt(default), "LDS best r": fmt(best),
-                   "best r": statistics.median([r["best_ratio"] for r in rs]),
+                   "best r": f"{statistics.median([r['best_ratio'] for r in rs]):.3g}",
                    "default - best": fmt([d - b for d, b in zip(default, best)], signed=True)}
             if ref is not None and method not in ("exact", reference):
                 row[f"- {reference}"] = fmt([d - r["rules"][DEFAULT_RULE] for d, r in zip(default, ref)], signed=True)
