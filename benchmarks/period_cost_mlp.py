@@ -139,6 +139,24 @@ def linear_algebra_floor(dims: list[int], n: int, m: int, clock) -> float:
     return total
 
 
+def whole(args, clock, options: dict) -> None:
+    """One fit of ``args.whole`` epochs without the callback and one with it: CPU (or wall) seconds
+    of the whole ``trainer.fit`` call, and wall seconds beside them."""
+    cfg = {**CFG, "epochs": args.whole}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, with_callback in (("without the callback", False), ("with the callback", True)):
+            c0, w0 = clock(), time.perf_counter()
+            run(cfg, args.whole, with_callback, clock, Path(tmp) / label.replace(" ", "-"),
+                wandb=not args.no_wandb, **options)
+            out[label] = (clock() - c0, time.perf_counter() - w0)
+    kind = "wall" if args.wall else "CPU"
+    for label, (c, w) in out.items():
+        print(f"{args.whole} epochs {label:<22}{c:>8.1f} {kind} s{w:>8.1f} wall s")
+    ratio = out["with the callback"][0] / out["without the callback"][0]
+    print(f"the callback makes the fit {ratio:.1f}x as long ({kind} seconds)")
+
+
 def _has_cadence() -> int:
     """The callback's default ``report_every_n_periods`` (0: a version without the option)."""
     import inspect
@@ -160,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wall", action="store_true", help="wall seconds instead of process CPU seconds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--k", type=int, default=None, help="GraSSCallback(k=...) (default: the callback's, 1024)")
+    parser.add_argument("--whole", type=int, default=0, metavar="EPOCHS",
+                        help="instead: one fit of EPOCHS epochs without and one with the callback, whole-fit seconds")
     parser.add_argument("--no-wandb", action="store_true", help="log_to_wandb=False (local CSVs only)")
     args = parser.parse_args(argv)
     if args.epochs < 2:
@@ -181,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{CFG['dim']}-{'-'.join(map(str, CFG['widths']))}-{CFG['classes']}, {CFG['n_train']} training "
           f"examples, batch {CFG['batch']}, {CFG['n_queries']} queries; {args.repeats} repeats x "
           f"{args.epochs} epochs (first epoch of each left out)")
+    if args.whole:
+        whole(args, clock, options={} if args.k is None else {"k": args.k})
+        return
     base, epoch, periods, tables = [], [], [], []
     every = _has_cadence()
     options = {} if args.k is None else {"k": args.k}
