@@ -39,6 +39,9 @@ SHAPES = [(64, 256, 1, 1024), (256, 256, 1, 1024), (24, 512, 1, 1024), (48, 256,
           (128, 256, 1, 1024), (64, 128, 1, 1024), (128, 384, 1, 1024), (128, 384, 48, 64), (128, 128, 48, 64),
           (128, 512, 48, 64), (512, 128, 48, 64), (128, 1024, 48, 64)]
 
+# explicit mask sizes on GPT-2's LM head (128 x 1024, no bias): the same budget k' = 4096 split otherwise
+EXPLICIT = [(128, 1024, False, 48, 64, [(64, 64), (16, 256), (8, 512), (4, 1024)])]
+
 
 def main() -> None:
     torch.set_num_threads(1)
@@ -53,6 +56,15 @@ def main() -> None:
         base = times["2sqrt(k)"]
         for label, p in plans.items():
             print(f"{d_in}x{d_out}, T={T}, B={B} | {label} | {p.k_in} x {p.k_out} = {p.k_prime} | "
+                  f"{1e3 * times[label]:.2f} | {times[label] / base:.2f}", flush=True)
+    for d_in, d_out, bias, T, B, sizes in EXPLICIT:
+        x, d = torch.randn(B, T, d_in), torch.randn(B, T, d_out)
+        plans = {f"{a} x {b}": FactGraSSPlan(d_in, d_out, bias, k=1024, k_in=a, k_out=b, name="l") for a, b in sizes}
+        times = time_interleaved({label: (lambda p=p: p.compress(x, d)) for label, p in plans.items()},
+                                 repeat=9, clock=__import__("time").process_time)
+        base = times[next(iter(times))]
+        for label, p in plans.items():
+            print(f"{d_in}x{d_out} (bias={bias}), T={T}, B={B} | explicit | {label} = {p.k_prime} | "
                   f"{1e3 * times[label]:.2f} | {times[label] / base:.2f}", flush=True)
 
 

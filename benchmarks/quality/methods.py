@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -45,8 +46,47 @@ METHODS: dict[str, tuple[str, dict]] = {
     "factgrass-x2-narrow": ("factgrass", {"oversample": 8.0, "keep_narrow": True}),
     "factgrass-x4": ("factgrass", {"oversample": 16.0, "keep_narrow": False}),  # k' = 16 k: masks of 4 sqrt(k)
     "factgrass-coord": ("factgrass", {"mask_run": 1}),  # the default sizes, coordinate-wise masks
+    "factgrass-c2": ("factgrass", {"c": 2}),  # the default masks, 2 non-zeros per coordinate in the SJLT
+    # the same budget k' = 4k split otherwise (explicit k_in, k_out per layer, see _split_sizes):
+    "factgrass-prop": ("factgrass", {"split": "proportional"}),  # each factor keeps the same fraction
+    "factgrass-wide": ("factgrass", {"split": "wide"}),  # the wider factor kept whole, the other masked
     "logra": ("logra", {}),
 }
+
+
+def _split_sizes(split: str, s: LayerShape, k: int, budget: float = 4.0) -> dict:
+    """Explicit ``k_in, k_out`` for a budget ``k' ≈ budget · k`` split by ``split``:
+    ``proportional`` keeps the same fraction ``sqrt(k' / (d_in d_out))`` of each factor,
+    ``wide`` keeps every column of the wider factor and ``ceil(k' / width)`` of the other.
+    Layers with at most ``k`` entries keep the plan's own default (exact)."""
+    d_in, d_out = s.d_in_eff, s.d_out
+    if d_in * d_out <= k:
+        return {}
+    target = budget * k
+    if split == "proportional":
+        frac = min(1.0, math.sqrt(target / (d_in * d_out)))
+        k_in = max(1, min(d_in, round(frac * d_in)))
+        k_out = min(d_out, math.ceil(target / k_in))
+    elif split == "wide":
+        if d_out >= d_in:
+            k_out = d_out
+            k_in = min(d_in, math.ceil(target / d_out))
+        else:
+            k_in = d_in
+            k_out = min(d_out, math.ceil(target / d_in))
+    else:
+        raise ValueError(f"unknown split {split!r}")
+    while k_in * k_out < k:  # the plan needs k' >= k
+        k_in, k_out = (k_in + 1, k_out) if k_in < d_in else (k_in, k_out + 1)
+    return {"k_in": k_in, "k_out": k_out}
+
+
+def _make(kind: str, s: LayerShape, k: int, seed: int, name: str, options: dict):
+    options = dict(options)
+    split = options.pop("split", None)
+    if split is not None:
+        options.update(_split_sizes(split, s, k))
+    return make_plan(kind, s, k=k, seed=seed, name=name, **options)
 
 
 def plan_signature(method: str, shapes: Mapping[str, LayerShape], k: int, seed: int) -> dict:
@@ -59,7 +99,7 @@ def plan_signature(method: str, shapes: Mapping[str, LayerShape], k: int, seed: 
     if kind == "gaussian":  # building the plans would draw the k x D matrices
         layers = {name: {"dim": s.numel, "k": k, "seed": seed} for name, s in shapes.items()}
     else:
-        layers = {name: make_plan(kind, s, k=k, seed=seed, name=name, **options).config()
+        layers = {name: _make(kind, s, k, seed, name, options).config()
                   for name, s in shapes.items()}
     code = hashlib.sha256("".join(inspect.getsource(obj) for obj in (
         projection.PLAN_KINDS[kind], projection.derive_generator, projection.run_mask, projection.sjlt_tables)
@@ -83,7 +123,7 @@ def compress(plans: Mapping[str, object], factors: Mapping[str, tuple[Tensor, Te
 def method_grads(method: str, shapes: Mapping[str, LayerShape], factors, k: int, seed: int) -> tuple[dict, dict]:
     """``({layer: [N, k] float32}, info)``: every example's compressed gradient under ``method``."""
     kind, options = METHODS[method]
-    plans = {name: make_plan(kind, s, k=k, seed=seed, name=name, **options) for name, s in shapes.items()}
+    plans = {name: _make(kind, s, k, seed, name, options) for name, s in shapes.items()}
     grads, seconds = compress(plans, factors)
     info = {"compress_s": seconds}
     if kind == "factgrass":
