@@ -76,3 +76,21 @@ def test_plan_signature_follows_mask_sizes_and_seed():
     assert (wide["layers"]["fc"]["k_in"], wide["layers"]["fc"]["k_out"]) == (91, 91)
     assert plan_signature("factgrass-2sqrtk", shapes, 1024, 1) != base
     assert plan_signature("gaussian", shapes, 1024, 0)["layers"]["fc"] == {"dim": 129 * 384, "k": 1024, "seed": 0}
+
+
+@pytest.mark.parametrize("split", ["proportional", "wide"])
+def test_split_sizes_fit_the_layer_and_the_budget(split):
+    from benchmarks.quality.methods import _split_sizes
+
+    g = torch.Generator().manual_seed(7)
+    for _ in range(200):
+        d_in, d_out = (int(v) for v in torch.randint(2, 3000, (2,), generator=g))
+        shape = LayerShape(d_in, d_out, bool(torch.randint(0, 2, (1,), generator=g)))
+        sizes = _split_sizes(split, shape, 1024)
+        if shape.numel <= 1024:
+            assert sizes == {}
+            continue
+        k_in, k_out = sizes["k_in"], sizes["k_out"]
+        assert 1 <= k_in <= shape.d_in_eff and 1 <= k_out <= d_out and k_in * k_out >= 1024
+        if split == "wide":
+            assert (k_out == d_out) if d_out >= shape.d_in_eff else (k_in == shape.d_in_eff)
