@@ -2,13 +2,15 @@
 
     nice -n 10 .venv/bin/python benchmarks/period_cost_mlp.py             # 5 epochs x 3 repeats, CPU time
     nice -n 10 .venv/bin/python benchmarks/period_cost_mlp.py --wall      # wall seconds instead
+    nice -n 10 .venv/bin/python benchmarks/period_cost_mlp.py --k 256     # another k
+    nice -n 10 .venv/bin/python benchmarks/period_cost_mlp.py --whole 30  # one whole 30-epoch fit each way
 
 The quality suite's MLP recipe (``benchmarks/quality/mlp.py``: teacher data, AdamW, one warm-up
 epoch then cosine, batch 64) on 2000 training examples, 10 classes, widths 256-128-256 on 48
 inputs, trained by Lightning; 500 held-out examples are the queries. Each repeat trains
 ``--epochs`` epochs without the callback, then the same epochs with :class:`GraSSCallback` at its
-defaults (k = 1024, every query scored at each epoch end, the ensemble on; offline: no W&B run,
-CSVs written). It prints the epoch's training time without and with the callback (the per-step
+defaults (k = 1024, every query scored at each epoch end, the ensemble on, an offline W&B run;
+``--no-wandb``: CSVs only). It prints the epoch's training time without and with the callback (the per-step
 capture is the difference), and each part of the epoch-end period (the
 :class:`~grass_callback.console.PeriodClock` laps: flush, reduce, fit, query_gradients, scoring,
 conditions, report) with its share of the epoch with the callback, mean and median over every
@@ -16,8 +18,10 @@ epoch after the first of every repeat (the first pays one-off costs). A period t
 tables (CSVs, W&B tables and artifact: by default the first, every 10th and the last) is timed in
 one more run with ``report_every_n_periods=1``, and the period amortised over a 30-epoch fit.
 For scale, the period's dense algebra alone (per layer: Cholesky, query solves, row solves, score
-product) is timed on random matrices of the same shapes: no period can cost less than that. Times are the process's CPU
-seconds (one torch thread), which other jobs on a shared machine do not inflate, unless ``--wall``.
+product) is timed on random matrices of the same shapes: no period can cost less than that.
+Times are the process's CPU seconds (one torch thread), unless ``--wall``: other jobs on a shared
+machine do not add their own time to them, but they slow this one's (shared cores and caches; 2-3x
+between a quiet machine and a load of 4 on 2 cores), so compare runs made at the same load.
 Target (issue 16): the period <= 20% of the epoch.
 """
 
