@@ -8,7 +8,8 @@ Timeline of one fit:
   statistics. Rows are labelled with a running batch counter (saved in checkpoints).
 * each scoring period (epoch end by default): flush, sum-reduce a copy of the Fisher statistics
   across ranks, fit, compute query gradients (eval mode, ``param.grad`` untouched), score the
-  period's rows, add to the running data value, log tables.
+  period's rows, add to the running data value, log the scalars; the tables at the first period,
+  every ``report_every_n_periods``-th and the last (at the end of fit).
 * checkpoints: the store is flushed first; on resume rows newer than the checkpoint are dropped
   and the period's Fisher statistics are rebuilt from the store, so nothing is counted twice. A
   fit that starts without a checkpoint drops the rows a killed run left in the store (a store

@@ -306,6 +306,9 @@ class InfluenceReporter:
     ``layers.csv`` (one row of per-layer figures per layer, when given), ``scalars.json`` (step,
     period, sign_convention, scalars).
 
+    A period the caller does not write the tables of goes to :meth:`report_scalars` instead:
+    ``scalars.json`` and the scalars to the run.
+
     W&B (one ``run.log`` call per period): tables ``grass/influence`` (query_id, query,
     [query_label], rank, train_id, train_example, [train_label], score, kind),
     ``grass/self_influence``, ``grass/data_value``, ``grass/suspects`` (with ``suspects.csv``),
