@@ -121,9 +121,13 @@ class GraSSCallback(Callback):
             period's own scores stay in ``last_result``. On by default; off past 256 MB. The summed
             matrix is :attr:`ensemble_scores` (``[m, n]``), the summed self-influence
             :attr:`ensemble_self_influence` (``[n]``).
-        ensemble_weighting: how periods are weighed in the ensemble: ``"uniform"`` (default, a
-            plain sum) or ``"lr"`` (TracIn: each period times the mean learning rate of its steps;
-            see :mod:`grass_callback.ensembling`).
+        ensemble_weighting: how periods are weighed in the ensemble and the data value:
+            ``"uniform"`` (default, a plain sum) or ``"lr"`` (TracIn: each period times the mean
+            learning rate of its steps); see :mod:`grass_callback.ensembling`.
+        ensemble_standardise: ``True`` (default): each period's scores are divided, per query, by
+            their standard deviation over the period's rows before they are added, so every period
+            counts alike (``False``: raw scores, dominated by the periods with the largest
+            gradients). Chosen on the quality suite's tuning half (README "In-run ensemble").
         scorer: ``"block"`` (default): a Fisher block per layer; ``"joint"``: one TRAK-style
             ``K x K`` Fisher over all layers together (``K = Σ k``; for few or small layers).
         mask: ``"random"`` (default) masks, or ``"selective"``: the paper's learned masks, fitted at
@@ -168,7 +172,7 @@ class GraSSCallback(Callback):
                  wandb_project: str = "grass-callback", log_to_wandb: bool = True, impl: str = "auto",
                  progress: bool = True, rows_per_shard: int = 8192, mask: str = "random",
                  selective_sample: int = 256, scorer: str = "block", ensemble: bool = True,
-                 mask_run: int | str = "auto", ensemble_weighting: str = "uniform",
+                 mask_run: int | str = "auto", ensemble_weighting: str = "uniform", ensemble_standardise: bool = True,
                  report_every_n_periods: int = 10) -> None:
         _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
                         rows_per_shard=rows_per_shard, report_every_n_periods=report_every_n_periods)
@@ -184,6 +188,8 @@ class GraSSCallback(Callback):
         _check_choice("mask", mask, ("random", "selective"))
         _check_choice("scorer", scorer, ("block", "joint"))
         _check_choice("ensemble_weighting", ensemble_weighting, ENSEMBLE_WEIGHTINGS)
+        if not isinstance(ensemble_standardise, bool):
+            raise ConfigError(f"ensemble_standardise must be True or False, got {ensemble_standardise!r}.")
         _check_positive(selective_sample=selective_sample)
         if mask_run != "auto" and (not isinstance(mask_run, int) or isinstance(mask_run, bool) or mask_run < 1):
             raise ConfigError(f"mask_run must be 'auto' or a positive integer (1: coordinate-wise masks), got {mask_run!r}.")
@@ -204,6 +210,7 @@ class GraSSCallback(Callback):
         self.mask, self.selective_sample, self.scorer = mask, selective_sample, scorer
         self.ensemble, self.mask_run = bool(ensemble), mask_run
         self.ensemble_weighting, self._period_lr = ensemble_weighting, PeriodLearningRate()
+        self.ensemble_standardise = bool(ensemble_standardise)
         self._ensemble: ScoreEnsemble | None = None
         self._pending_ensemble: dict[str, Any] | None = None
         self._ensemble_warned = False
@@ -636,7 +643,7 @@ class GraSSCallback(Callback):
             own = trainer.strategy.reduce(own, reduce_op="sum")
         self._period_matrix = (scores, seen)  # the period's full matrix, for the standardised data value
         ensemble.add(result.query_ids, scores, seen, weight=self._period_lr.weight(self.ensemble_weighting),
-                     self_influence=own)
+                     self_influence=own, standardise=self.ensemble_standardise)
         result.full = result.full_ids = None  # not merged across ranks: the ensemble has it
 
     @property

@@ -224,7 +224,7 @@ def explain(store_dir: str | Path, model: nn.Module | Sequence[nn.Module], queri
             index_key: str | int | None = None, query_batch_size: int = 32, device: torch.device | str | None = None,
             self_influence: bool = True, chunk_rows: int = 4096, fisher_cache: str | Path | bool = True,
             max_matrix_bytes: int = 2**30, periods: Sequence[str] | None = None, impl: str = "auto",
-            progress: bool = True) -> ExplainResult:
+            progress: bool = True, standardise: bool = True) -> ExplainResult:
     """Influence of a finished run's stored training rows on new queries.
 
     **Which weights.** The query gradients are taken at ``model``'s weights, usually the final
@@ -249,6 +249,9 @@ def explain(store_dir: str | Path, model: nn.Module | Sequence[nn.Module], queri
         max_matrix_bytes: with several periods the ``[m, num_ids]`` float64 sums are built for as
             many queries at a time as fit in this budget (one scan of the store per group).
         periods: score only these periods (names as in the run's tables, e.g. ``["epoch-2"]``).
+        standardise: with several periods, divide each period's scores per query by their standard
+            deviation over its rows before summing, as the callback's ensemble does by default
+            (``GraSSCallback(ensemble_standardise=...)``); the data value stays the plain sum.
 
     Returns:
         :class:`ExplainResult`; ``scores`` is a :class:`~grass_callback.scoring.ScoreResult` (positive:
@@ -300,7 +303,7 @@ def explain(store_dir: str | Path, model: nn.Module | Sequence[nn.Module], queri
                               self_influence=fitted[0] if self_influence else None)
     else:
         scores = _ensemble_scores(store, periods, fitted, per_period, q_ids, topk, self_influence, chunk_rows,
-                                  max_matrix_bytes)
+                                  max_matrix_bytes, standardise=standardise)
     return ExplainResult(scores=scores, periods=periods, fisher=fitted, query_ids=q_ids, query_grads=grads)
 
 
@@ -330,8 +333,12 @@ def _query_gradients(model, taps, queries, loss_fn, reduction, token_counts, ind
 
 def _ensemble_scores(store: GradientStore, periods: list[Period], fitted: list[FittedFisher],
                      grads: list[dict[str, Tensor]], q_ids: Tensor, topk: int, self_influence: bool,
-                     chunk_rows: int, max_bytes: int) -> ScoreResult:
-    """Scores summed per training id over the periods, each period's rows with its own Fisher."""
+                     chunk_rows: int, max_bytes: int, standardise: bool = True) -> ScoreResult:
+    """Scores summed per training id over the periods, each period's rows with its own Fisher
+    (each period standardised per query first, as the callback's ensemble, unless
+    ``standardise=False``); the data value is the plain sum."""
+    from grass_callback.data_value import standardise as per_query
+
     n = int(store.ids().max()) + 1
     m = q_ids.numel()
     group = max(1, min(m, max_bytes // (8 * n)))
@@ -344,14 +351,20 @@ def _ensemble_scores(store: GradientStore, periods: list[Period], fitted: list[F
         total = torch.zeros(min(group, m - a), n, dtype=torch.float64)
         for p, period in enumerate(periods):
             queries = {name: q[a:a + group] for name, q in pre[p].items()}
+            part = torch.zeros_like(total) if standardise else total
+            seen_p = torch.zeros(n, dtype=torch.bool)
             for chunk in store.iter_chunks(chunk_rows=chunk_rows, min_step=period.min_step, max_step=period.max_step):
                 s = _chunk_scores(queries, chunk.grads, chunk.ids.numel())
-                total.index_add_(1, chunk.ids, s)
-                if a == 0:
-                    seen[chunk.ids] = True
-                    if self_influence:
-                        self_sum.index_add_(0, chunk.ids, fitted[p].quadratic(chunk.grads))
-        value += total.sum(0)
+                part.index_add_(1, chunk.ids, s)
+                seen_p[chunk.ids] = True
+                if a == 0 and self_influence:
+                    self_sum.index_add_(0, chunk.ids, fitted[p].quadratic(chunk.grads))
+            seen |= seen_p
+            if standardise:  # as the callback's ensemble: each period per query over its own rows
+                value += part.sum(0)
+                total += per_query(part, seen_p)
+        if not standardise:
+            value += total.sum(0)
         kk = min(topk, int(seen.sum()))
         hi = total.masked_fill(~seen, float("-inf")).topk(kk, dim=1)
         lo = total.masked_fill(~seen, float("inf")).topk(kk, dim=1, largest=False)

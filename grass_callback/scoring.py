@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -383,7 +385,8 @@ def merge_results(results: Sequence[ScoreResult]) -> ScoreResult:
 
 
 class ScoreEnsemble:
-    """Scores summed over scoring periods (one checkpoint each, as in TracIn/TRAK ensembles).
+    """Scores summed over scoring periods (one checkpoint each, as in TracIn/TRAK ensembles),
+    optionally each period standardised per query first (:meth:`add`).
 
     Holds a ``[m, num_examples]`` float64 matrix of summed scores per (query, training id), so its
     memory is bounded by the dataset, not the store. Each period adds its full score matrix
@@ -399,6 +402,7 @@ class ScoreEnsemble:
         self.self_total: Tensor | None = None  # [num_examples] weighted self-influence summed over periods
         self.weights: list[float] = []        # the weight of every period added
         self.periods = 0
+        self.standardised: bool | None = None  # whether the periods were standardised per query
 
     @staticmethod
     def nbytes(num_queries: int, num_examples: int) -> int:
@@ -429,12 +433,28 @@ class ScoreEnsemble:
         return out
 
     def add(self, query_ids: Tensor, scores: Tensor, seen: Tensor, weight: float = 1.0,
-            self_influence: Tensor | None = None) -> None:
-        """Add one period: ``weight · scores [m, num_examples]`` (and ``weight · self_influence``)."""
+            self_influence: Tensor | None = None, standardise: bool = False) -> None:
+        """Add one period: ``weight · scores [m, num_examples]`` (and ``weight · self_influence``).
+
+        ``standardise=True`` adds ``weight · scores[q] / σ[q]`` instead, ``σ[q]`` the population
+        standard deviation of query ``q``'s scores over the period's seen examples (a query with
+        ``σ = 0`` adds nothing; :func:`grass_callback.data_value.standardise`): each period then
+        counts alike for every query, whatever the size of its gradients (early periods' large
+        gradients no longer swamp the sum)."""
         if scores.dim() != 2 or scores.shape[1] != self.num_examples or seen.shape != (self.num_examples,):
             raise ScoringError(f"the ensemble covers {self.num_examples} training examples but this period's scores "
                                f"have shape {list(scores.shape)}: the training set changed size; restart the "
                                "ensemble (a new ScoreEnsemble) for the new training set.")
+        if self.periods and self.standardised is not None and self.standardised != bool(standardise):
+            warnings.warn(f"grass_callback: the checkpoint ensemble was summed with standardise={self.standardised}, "
+                          f"this period uses standardise={bool(standardise)}: the ensemble restarts here.",
+                          stacklevel=2)
+            self.query_ids = None
+        self.standardised = bool(standardise)
+        if standardise:
+            from grass_callback.data_value import standardise as per_query
+
+            scores = per_query(scores, seen > 0)
         if self.query_ids is None or not torch.equal(self.query_ids, query_ids):
             self.query_ids, self.total, self.seen, self.periods = query_ids.clone(), None, None, 0
             self.self_total, self.weights = None, []
@@ -459,7 +479,7 @@ class ScoreEnsemble:
 
     def state_dict(self) -> dict[str, Any]:
         return {"query_ids": self.query_ids, "total": self.total, "seen": self.seen, "periods": self.periods,
-                "self_total": self.self_total, "weights": list(self.weights)}
+                "self_total": self.self_total, "weights": list(self.weights), "standardised": self.standardised}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         size = self.state_size(state)
@@ -470,3 +490,4 @@ class ScoreEnsemble:
         self.periods = int(state.get("periods", 0))
         self.self_total = state.get("self_total")
         self.weights = [float(w) for w in state.get("weights", [1.0] * self.periods)]
+        self.standardised = state.get("standardised", False if self.periods else None)  # older states: raw

@@ -25,7 +25,8 @@ from grass_callback.errors import CaptureError, ConfigError
 from grass_callback.store import GradientStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_independent_refs import WeightsAtEpochEnd, exact_query_rows, hand_damping, hand_scores, store_rows  # noqa: E402
+from test_independent_refs import (WeightsAtEpochEnd, exact_query_rows, hand_damping, hand_scores,  # noqa: E402
+                                   per_query_standardised, store_rows)
 
 N_TRAIN, N_VAL = 48, 12
 
@@ -110,8 +111,8 @@ def test_tables_land_in_wandb_and_hold_the_hand_computed_scores(tmp_path):
     infl = tables["influence"][-1]
     assert {"query_id", "rank", "train_id", "kind", "score"} <= set(infl["columns"])
     col = {c: i for i, c in enumerate(infl["columns"])}
-    # the last table ranks by the ensemble: scores summed over both epochs, computed here by hand
-    total = sum(hand_score_matrices(cb, weights.modules))
+    # the last table ranks by the ensemble: both epochs' scores, each standardised per query, summed (by hand)
+    total = sum(per_query_standardised(P) for P in hand_score_matrices(cb, weights.modules))
     want_top = total.argsort(dim=1, descending=True)[:, :3]
     want_bottom = total.argsort(dim=1)[:, :3]
     seen = set()
@@ -139,7 +140,7 @@ def test_resume_keeps_each_example_once_and_the_same_data_value(tmp_path):
     assert len(first.modules) == len(then.modules) == 1
     # the resumed run against a reference computed by hand from its store and each epoch's weights
     periods = hand_score_matrices(resumed, first.modules + then.modules)
-    total = periods[0] + periods[1]
+    total = per_query_standardised(periods[0]) + per_query_standardised(periods[1])
     got = torch.tensor([resumed.data_value[i] for i in range(N_TRAIN)], dtype=torch.float64)
     want = sum((P / P.std(1, correction=0, keepdim=True)).sum(0) for P in periods)  # standardised per query
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

@@ -248,9 +248,15 @@ def test_last_period_scores_and_self_influence_match_the_hand_reference(period_r
     assert all(v > 0 for v in got_self.values())  # s(i, i) = gᵀ H⁻¹ g with H positive definite
 
 
+def per_query_standardised(scores: torch.Tensor) -> torch.Tensor:
+    """``scores [m, n]`` (every column scored) divided row by row by the row's population standard
+    deviation: how the callback's ensemble adds a period (``ensemble_standardise=True``)."""
+    return scores / scores.std(dim=1, correction=0, keepdim=True)
+
+
 def test_ensemble_ranks_by_scores_summed_over_periods(period_run):
     cb, _, _, periods = period_run
-    total = sum(p["scores"] for p in periods)
+    total = sum(per_query_standardised(p["scores"]) for p in periods)
     ens = cb.ensemble_result
     assert torch.equal(ens.top_ids, total.argsort(dim=1, descending=True))
     _close(ens.top_scores, total.gather(1, ens.top_ids), "ensemble top scores")

@@ -128,8 +128,45 @@ def test_callback_ensemble_scores_and_self_influence_are_the_weighted_sums(tmp_p
     else:  # mean lr of each epoch's steps: lr of step s is 1 / (1 + s)
         weights = [sum(1.0 / (1 + s) for s in range(e * steps, (e + 1) * steps)) / steps for e in range(epochs)]
     total = sum(weights)
-    torch.testing.assert_close(cb.ensemble_scores, total * per_period, rtol=2e-3,
-                               atol=1e-6 * float(per_period.abs().max()))
+    z = per_period / per_period.std(dim=1, correction=0, keepdim=True)  # each period standardised per query
+    torch.testing.assert_close(cb.ensemble_scores, total * z, rtol=2e-3, atol=1e-6 * float(z.abs().max()))
     torch.testing.assert_close(cb.ensemble_self_influence, total * selfinf, rtol=2e-3, atol=1e-9)
     assert cb._ensemble.weights == pytest.approx(weights, rel=1e-6)
     assert not math.isclose(total, epochs) or weighting == "uniform"
+
+
+def test_score_ensemble_standardises_each_period_over_its_own_rows():
+    """``add(standardise=True)``: each query's scores over the period's seen ids divided by their
+    population standard deviation (computed here by loops), unseen ids add nothing; a period
+    added with the other setting restarts the sum with a warning."""
+    from grass_callback.scoring import ScoreEnsemble
+
+    gen = torch.Generator().manual_seed(4)
+    n, m = 9, 3
+    ens = ScoreEnsemble(n)
+    want = torch.zeros(m, n, dtype=torch.float64)
+    for period, weight in enumerate((1.0, 0.5)):
+        seen = (torch.rand(n, generator=gen) > 0.3).double()
+        seen[:2] = 1.0
+        scores = torch.randn(m, n, generator=gen, dtype=torch.float64) * (10.0 ** period) * seen
+        for q in range(m):
+            vals = [float(scores[q, i]) for i in range(n) if seen[i] > 0]
+            mean = sum(vals) / len(vals)
+            sd = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+            for i in range(n):
+                if seen[i] > 0:
+                    want[q, i] += weight * float(scores[q, i]) / sd
+        ens.add(torch.arange(m), scores, seen, weight=weight, standardise=True)
+    torch.testing.assert_close(ens.total, want, rtol=1e-12, atol=1e-12)
+    assert ens.state_dict()["standardised"] is True
+    with pytest.warns(UserWarning, match="ensemble restarts"):
+        ens.add(torch.arange(m), scores, seen, standardise=False)
+    assert ens.periods == 1 and torch.equal(ens.total, scores)
+
+
+def test_ensemble_standardise_must_be_a_bool():
+    from grass_callback import GraSSCallback
+    from grass_callback.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ensemble_standardise must be True or False"):
+        GraSSCallback(ensemble_standardise="yes")

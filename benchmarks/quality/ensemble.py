@@ -7,8 +7,9 @@ initialisation, AdamW, warm-up + cosine schedule, minibatch order), :class:`GraS
 attached (k = 1024, default damping and masks, every query scored each period). A second callback
 reads each period's score matrix off the ensemble (``ensemble_scores`` after minus before) and
 the mean learning rate of the period's steps, so every weighting is evaluated on the same run:
-the last period alone, the plain sum, the learning-rate (TracIn) weighting, and the sums over the
-later half of the periods. The run's own ``ensemble_weighting`` result is checked against the
+the last period alone, the plain sum, the learning-rate (TracIn) weighting, the sums over the
+later half of the periods, and the same with every period standardised per query first (the
+callback's default, ``ensemble_standardise=True``: ``S_p[q] / σ_p[q]``). The run's own ``ensemble_weighting`` result is checked against the
 sum computed here. LDS against the workload's subset-retrained models (cached ground truth).
 """
 
@@ -28,6 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "benchmarks.quality"
 
+from grass_callback.data_value import standardise  # noqa: E402
 from grass_callback.evaluation import lds  # noqa: E402
 
 from . import mlp  # noqa: E402
@@ -119,7 +121,8 @@ def callback_run(name: str, gt: dict, periods_per_epoch: int, weighting: str) ->
     every = None if periods_per_epoch == 1 else per_epoch // periods_per_epoch
     store = tempfile.mkdtemp(prefix="quality-ensemble-")
     grass = GraSSCallback(k=1024, num_queries=len(Xq), query_loader=queries, log_to_wandb=False, progress=False,
-                          store_dir=store, score_every_n_steps=every, ensemble_weighting=weighting)
+                          store_dir=store, score_every_n_steps=every, ensemble_weighting=weighting,
+                          ensemble_standardise=False)  # raw sums: the recorder reads each period off them
     rec = _recorder(grass)
     module = _module(cfg, n)
     trainer = L.Trainer(max_epochs=cfg["epochs"], accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -141,6 +144,10 @@ def weightings(periods: list[torch.Tensor], lrs: list[float]) -> dict[str, torch
            "later half, uniform": sum(periods[half:]),
            "later half, lr-weighted": sum(w * s for w, s in zip(lrs[half:], periods[half:])),
            "last quarter, uniform": sum(periods[P - max(1, P // 4):])}
+    z = [standardise(S) for S in periods]  # each period per query over its rows (all rows here)
+    out["standardised, uniform (default)"] = sum(z)
+    out["standardised, lr-weighted"] = sum(w * s for w, s in zip(lrs, z))
+    out["standardised, later half, lr-weighted"] = sum(w * s for w, s in zip(lrs[half:], z[half:]))
     return out
 
 

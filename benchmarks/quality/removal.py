@@ -119,8 +119,9 @@ def callback_run(cfg: dict, data: dict) -> dict:
                                         batch_sampler=_EpochOrder(cfg, n))
     queries = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["Xval"], data["yval"]), batch_size=256)
     store = tempfile.mkdtemp(prefix="quality-removal-")
+    # raw (unstandardised) ensemble: the recorder reads each period's matrix off its sums
     grass = GraSSCallback(k=cfg["k"], num_queries=len(data["Xval"]), query_loader=queries, log_to_wandb=False,
-                          progress=False, store_dir=store)
+                          progress=False, store_dir=store, ensemble_standardise=False)
     rec = _recorder(grass)
     module = _module(cfg, n)
     trainer = L.Trainer(max_epochs=cfg["epochs"], accelerator="cpu", logger=False, enable_checkpointing=False,
