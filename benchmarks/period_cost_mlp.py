@@ -37,38 +37,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quality import mlp  # noqa: E402
+from benchmarks.quality.ensemble import _module, quiet_trainer  # noqa: E402
 
 CFG = {"kind": "mlp", "data": "teacher", "data_seed": 5, "dim": 48, "teacher_width": 96, "label_noise": 0.3,
        "split_seed": 5, "n_train": 2000, "n_queries": 500, "widths": [256, 128, 256], "classes": 10,
        "init_seed": 0, "order_seed": 1, "lr": 3e-3, "weight_decay": 1e-2, "batch": 64, "epochs": 30}
 PARTS = ("flush", "reduce", "fit", "query_gradients", "scoring", "conditions", "report")
-
-
-def _module(cfg: dict, n: int):
-    import lightning as L
-
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = mlp.to_module(cfg, mlp.init_params(cfg))
-
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-            per_epoch = math.ceil(n / cfg["batch"])
-            total = per_epoch * cfg["epochs"]
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: mlp.lr_at(cfg, s, total, per_epoch) / cfg["lr"])
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    return Module()
 
 
 def _timers(clock, grass):
@@ -114,9 +93,7 @@ def run(cfg: dict, epochs: int, with_callback: bool, clock, root: Path, wandb: b
         grass = GraSSCallback(num_queries=len(Xq), query_loader=queries, log_to_wandb=wandb, progress=False,
                               store_dir=root / "grass", **options)
     timer, parts = _timers(clock, grass)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[timer, *([grass] if grass else []), *parts], default_root_dir=str(root))
+    trainer = quiet_trainer(epochs, [timer, *([grass] if grass else []), *parts], root)
     trainer.fit(_module(cfg, len(Xtr)), train)
     return timer.epochs, timer.periods, (list(grass.taps.layer_dims.values()) if grass else [])
 

@@ -20,29 +20,19 @@ scoring period, and whether the three runs give the same scores.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-EXAMPLES, BATCH, T, VOCAB = 400, 16, 32, 8000
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from period_cost import BATCH, EXAMPLES, VOCAB, Tokens  # noqa: E402  (random token sequences of 32)
+
 POOLER = "bert.pooler.dense"
-
-
-class Tokens(Dataset):
-    def __init__(self, n: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(5, VOCAB, (n, T), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 def build_module(layers: int):

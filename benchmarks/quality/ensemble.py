@@ -73,6 +73,15 @@ def _module(cfg: dict, n: int):
     return Module()
 
 
+def quiet_trainer(epochs: int, callbacks: list, root: str):
+    """A CPU ``Trainer`` for the suite's callback runs: no logger, checkpoints, bars or sanity steps."""
+    import lightning as L
+
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     callbacks=callbacks, default_root_dir=str(root))
+
+
 def _recorder(grass):
     import lightning as L
 
@@ -125,9 +134,7 @@ def callback_run(name: str, gt: dict, periods_per_epoch: int, weighting: str) ->
                           ensemble_standardise=False)  # raw sums: the recorder reads each period off them
     rec = _recorder(grass)
     module = _module(cfg, n)
-    trainer = L.Trainer(max_epochs=cfg["epochs"], accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[grass, rec], default_root_dir=store)
+    trainer = quiet_trainer(cfg["epochs"], [grass, rec], store)
     t0 = time.perf_counter()
     trainer.fit(module, train)
     final = [p.detach() for p in module.net.parameters()]

@@ -44,7 +44,7 @@ from grass_callback import data_value as dv  # noqa: E402
 from grass_callback.evaluation import binary_auroc  # noqa: E402
 
 from . import mlp  # noqa: E402
-from .ensemble import _EpochOrder, _module  # noqa: E402
+from .ensemble import _EpochOrder, _module, quiet_trainer  # noqa: E402
 
 _BASE = {"kind": "mlp", "data": "teacher", "label_noise": 0.3, "classes": 10, "n_train": 2000, "n_val": 500,
          "n_test": 1000, "init_seed": 0, "order_seed": 1, "lr": 3e-3, "weight_decay": 1e-2, "batch": 64,
@@ -124,9 +124,7 @@ def callback_run(cfg: dict, data: dict) -> dict:
                           progress=False, store_dir=store, ensemble_standardise=False)
     rec = _recorder(grass)
     module = _module(cfg, n)
-    trainer = L.Trainer(max_epochs=cfg["epochs"], accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[grass, rec], default_root_dir=store)
+    trainer = quiet_trainer(cfg["epochs"], [grass, rec], store)
     t0 = time.perf_counter()
     trainer.fit(module, train)
     seconds = time.perf_counter() - t0
