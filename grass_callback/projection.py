@@ -248,8 +248,11 @@ def _side(k: int, oversample: float) -> int:
     return math.ceil(math.sqrt(target))
 
 
+WIDE_OUTPUT_RATIO = 8  # a layer whose output is this many times wider than its input: a vocabulary head
+
+
 def mask_sizes(k: int, d_in_eff: int, d_out: int, *, oversample: float = 4.0,
-               keep_narrow: bool = False) -> tuple[int, int]:
+               keep_narrow: bool = False, wide_output_skew: float = 4.0) -> tuple[int, int]:
     """Default FactGraSS mask sizes ``(k_in', k_out')`` for a ``d_out x d_in_eff`` gradient.
 
     The budget is ``k' = side²`` with ``side = sqrt(oversample · k)`` (``2 sqrt(k)`` by
@@ -259,13 +262,29 @@ def mask_sizes(k: int, d_in_eff: int, d_out: int, *, oversample: float = 4.0,
     (the other keeps its share of the budget as before): on a layer of 128 outputs at
     ``k = 1024`` the mask keeps 128, not 64, outputs. ``k'`` is then at most twice the budget
     (four times when both factors are narrow).
+
+    A layer whose output is at least ``WIDE_OUTPUT_RATIO = 8`` times wider than its (not narrow)
+    input, such as a language model's vocabulary head, spends the same budget on the output
+    side: ``k_out' = min(d_out, wide_output_skew · side)``, ``k_in' = ceil(side² / k_out')``
+    (``16 x 256`` instead of ``64 x 64`` at ``k = 1024``). An output gradient there lives on the
+    few tokens of the example, which a 64-column mask mostly misses. ``wide_output_skew=1``
+    turns it off; 8 and 16 measured better still on the quality suite's tuning language model
+    but cost 2-4x and 4-10x that layer's CPU kernel time, 4 costs 1.0-1.6x
+    (``python -m benchmarks.quality.mask_cost --heads``; README "Attribution quality").
     """
     if not (isinstance(oversample, (int, float)) and not isinstance(oversample, bool) and oversample > 0):
         raise PlanError(f"oversample must be a positive number (the mask budget k' = oversample * k), got {oversample!r}.")
+    if not (isinstance(wide_output_skew, (int, float)) and not isinstance(wide_output_skew, bool)
+            and wide_output_skew >= 1):
+        raise PlanError(f"wide_output_skew must be a number >= 1 (1: off), got {wide_output_skew!r}.")
     side = _side(k, float(oversample))
-    k_out = min(side, d_out)
-    k_in = min(d_in_eff, max(side, math.ceil(side**2 / k_out)))
-    k_out = min(d_out, max(k_out, math.ceil(side**2 / k_in)))
+    if wide_output_skew > 1 and d_out >= WIDE_OUTPUT_RATIO * d_in_eff and d_in_eff >= side:
+        k_out = min(d_out, math.ceil(side * wide_output_skew))
+        k_in = min(d_in_eff, math.ceil(side**2 / k_out))
+    else:
+        k_out = min(side, d_out)
+        k_in = min(d_in_eff, max(side, math.ceil(side**2 / k_out)))
+        k_out = min(d_out, max(k_out, math.ceil(side**2 / k_in)))
     if keep_narrow:
         if 2 * k_in >= d_in_eff - 1:  # half of the weight columns (the bias column aside)
             k_in = d_in_eff
@@ -302,6 +321,9 @@ class FactGraSSPlan(Plan):
         keep_narrow: keep every column of a factor whose mask would keep at least half of it
             (default ``False``: on the quality suite's tuning half it did not raise the LDS, and it
             costs up to 2x kernel time per narrow factor; see the README).
+        wide_output_skew: on a layer whose output is at least 8x wider than its input (a
+            vocabulary head) the output mask gets this many times ``side`` columns and the input
+            mask the rest of the budget (:func:`mask_sizes`; default 4, 1 = off).
         c: non-zeros per coordinate in the SJLT (the paper uses 1).
         mask_run: the masks keep coordinates in runs of this many neighbours (:func:`run_mask`;
             every coordinate is still kept with probability ``k_in / d_in``). ``"auto"``
@@ -319,7 +341,7 @@ class FactGraSSPlan(Plan):
     def __init__(self, d_in: int, d_out: int, bias: bool = False, k: int = 1024,
                  k_in: int | None = None, k_out: int | None = None, c: int = 1,
                  seed: int = 0, name: str = "", mask_run: Any = "auto", oversample: float = 4.0,
-                 keep_narrow: bool = False) -> None:
+                 keep_narrow: bool = False, wide_output_skew: float = 4.0) -> None:
         _check_positive(d_in=d_in, d_out=d_out, k=k, c=c)
         self.shape = LayerShape(int(d_in), int(d_out), bool(bias))
         self.seed, self.name, self.c = int(seed), str(name), int(c)
@@ -330,7 +352,8 @@ class FactGraSSPlan(Plan):
         if not explicit and self.shape.numel <= k:  # the whole gradient fits: keep it exactly
             k_in, k_out = d_in_eff, d_out
         elif not explicit:
-            k_in, k_out = mask_sizes(k, d_in_eff, d_out, oversample=oversample, keep_narrow=keep_narrow)
+            k_in, k_out = mask_sizes(k, d_in_eff, d_out, oversample=oversample, keep_narrow=keep_narrow,
+                                     wide_output_skew=wide_output_skew)
         else:
             k_in = k_in if k_in is not None else min(default_side, d_in_eff)
             k_out = k_out if k_out is not None else min(default_side, d_out)

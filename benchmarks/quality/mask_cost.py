@@ -1,13 +1,15 @@
 """What the mask sizes cost in kernel time: FactGraSS ``plan.compress`` per layer shape.
 
-    nice -n 10 .venv/bin/python -m benchmarks.quality.mask_cost
+    nice -n 10 .venv/bin/python -m benchmarks.quality.mask_cost            # every shape and candidate
+    nice -n 10 .venv/bin/python -m benchmarks.quality.mask_cost --heads    # wide_output_skew on vocabulary heads
 
 For each layer shape of the suite's workloads (and ``T`` tokens per example), the candidate
 mask sizes are timed side by side (interleaved rounds, median, CPU time of this process on one
 thread), with ``k'`` and the ratio to the ``2 sqrt(k)`` masks: ``2 sqrt(k)`` (``oversample=4``),
 ``keep_narrow`` (a factor kept whole when its mask would keep half of it or more),
 ``oversample=6``, ``oversample=8`` with and without ``keep_narrow``, ``oversample=16`` (masks of ``4 sqrt(k)``), and
-the library's current default (whatever ``FactGraSSPlan``'s defaults are).
+the library's current default (whatever ``FactGraSSPlan``'s defaults are); then explicit splits of
+GPT-2's LM head, and ``wide_output_skew`` 1 / 4 / 8 / 16 on vocabulary heads.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from _util import time_interleaved  # noqa: E402
 
 from grass_callback.projection import FactGraSSPlan  # noqa: E402
 
-VARIANTS = {"2sqrt(k)": {"oversample": 4.0, "keep_narrow": False},
+VARIANTS = {"2sqrt(k)": {"oversample": 4.0, "keep_narrow": False, "wide_output_skew": 1.0},
             "keep_narrow": {"oversample": 4.0, "keep_narrow": True},
             "oversample 6": {"oversample": 6.0, "keep_narrow": False},
             "oversample 8": {"oversample": 8.0, "keep_narrow": False},
@@ -41,13 +43,22 @@ SHAPES = [(64, 256, 1, 1024), (256, 256, 1, 1024), (24, 512, 1, 1024), (48, 256,
 
 # explicit mask sizes on GPT-2's LM head (128 x 1024, no bias): the same budget k' = 4096 split otherwise
 EXPLICIT = [(128, 1024, False, 48, 64, [(64, 64), (16, 256), (8, 512), (4, 1024)])]
+# vocabulary heads (no bias) under wide_output_skew: the suite's LM heads, the overhead benchmark's
+# GPT-2/Llama head (256 x 8192, T = 128) and GPT-2 small's (768 x 50257, T = 64), B = 8
+HEADS = [(96, 1024, 48, 64), (128, 1024, 48, 64), (256, 8192, 128, 8), (768, 50257, 64, 8)]
+SKEWS = (1.0, 4.0, 8.0, 16.0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--heads", action="store_true", help="only the vocabulary heads' wide_output_skew rows")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     print("layer (d_in x d_out, T, B) | masks | k_in' x k_out' = k' | ms per call | x 2sqrt(k)")
-    for d_in, d_out, T, B in SHAPES:
+    for d_in, d_out, T, B in ([] if args.heads else SHAPES):
         x = torch.randn(B, T, d_in)
         d = torch.randn(B, T, d_out)
         plans = {label: FactGraSSPlan(d_in, d_out, True, k=1024, name="l", **opt) for label, opt in VARIANTS.items()}
@@ -57,7 +68,7 @@ def main() -> None:
         for label, p in plans.items():
             print(f"{d_in}x{d_out}, T={T}, B={B} | {label} | {p.k_in} x {p.k_out} = {p.k_prime} | "
                   f"{1e3 * times[label]:.2f} | {times[label] / base:.2f}", flush=True)
-    for d_in, d_out, bias, T, B, sizes in EXPLICIT:
+    for d_in, d_out, bias, T, B, sizes in ([] if args.heads else EXPLICIT):
         x, d = torch.randn(B, T, d_in), torch.randn(B, T, d_out)
         plans = {f"{a} x {b}": FactGraSSPlan(d_in, d_out, bias, k=1024, k_in=a, k_out=b, name="l") for a, b in sizes}
         times = time_interleaved({label: (lambda p=p: p.compress(x, d)) for label, p in plans.items()},
@@ -65,6 +76,16 @@ def main() -> None:
         base = times[next(iter(times))]
         for label, p in plans.items():
             print(f"{d_in}x{d_out} (bias={bias}), T={T}, B={B} | explicit | {label} = {p.k_prime} | "
+                  f"{1e3 * times[label]:.2f} | {times[label] / base:.2f}", flush=True)
+    for d_in, d_out, T, B in HEADS:
+        x, d = torch.randn(B, T, d_in), torch.randn(B, T, d_out)
+        plans = {f"wide_output_skew {s:g}": FactGraSSPlan(d_in, d_out, False, k=1024, wide_output_skew=s, name="l")
+                 for s in SKEWS}
+        times = time_interleaved({label: (lambda p=p: p.compress(x, d)) for label, p in plans.items()},
+                                 repeat=9, clock=__import__("time").process_time)
+        base = times[next(iter(times))]
+        for label, p in plans.items():
+            print(f"{d_in}x{d_out} (head), T={T}, B={B} | {label} | {p.k_in} x {p.k_out} = {p.k_prime} | "
                   f"{1e3 * times[label]:.2f} | {times[label] / base:.2f}", flush=True)
 
 

@@ -39,7 +39,8 @@ GRID: tuple[float, ...] = tuple(float(f"{10 ** (e / 2):.4g}") for e in range(-8,
 METHODS: dict[str, tuple[str, dict]] = {
     "gaussian": ("gaussian", {}),
     "factgrass": ("factgrass", {}),
-    "factgrass-2sqrtk": ("factgrass", {"oversample": 4.0, "keep_narrow": False}),  # masks of 2 sqrt(k)
+    # masks of 2 sqrt(k), square on every layer (the default before vocabulary heads got wide_output_skew)
+    "factgrass-2sqrtk": ("factgrass", {"oversample": 4.0, "keep_narrow": False, "wide_output_skew": 1.0}),
     "factgrass-narrow": ("factgrass", {"oversample": 4.0, "keep_narrow": True}),  # narrow factors kept whole
     "factgrass-x1.5": ("factgrass", {"oversample": 6.0, "keep_narrow": False}),  # k' = 6 k: 1.5x the budget
     "factgrass-x2": ("factgrass", {"oversample": 8.0, "keep_narrow": False}),  # k' = 8 k

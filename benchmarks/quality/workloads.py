@@ -32,6 +32,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "teacher-512": {"kind": "mlp", "data": "teacher", "data_seed": 0, "dim": 24, "teacher_width": 64,
                     "label_noise": 0.3, "split_seed": 0, "n_train": 3000, "n_queries": 200, "widths": [512],
                     "classes": 10, "models": 64, **_RECIPE},
+    "gpt2-pydoc-tune": {"kind": "lm", "vocab": 1024, "context": 48, "min_tokens": 16, "split_seed": 1,
+                        "n_train": 600, "n_queries": 60, "width": 96, "layers": 2, "heads": 4, "models": 20,
+                        "init_seed": 2, "order_seed": 3, "lr": 3e-3, "weight_decay": 1e-2, "batch": 32, "epochs": 4},
     # reporting half
     "teacher-deep": {"kind": "mlp", "data": "teacher", "data_seed": 1, "dim": 48, "teacher_width": 96,
                      "label_noise": 0.3, "split_seed": 1, "n_train": 3000, "n_queries": 200,
@@ -43,7 +46,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
                    "n_train": 600, "n_queries": 60, "width": 128, "layers": 2, "heads": 4, "models": 20,
                    "init_seed": 0, "order_seed": 1, "lr": 3e-3, "weight_decay": 1e-2, "batch": 32, "epochs": 4},
 }
-TUNING = ("digits-256x2", "teacher-512")
+TUNING = ("digits-256x2", "teacher-512", "gpt2-pydoc-tune")
 REPORTING = ("teacher-deep", "digits-flip10", "gpt2-pydoc")
 _GT_VERSION = 1
 
