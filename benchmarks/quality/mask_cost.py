@@ -49,6 +49,18 @@ HEADS = [(96, 1024, 48, 64), (128, 1024, 48, 64), (256, 8192, 128, 8), (768, 502
 SKEWS = (1.0, 4.0, 8.0, 16.0)
 
 
+def _time_plans(where: str, plans: dict, B: int, T: int, d_in: int, d_out: int, base: str | None = None) -> None:
+    """Time every plan on one random batch side by side; print ms per call and the ratio to ``base``
+    (default: the first plan)."""
+    x, d = torch.randn(B, T, d_in), torch.randn(B, T, d_out)
+    times = time_interleaved({label: (lambda p=p: p.compress(x, d)) for label, p in plans.items()},
+                             repeat=9, clock=__import__("time").process_time)
+    ref = times[base or next(iter(times))]
+    for label, p in plans.items():
+        print(f"{where} | {label} | {p.k_in} x {p.k_out} = {p.k_prime} | "
+              f"{1e3 * times[label]:.2f} | {times[label] / ref:.2f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -57,36 +69,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    print("layer (d_in x d_out, T, B) | masks | k_in' x k_out' = k' | ms per call | x 2sqrt(k)")
+    print("layer (d_in x d_out, T, B) | masks | k_in' x k_out' = k' | ms per call | x the first (2sqrt(k))")
     for d_in, d_out, T, B in ([] if args.heads else SHAPES):
-        x = torch.randn(B, T, d_in)
-        d = torch.randn(B, T, d_out)
         plans = {label: FactGraSSPlan(d_in, d_out, True, k=1024, name="l", **opt) for label, opt in VARIANTS.items()}
-        times = time_interleaved({label: (lambda p=p: p.compress(x, d)) for label, p in plans.items()},
-                                 repeat=9, clock=__import__("time").process_time)
-        base = times["2sqrt(k)"]
-        for label, p in plans.items():
-            print(f"{d_in}x{d_out}, T={T}, B={B} | {label} | {p.k_in} x {p.k_out} = {p.k_prime} | "
-                  f"{1e3 * times[label]:.2f} | {times[label] / base:.2f}", flush=True)
+        _time_plans(f"{d_in}x{d_out}, T={T}, B={B}", plans, B, T, d_in, d_out, base="2sqrt(k)")
     for d_in, d_out, bias, T, B, sizes in ([] if args.heads else EXPLICIT):
-        x, d = torch.randn(B, T, d_in), torch.randn(B, T, d_out)
-        plans = {f"{a} x {b}": FactGraSSPlan(d_in, d_out, bias, k=1024, k_in=a, k_out=b, name="l") for a, b in sizes}
-        times = time_interleaved({label: (lambda p=p: p.compress(x, d)) for label, p in plans.items()},
-                                 repeat=9, clock=__import__("time").process_time)
-        base = times[next(iter(times))]
-        for label, p in plans.items():
-            print(f"{d_in}x{d_out} (bias={bias}), T={T}, B={B} | explicit | {label} = {p.k_prime} | "
-                  f"{1e3 * times[label]:.2f} | {times[label] / base:.2f}", flush=True)
+        plans = {f"explicit {a} x {b}": FactGraSSPlan(d_in, d_out, bias, k=1024, k_in=a, k_out=b, name="l")
+                 for a, b in sizes}
+        _time_plans(f"{d_in}x{d_out} (bias={bias}), T={T}, B={B}", plans, B, T, d_in, d_out)
     for d_in, d_out, T, B in HEADS:
-        x, d = torch.randn(B, T, d_in), torch.randn(B, T, d_out)
         plans = {f"wide_output_skew {s:g}": FactGraSSPlan(d_in, d_out, False, k=1024, wide_output_skew=s, name="l")
                  for s in SKEWS}
-        times = time_interleaved({label: (lambda p=p: p.compress(x, d)) for label, p in plans.items()},
-                                 repeat=9, clock=__import__("time").process_time)
-        base = times[next(iter(times))]
-        for label, p in plans.items():
-            print(f"{d_in}x{d_out} (head), T={T}, B={B} | {label} | {p.k_in} x {p.k_out} = {p.k_prime} | "
-                  f"{1e3 * times[label]:.2f} | {times[label] / base:.2f}", flush=True)
+        _time_plans(f"{d_in}x{d_out} (head), T={T}, B={B}", plans, B, T, d_in, d_out)
 
 
 if __name__ == "__main__":
