@@ -58,8 +58,8 @@ T_KERNEL = "tests/test_ops.py::test_cpu_kernel_matches_reference"
 
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ the issue's table
-    Mutant("dv-replaced", "grass_callback/callback.py",
-           "self.data_value[i] = self.data_value.get(i, 0.0) + v", "self.data_value[i] = v",
+    Mutant("dv-replaced", "grass_callback/data_value.py",
+           "target[i] = target.get(i, 0.0) + v", "target[i] = v",
            (T_DV,), "data value replaced instead of summed across scoring periods", "issue"),
     Mutant("keep-all-ignored", "grass_callback/callback.py",
            'if self.keep_history == "period":\n            self.period_start = self.batches_seen',
@@ -164,6 +164,20 @@ MUTANTS: list[Mutant] = [
            "            self.period_start = self.batches_seen\n            self.fisher.reset()",
            "            self.period_start = self.batches_seen - 1\n            self.fisher.reset()",
            (T_DV,), "a period also rescores the previous period's last batch (off by one)"),
+    Mutant("ensemble-not-standardised", "grass_callback/scoring.py",
+           "scores = per_query(scores, seen > 0)", "scores = scores",
+           (T_REFS + "::test_ensemble_ranks_by_scores_summed_over_periods",),
+           "the checkpoint ensemble sums raw scores although standardise=True"),
+    Mutant("head-rule-off", "grass_callback/projection.py",
+           "if wide_output_skew > 1 and d_out >= WIDE_OUTPUT_RATIO * d_in_eff",
+           "if False and d_out >= WIDE_OUTPUT_RATIO * d_in_eff",
+           ("tests/test_projection.py::test_a_vocabulary_head_spends_the_mask_budget_on_its_output",),
+           "vocabulary heads get square masks (the wide-output rule skipped)"),
+    Mutant("deferred-ids-unchecked", "grass_callback/callback.py",
+           "        if not self._admitted and not self._admit(trainer):  # the indices landed during the step",
+           "        if not self._admitted and not (setattr(self, '_host_ids', self._ids.host()) or True):",
+           ("tests/test_batch_ids.py",),
+           "on a GPU (indices read after backward) the batch's indices are never checked or admitted"),
 ]
 
 
