@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from grass_callback.capture import LayerTaps, per_example_scale
-from grass_callback.data import get_batch_indices, move_to_device, resolve_index_key
+from grass_callback.data import get_batch_indices, move_to_device, optional_batch_indices, resolve_index_key
 from grass_callback.errors import CaptureError, ConfigError, GraSSError, ScoringError
 from grass_callback.fisher import FisherStats, FittedFisher
 from grass_callback.projection import Plan, plan_from_state
@@ -215,10 +215,7 @@ def query_gradients(model: nn.Module, taps: LayerTaps, loader: Iterable, loss_fn
                     "the query loader yields DataLoaders, not batches: several query loaders were "
                     "given as a list. Pass one loader; to score queries from several datasets, "
                     "combine them first (torch.utils.data.ConcatDataset) and load that.")
-            try:
-                ids = get_batch_indices(batch, index_key)
-            except CaptureError:
-                ids = None
+            ids = optional_batch_indices(batch, index_key)
             if device is not None:
                 batch = move_to_device(batch, device)
             grads = _batch_gradients(model, taps, batch, loss_fn, reduction, token_counts)

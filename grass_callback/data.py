@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from grass_callback.errors import CaptureError
 
-__all__ = ["IndexedDataset", "get_batch_indices", "batch_index_field", "check_batch_indices", "resolve_index_key",
+__all__ = ["IndexedDataset", "get_batch_indices", "optional_batch_indices", "batch_index_field", "check_batch_indices", "resolve_index_key",
            "move_to_device"]
 
 _HOW_TO_FIX = (
@@ -114,6 +114,15 @@ def get_batch_indices(batch: Any, index_key: str | int | None = None, batch_size
     ids = value.detach().to("cpu", torch.int64)
     check_batch_indices(ids, index_key, batch_size=batch_size, num_examples=num_examples, hint=hint)
     return ids
+
+
+def optional_batch_indices(batch: Any, index_key: str | int | None = None) -> Tensor | None:
+    """The batch's host dataset indices (:func:`get_batch_indices`), or ``None`` when it carries
+    none: query and evaluation batches may not, and are then numbered by their position."""
+    try:
+        return get_batch_indices(batch, index_key)
+    except CaptureError:
+        return None
 
 
 def batch_index_field(batch: Any, index_key: str | int | None = None) -> tuple[Tensor, str]:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from grass_callback.console import open_bar, progress_iter
-from grass_callback.data import get_batch_indices, move_to_device, resolve_index_key
+from grass_callback.data import get_batch_indices, move_to_device, optional_batch_indices, resolve_index_key
 from grass_callback.errors import ConfigError, GraSSError
 from grass_callback.scoring import ScoreResult, score_chunks
 
@@ -110,10 +110,7 @@ def _losses(model: nn.Module, loader: Iterable, loss_fn: PerExampleLoss, index_k
         loader = progress_iter(loader, desc, True)
     try:
         for batch in loader:
-            try:
-                b_ids = get_batch_indices(batch, index_key)
-            except GraSSError:
-                b_ids = None
+            b_ids = optional_batch_indices(batch, index_key)
             if device is not None:
                 batch = move_to_device(batch, device)
             losses = loss_fn(model, batch)
