@@ -174,8 +174,8 @@ MUTANTS: list[Mutant] = [
            ("tests/test_projection.py::test_a_vocabulary_head_spends_the_mask_budget_on_its_output",),
            "vocabulary heads get square masks (the wide-output rule skipped)"),
     Mutant("deferred-ids-unchecked", "grass_callback/callback.py",
-           "        if not self._admitted and not self._admit(trainer):  # the indices landed during the step",
-           "        if not self._admitted and not (setattr(self, '_host_ids', self._ids.host()) or True):",
+           "        if self._host_ids is None and not self._admit(trainer):  # the indices landed during the step",
+           "        if self._host_ids is None and not (setattr(self, '_host_ids', self._ids.host()) or True):",
            ("tests/test_batch_ids.py",),
            "on a GPU (indices read after backward) the batch's indices are never checked or admitted"),
 ]

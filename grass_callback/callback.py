@@ -67,6 +67,7 @@ from grass_callback.recorder import StepRecorder
 from grass_callback.ensembling import ENSEMBLE_WEIGHTINGS, PeriodLearningRate
 from grass_callback.scoring import ScoreEnsemble, ScoreResult, merge_results, precondition_queries
 from grass_callback.data_value import DataValueSums, ValueTable
+from grass_callback.data_value import standardise as standardise_per_query
 from grass_callback.sharding import has_sharded_parameters
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ class GraSSCallback(Callback):
         self.last_result: ScoreResult | None = None
         # per batch
         self._ids: BatchIds | None = None  # this batch's dataset indices, on their way to the host
-        self._ids_hint, self._admitted, self._host_ids = "", False, None
+        self._ids_hint, self._host_ids = "", None
         self._capture_seconds = 0.0
         self._captured_batches = 0
         self._pending_state: dict[str, Any] | None = None
@@ -381,7 +382,7 @@ class GraSSCallback(Callback):
 
     def _begin_batch(self, trainer: "pl.Trainer", batch: Any) -> None:
         value, self._ids_hint = batch_index_field(batch, self._index_key)
-        self._ids, self._keep, self._admitted = BatchIds(value), None, False
+        self._ids, self._keep, self._host_ids = BatchIds(value), None, None  # _host_ids: set once admitted
         _continuity.note_batch(self, batch)
         # on a GPU the indices come to the host during the step and are checked after backward; an
         # epoch a resume may replay reads them now, so a batch stored before is skipped before any work
@@ -401,7 +402,7 @@ class GraSSCallback(Callback):
         ids = self._host_ids = self._ids.host()
         check_batch_indices(ids, self._index_key, num_examples=_dataset_len(trainer.train_dataloader),
                             hint=self._ids_hint)
-        self._keep, self._admitted = _continuity.admit(self, trainer, ids), True
+        self._keep = _continuity.admit(self, trainer, ids)
         return self._keep is None or bool(self._keep.any())
 
     @override
@@ -419,7 +420,7 @@ class GraSSCallback(Callback):
         if next(iter(grads.values())).shape[0] != self._ids.numel:
             raise GraSSError(f"the batch carries {self._ids.numel} indices but the tapped layers saw "
                              f"{next(iter(grads.values())).shape[0]} examples; is the batch dimension first?")
-        if not self._admitted and not self._admit(trainer):  # the indices landed during the step
+        if self._host_ids is None and not self._admit(trainer):  # the indices landed during the step
             self._ids, self._keep = None, None
             return
         ids = self._host_ids
@@ -641,9 +642,10 @@ class GraSSCallback(Callback):
             scores = trainer.strategy.reduce(scores, reduce_op="sum")
             seen = trainer.strategy.reduce(seen, reduce_op="sum")
             own = trainer.strategy.reduce(own, reduce_op="sum")
-        self._period_matrix = (scores, seen)  # the period's full matrix, for the standardised data value
+        z = standardise_per_query(scores, seen > 0)  # once: for the data value and (by default) the ensemble
+        self._period_matrix = (scores, seen, z)  # the period's full matrix, for the standardised data value
         ensemble.add(result.query_ids, scores, seen, weight=self._period_lr.weight(self.ensemble_weighting),
-                     self_influence=own, standardise=self.ensemble_standardise)
+                     self_influence=own, standardise=self.ensemble_standardise, standardised=z)
         result.full = result.full_ids = None  # not merged across ranks: the ensemble has it
 
     @property
@@ -679,6 +681,7 @@ class GraSSCallback(Callback):
             self._plain_value_warned = True
         sums.add_period(result.data_value_ids, result.data_value, self._period_lr.weight(self.ensemble_weighting),
                         matrix=None if matrix is None else matrix[0], seen=None if matrix is None else matrix[1],
+                        standardised=None if matrix is None else matrix[2],
                         self_influence=(result.self_influence_ids, result.self_influence),
                         replace=self.keep_history == "all")  # "all": every row rescored, the latest replaces
 

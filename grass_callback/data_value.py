@@ -258,12 +258,13 @@ class DataValueSums:
 
     def add_period(self, ids: Tensor, plain: Tensor, weight: float = 1.0, *, matrix: Tensor | None = None,
                    seen: Tensor | None = None, self_influence: tuple[Tensor, Tensor] | None = None,
-                   replace: bool = False) -> None:
+                   replace: bool = False, standardised: Tensor | None = None) -> None:
         """Add one period: ``ids [r]`` with their plain data value ``plain [r]``; ``matrix [m, n]``
         (columns = training ids ``0..n-1``) with ``seen [n]`` (the columns the period scored);
         ``self_influence = (row ids, s(i, i) per row)``; ``weight`` = the period's ensemble weight.
         ``replace=True`` (``keep_history="all"``: every period rescores every stored row) makes
-        the period's values replace the sums instead of adding to them."""
+        the period's values replace the sums instead of adding to them. ``standardised``:
+        :func:`standardise` of ``matrix`` when the caller already has it."""
         if not isinstance(ids, Tensor) or not isinstance(plain, Tensor) or ids.shape != plain.shape or ids.ndim != 1:
             raise DataValueError("add_period needs ids [r] and plain [r] tensors of one shape.")
         if replace:
@@ -272,7 +273,7 @@ class DataValueSums:
         self._add(self.sums["plain"], ids.tolist(), (w * plain.to(torch.float64)).tolist())
         if matrix is not None:
             seen_b = _check_seen(seen, matrix.shape[1])
-            z = standardise(matrix, seen_b).sum(0)
+            z = (standardised if standardised is not None else standardise(matrix, seen_b)).sum(0)
             cols = torch.nonzero(seen_b).squeeze(1)
             self._add(self.sums["standardised"], cols.tolist(), (w * z[cols]).tolist())
         else:

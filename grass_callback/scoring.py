@@ -433,14 +433,16 @@ class ScoreEnsemble:
         return out
 
     def add(self, query_ids: Tensor, scores: Tensor, seen: Tensor, weight: float = 1.0,
-            self_influence: Tensor | None = None, standardise: bool = False) -> None:
+            self_influence: Tensor | None = None, standardise: bool = False,
+            standardised: Tensor | None = None) -> None:
         """Add one period: ``weight · scores [m, num_examples]`` (and ``weight · self_influence``).
 
         ``standardise=True`` adds ``weight · scores[q] / σ[q]`` instead, ``σ[q]`` the population
         standard deviation of query ``q``'s scores over the period's seen examples (a query with
         ``σ = 0`` adds nothing; :func:`grass_callback.data_value.standardise`): each period then
         counts alike for every query, whatever the size of its gradients (early periods' large
-        gradients no longer swamp the sum)."""
+        gradients no longer swamp the sum). ``standardised``: that matrix when the caller already
+        has it (the callback's data value needs it too)."""
         if scores.dim() != 2 or scores.shape[1] != self.num_examples or seen.shape != (self.num_examples,):
             raise ScoringError(f"the ensemble covers {self.num_examples} training examples but this period's scores "
                                f"have shape {list(scores.shape)}: the training set changed size; restart the "
@@ -451,7 +453,9 @@ class ScoreEnsemble:
                           stacklevel=2)
             self.query_ids = None
         self.standardised = bool(standardise)
-        if standardise:
+        if standardise and standardised is not None:
+            scores = standardised
+        elif standardise:
             from grass_callback.data_value import standardise as per_query
 
             scores = per_query(scores, seen > 0)
