@@ -72,6 +72,7 @@ from torch import Tensor
 
 from grass_callback.errors import StoreError
 from grass_callback.fisher import FisherStats
+from grass_callback.store import row_maxima
 
 __all__ = ["StepRecorder", "finite_rows"]
 
@@ -96,12 +97,7 @@ def finite_rows(rows: Mapping[str, Tensor], dtype: torch.dtype | None = None) ->
     ``abs``/``amax``). Reducing the float32 rows is far cheaper than reducing half-precision
     ones on the CPU; the layers' maxima are judged together, in two kernels.
     """
-    maxes = [g.abs().amax(dim=1) for g in rows.values()]  # NaN propagates through abs and amax
-    if not maxes:
-        raise StoreError("finite_rows needs at least one layer of rows.")
-    dtypes = {m.dtype for m in maxes}  # mixed: a type every one converts to exactly
-    wide = dtypes.pop() if len(dtypes) == 1 else torch.float64 if torch.float64 in dtypes else torch.float32
-    stacked = torch.stack([m.to(wide) for m in maxes])  # [L, B]: two more kernels, not five per layer
+    stacked = row_maxima(rows.values())  # [L, B]: two kernels per layer, then two in all
     return torch.isfinite(stacked if dtype is None else stacked.to(dtype)).all(dim=0)
 
 

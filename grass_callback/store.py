@@ -126,7 +126,21 @@ __all__ = [
     "GradientStore",
     "StoreChunk",
     "StoreInputError",
+    "row_maxima",
 ]
+
+
+def row_maxima(rows) -> Tensor:
+    """``[L, B]``: each row's largest ``|value|`` in each of the layers ``rows`` (``[B, k_l]``
+    tensors), in one dtype every layer's converts to exactly. NaN propagates through ``abs`` and
+    ``amax``, and rounding is monotonic, so a row is finite in a storage dtype exactly when its
+    maximum cast to that dtype is: the store's rule for dropping rows, also the recorder's."""
+    maxes = [g.abs().amax(dim=1) for g in rows]
+    if not maxes:
+        raise StoreInputError("row_maxima needs at least one layer of rows.")
+    dtypes = {m.dtype for m in maxes}
+    wide = dtypes.pop() if len(dtypes) == 1 else torch.float64 if torch.float64 in dtypes else torch.float32
+    return torch.stack([m.to(wide) for m in maxes])
 
 
 class GradientStore(StoreReading):
@@ -566,7 +580,6 @@ class GradientStore(StoreReading):
             )
         batch = ids_t.numel()
         cast: dict[str, Tensor] = {}
-        row_maxes: list[Tensor] = []
         for name, k in self._layers.items():
             g = grads[name]
             if not isinstance(g, Tensor):
@@ -582,10 +595,6 @@ class GradientStore(StoreReading):
             if not g.is_floating_point():
                 raise StoreInputError(f"grads[{name!r}] must be floating point, got {g.dtype}")
             g = g.detach()
-            # A row is kept when its largest |value| is finite once cast to the storage dtype:
-            # rounding is monotonic, so this is exact (NaN propagates through abs and amax), and
-            # far cheaper than isfinite over every element (slow for half types on the CPU).
-            row_maxes.append(g.abs().amax(dim=1))
             if g.device.type != "cpu":
                 cast[name] = g.to(dtype=self._dtype).cpu()
             elif owned and g.dtype == self._dtype:
@@ -593,9 +602,9 @@ class GradientStore(StoreReading):
             else:
                 cast[name] = g.to(dtype=self._dtype, copy=True)
         # every layer's row maxima at once ([L, B]): three reductions per batch, not three per layer
-        dtypes = {r.dtype for r in row_maxes}  # mixed: a type every one converts to exactly
-        wide = dtypes.pop() if len(dtypes) == 1 else torch.float64 if torch.float64 in dtypes else torch.float32
-        maxes = torch.stack([r.to(wide) for r in row_maxes]).cpu()
+        # a row is kept when its largest |value| is finite once cast to the storage dtype: exact
+        # (row_maxima), and far cheaper than isfinite over every element (slow for half types)
+        maxes = row_maxima(grads[name].detach() for name in self._layers).cpu()
         finite_in = torch.isfinite(maxes).all(dim=0)
         finite = torch.isfinite(maxes.to(self._dtype)).all(dim=0)
         nonzero = dict(zip(self._layers, maxes != 0))  # all-zero layers of a shard are not written
