@@ -191,7 +191,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result = _engine(model, slice(4 * rank, 4 * rank + 4), reduce=True)
     result["sharded"] = type(model[2].weight).__name__
     torch.save(result, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    dist.barrier()  # both results are on disk
+    # Leave without tearing gloo down: its teardown at exit aborted a rank now and then on a loaded
+    # machine ("terminate called without an active exception") after the results were written.
+    # What this test checks is in the files; a rank that fails before writing still fails the test.
+    os._exit(0)
 
 
 def test_taps_and_fisher_on_fully_sharded_weights_match_unsharded(tmp_path, one_thread):
