@@ -17,9 +17,12 @@ Signals (each a vector over training ids; the ranking direction is stated with i
 * :func:`rank_mean` -- mean over periods and queries of the centred unit rank of ``S_p[q, i]``
   among ``seen_p`` (``(rank - 1) / (|seen_p| - 1) - 1/2``, ties averaged). Low = hurts.
 * self-influence -- ``SI_P[i]`` (last period) or ``Σ_p w_p SI_p[i]``. High = unusual or mislabelled.
-* :func:`rank_combine` -- the mean of the unit ranks of several signals oriented alike; the
-  ``suspect`` ranking is :func:`suspect` of the standardised data value and the summed
-  self-influence (high = suspect).
+* :func:`rank_combine` / :func:`weighted_rank_combine` -- the (weighted) mean of the unit ranks of
+  several signals oriented alike; the ``suspect`` ranking is :func:`suspect` of the standardised
+  data value and the summed self-influence: ``0.3 x`` the unit rank of ``-data_value`` ``+ 0.7 x``
+  the unit rank of ``Σ_p w_p SI_p`` (:data:`SUSPECT_VALUE_WEIGHT`; high = suspect). Self-influence
+  is the stronger detector of flipped labels alone, so it gets the larger weight (0.3 chosen on the
+  benchmark's tuning half; equal weights before).
 
 The callback keeps the running sums of :class:`DataValueSums` (one float64 per training id and
 signal), so the values need no per-period matrices once a period is added, and they travel in
@@ -38,11 +41,12 @@ from torch import Tensor
 from .errors import GraSSError
 
 __all__ = ["standardise", "centred_ranks", "plain_sum", "standardised_sum", "rank_mean", "unit_ranks",
-           "rank_combine", "suspect", "candidate_signals", "DataValueSums", "ValueTable", "DEFAULT_NAME",
-           "SUSPECT_NAME"]
+           "rank_combine", "weighted_rank_combine", "suspect", "candidate_signals", "DataValueSums", "ValueTable",
+           "DEFAULT_NAME", "SUSPECT_NAME", "SUSPECT_VALUE_WEIGHT"]
 
 DEFAULT_NAME = "standardised per query"  # the callback's data_value
-SUSPECT_NAME = "suspect: standardised + summed self-infl."  # the callback's suspect
+SUSPECT_NAME = "suspect 0.3/0.7: standardised + summed self-infl."  # the callback's suspect
+SUSPECT_VALUE_WEIGHT = 0.3  # the data value's weight in the suspect ranking (self-influence: the rest)
 
 
 class DataValueError(GraSSError, ValueError):
@@ -174,10 +178,29 @@ def rank_combine(values: Sequence[Tensor]) -> Tensor:
     return sum(unit_ranks(v) for v in values) / len(values)
 
 
-def suspect(data_value: Tensor, self_influence: Tensor) -> Tensor:
-    """The suspect ranking: mean of the unit ranks of ``-data_value`` (hurts the queries) and of
-    ``self_influence`` (unusual); in ``[0, 1]``, high = suspect (look at, fix or drop first)."""
-    return rank_combine([-data_value.to(torch.float64), self_influence.to(torch.float64)])
+def weighted_rank_combine(values: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``Σ_j a_j unit_ranks(v_j) / Σ_j a_j`` of ``[n]`` signals oriented alike, weights ``a_j >= 0``."""
+    if len(values) != len(weights) or not values:
+        raise DataValueError(f"weighted_rank_combine needs one weight per signal, got {len(values)} signals and "
+                             f"{len(weights)} weights.")
+    a = [float(x) for x in weights]
+    if any(not x >= 0 for x in a) or sum(a) <= 0:
+        raise DataValueError(f"weighted_rank_combine needs weights >= 0 with a positive sum, got {a}.")
+    n = values[0].numel()
+    if any(v.shape != (n,) for v in values):
+        raise DataValueError(f"weighted_rank_combine needs signals of one shape [n], got {[tuple(v.shape) for v in values]}.")
+    return sum(x * unit_ranks(v) for x, v in zip(a, values)) / sum(a)
+
+
+def suspect(data_value: Tensor, self_influence: Tensor, value_weight: float = SUSPECT_VALUE_WEIGHT) -> Tensor:
+    """The suspect ranking: ``value_weight`` x the unit rank of ``-data_value`` (hurts the queries)
+    plus ``1 - value_weight`` x the unit rank of ``self_influence`` (unusual); in ``[0, 1]``, high =
+    suspect (look at, fix or drop first). ``value_weight=0.5``: the equal-weight mean (the default
+    before)."""
+    w = float(value_weight)
+    if not 0 <= w <= 1:
+        raise DataValueError(f"value_weight must be in [0, 1], got {value_weight!r}.")
+    return weighted_rank_combine([-data_value.to(torch.float64), self_influence.to(torch.float64)], [w, 1 - w])
 
 
 def candidate_signals(scores: Tensor, self_influence: Tensor, lrs: Tensor) -> dict[str, Tensor]:
@@ -208,11 +231,18 @@ def candidate_signals(scores: Tensor, self_influence: Tensor, lrs: Tensor) -> di
         "self-influence, last period (high removed)": -si[-1],
         "self-influence, summed (high removed)": -si.sum(0),
     }
-    out["suspect: standardised + last self-infl."] = -suspect(out[DEFAULT_NAME], si[-1])
-    out["suspect: standardised + summed self-infl."] = -suspect(out[DEFAULT_NAME], si.sum(0))
-    out["suspect: rank-avg + last self-infl."] = -suspect(out["rank-averaged"], si[-1])
-    out["suspect: negative part + last self-infl."] = -suspect(out["standardised, negative part"], si[-1])
-    out["suspect: negative part + summed self-infl."] = -suspect(out["standardised, negative part"], si.sum(0))
+    # "suspect: A + B" = equal weights (the default before); "suspect 0.3/0.7" = 0.3 x A + 0.7 x B
+    out["suspect: standardised + last self-infl."] = -suspect(out[DEFAULT_NAME], si[-1], 0.5)
+    out["suspect: standardised + summed self-infl."] = -suspect(out[DEFAULT_NAME], si.sum(0), 0.5)
+    out["suspect: rank-avg + last self-infl."] = -suspect(out["rank-averaged"], si[-1], 0.5)
+    out["suspect: negative part + last self-infl."] = -suspect(out["standardised, negative part"], si[-1], 0.5)
+    out["suspect: negative part + summed self-infl."] = -suspect(out["standardised, negative part"], si.sum(0), 0.5)
+    # relative influence (as RelatIF): each period's standardised value over sqrt(its self-influence)
+    relative = (sums / si.clamp_min(torch.finfo(torch.float64).tiny).sqrt()).sum(0)
+    out["relative (standardised / sqrt self-infl.)"] = relative
+    out["suspect: relative + summed self-infl."] = -suspect(relative, si.sum(0), 0.5)
+    out[SUSPECT_NAME] = -suspect(out[DEFAULT_NAME], si.sum(0), 0.3)
+    out["suspect 0.3/0.7: relative + summed self-infl."] = -suspect(relative, si.sum(0), 0.3)
     return out
 
 
@@ -297,7 +327,8 @@ class DataValueSums:
 
     def suspects(self) -> tuple[Tensor, Tensor]:
         """``(ids, suspect)`` over the ids with a data value, most suspect first: :func:`suspect` of
-        the data value and the summed self-influence (0 for an id without one)."""
+        the data value and the summed self-influence (0 for an id without one), weights
+        :data:`SUSPECT_VALUE_WEIGHT` / ``1 -`` it. Computed from the sums, so nothing more is saved."""
         ids, value = self.tensors("value")
         if ids.numel() < 2:
             return ids, torch.zeros(ids.numel(), dtype=torch.float64)

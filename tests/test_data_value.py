@@ -113,13 +113,48 @@ def test_sums_over_periods_with_weights_and_a_start_match_loops():
     assert not torch.allclose(dv.plain_sum(periods).argsort(), dv.standardised_sum(periods).argsort())
 
 
-def test_suspect_is_the_mean_unit_rank_of_low_value_and_high_self_influence():
+def _hand_suspect(value, own, w=0.3):
+    """``w`` x unit rank of ``-value`` + ``(1 - w)`` x unit rank of ``own`` (ranks by scipy, ties averaged)."""
+    n = value.numel()
+    low = torch.tensor((rankdata(-value.double().numpy()) - 1) / (n - 1), dtype=torch.float64)
+    high = torch.tensor((rankdata(own.double().numpy()) - 1) / (n - 1), dtype=torch.float64)
+    return w * low + (1 - w) * high
+
+
+def test_suspect_weights_the_unit_ranks_of_low_value_and_high_self_influence_0_3_to_0_7():
     value = torch.tensor([3.0, -1.0, 0.5, -2.0, 0.5])
     own = torch.tensor([1.0, 9.0, 4.0, 2.0, 7.0])
-    want = (torch.tensor((rankdata(-value.numpy()) - 1) / 4) + torch.tensor((rankdata(own.numpy()) - 1) / 4)) / 2
+    # written out: unit ranks of -value (ties 0.5, 0.5 share 1.5 / 4) and of own
+    low = torch.tensor([0.0, 3.0, 1.5, 4.0, 1.5], dtype=torch.float64) / 4
+    high = torch.tensor([0.0, 4.0, 2.0, 1.0, 3.0], dtype=torch.float64) / 4
     got = dv.suspect(value, own)
-    torch.testing.assert_close(got, want.double())
+    torch.testing.assert_close(got, 0.3 * low + 0.7 * high)
+    torch.testing.assert_close(got, _hand_suspect(value, own))
+    assert dv.SUSPECT_VALUE_WEIGHT == 0.3
+    torch.testing.assert_close(dv.suspect(value, own, 0.5), (low + high) / 2)  # the equal-weight one (before)
+    torch.testing.assert_close(dv.suspect(value, own, 1.0), low)
     assert int(got.argmax()) == 1  # low value and the highest self-influence
+    # the weight matters: example 3 (lowest value, low self-influence) against example 4 (the reverse)
+    assert got[4] > got[3] and dv.suspect(value, own, 0.8)[3] > dv.suspect(value, own, 0.8)[4]
+    g = torch.Generator().manual_seed(7)
+    v, o = torch.randn(50, generator=g, dtype=torch.float64), torch.rand(50, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(dv.suspect(v, o), _hand_suspect(v, o))
+    vals = [torch.randn(50, generator=g, dtype=torch.float64) for _ in range(3)]
+    want = sum(a * torch.tensor((rankdata(x.numpy()) - 1) / 49) for a, x in zip([1.0, 2.0, 5.0], vals)) / 8
+    torch.testing.assert_close(dv.weighted_rank_combine(vals, [1.0, 2.0, 5.0]), want.double())
+    torch.testing.assert_close(dv.weighted_rank_combine(vals, [1, 1, 1]), dv.rank_combine(vals))
+
+
+def test_suspect_weights_are_checked():
+    v = torch.randn(5)
+    with pytest.raises(DataValueError, match="value_weight must be in \\[0, 1\\]"):
+        dv.suspect(v, v, 1.5)
+    with pytest.raises(DataValueError, match="one weight per signal"):
+        dv.weighted_rank_combine([v, v], [1.0])
+    with pytest.raises(DataValueError, match="positive sum"):
+        dv.weighted_rank_combine([v, v], [0.0, 0.0])
+    with pytest.raises(DataValueError, match="positive sum"):
+        dv.weighted_rank_combine([v, v], [-1.0, 2.0])
 
 
 def test_running_sums_equal_the_offline_definitions_and_survive_a_state_round_trip():
@@ -146,7 +181,7 @@ def test_running_sums_equal_the_offline_definitions_and_survive_a_state_round_tr
     want_own = sum(wp * si * seen for wp, si, seen in zip(w, own, seens))
     assert sums.sums["self_influence"] == pytest.approx(dict(enumerate(want_own.tolist())))
     ids, value = sums.suspects()
-    torch.testing.assert_close(torch.zeros(6, dtype=torch.float64).index_put_((ids,), value), dv.suspect(got, want_own))
+    torch.testing.assert_close(torch.zeros(6, dtype=torch.float64).index_put_((ids,), value), _hand_suspect(got, want_own))
     again = DataValueSums()
     again.load_state_dict(sums.state_dict())
     assert again.sums == sums.sums and again.periods == 3 and again.complete
@@ -193,7 +228,7 @@ def test_callback_data_value_is_the_standardised_sum_of_the_hand_scored_periods(
     _close(_dense(cb.self_influence, N_TRAIN), sum(own))
     # the suspect ranking: low data value and high self-influence, as defined offline
     ids, suspect = cb.suspect
-    _close(_dense((ids, suspect), N_TRAIN), dv.suspect(want, sum(own)))
+    _close(_dense((ids, suspect), N_TRAIN), _hand_suspect(want, sum(own)))
     assert suspect[:-1].ge(suspect[1:]).all()  # most suspect first
     table = cb.data_value_tensors().suspects
     assert torch.equal(table[0], ids)

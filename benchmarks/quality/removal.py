@@ -139,7 +139,14 @@ def callback_run(cfg: dict, data: dict) -> dict:
     for name, pair in (("data_value", grass.data_value_tensors()), ("self_influence", grass.self_influence),
                        ("suspect", grass.suspect)):
         out[f"callback_{name}"] = torch.zeros(n, dtype=torch.float64).index_put_((pair[0],), pair[1].double())
+    out["suspect_value_weight"] = dv.SUSPECT_VALUE_WEIGHT  # the weight the callback's suspect was made with
     return out
+
+
+def run_suspect_weight(run: dict) -> float:
+    """The data value's weight in the callback's ``suspect`` of a recorded run (runs recorded before
+    the weight was stored were made with equal weights)."""
+    return float(run.get("suspect_value_weight", 0.5))
 
 
 def cached_run(name: str, cache: Path, log=print) -> dict:
@@ -209,7 +216,9 @@ def signals(run: dict) -> dict[str, torch.Tensor]:
     out["suspect (last self-infl.) + loss"] = -dv.rank_combine([-out[dv.DEFAULT_NAME], SI[-1], loss])
     if "callback_suspect" in run:  # the library's default rankings, as the callback computed them
         out["callback .data_value (default)"] = run["callback_data_value"].double()
-        out["callback .suspect (default)"] = -run["callback_suspect"].double()
+        w = run_suspect_weight(run)
+        label = "default" if w == dv.SUSPECT_VALUE_WEIGHT else f"as recorded, value weight {w:g}"
+        out[f"callback .suspect ({label})"] = -run["callback_suspect"].double()
     return out
 
 
@@ -237,7 +246,8 @@ def callback_check(run: dict) -> str:
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
     return (f"callback vs offline definitions: data_value max rel diff {rel(run['callback_data_value'], want):.1e}, "
             f"self_influence {rel(run['callback_self_influence'], own):.1e}, suspect max abs diff "
-            f"{float((run['callback_suspect'] - dv.suspect(want, own)).abs().max()):.1e}")
+            f"{float((run['callback_suspect'] - dv.suspect(want, own, run_suspect_weight(run))).abs().max()):.1e}"
+            f" (value weight {run_suspect_weight(run):g})")
 
 
 def auroc(value: torch.Tensor, flipped: torch.Tensor) -> float:
