@@ -69,7 +69,7 @@ SIGN_CONVENTION = (
     "score < 0: training on train_id raises the query's loss (opponent); "
     "data_value = score summed over queries (the callback's running value: each query's scores divided "
     "by their standard deviation over the training rows, summed over periods); "
-    "suspect in [0, 1]: mean rank of low data_value and high self-influence"
+    "suspect in [0, 1]: 0.3 x the unit rank of low data_value + 0.7 x that of high self-influence"
 )
 
 # ----------------------------------------------------------------------------- W&B run
