@@ -65,7 +65,7 @@ def attribute_checkpoints(load_model: Callable[[str], nn.Module], checkpoints: S
         if q_ids is not None and not torch.equal(ids, q_ids):
             raise GraSSError("the query loader gave different examples for different checkpoints; it must not shuffle.")
         q_ids = ids
-        fit = stats.fit(resolve_damping(damping_ratio, k))
+        fit = stats.fit(resolve_damping(damping_ratio, k), rows_dtype=store.dtype)
         for name in taps.layer_dims:
             key = f"ckpt{c}/{name}"
             fitted[key] = (fit.factors[name], fit.damping[name], fit.damping_ratio[name])

@@ -29,11 +29,12 @@ __all__ = ["AUTO", "auto_damping_ratio", "auto_damping_ratio_from_moments"]
 AUTO = "auto"
 
 
-def auto_damping_ratio_from_moments(trace: float, trace_sq: float, k: int, count: int) -> float:
+def auto_damping_ratio_from_moments(trace: float, trace_sq: float | None, k: int, count: int) -> float:
     """The rule's ratio ``r = max(1, k / N)`` for a block of size ``k`` fitted on ``N = count`` rows.
 
     ``trace`` (``trace(F)``) and ``trace_sq`` (``trace(F²)``) are part of the signature so that
-    spectrum-based rules compare on equal terms in the benchmark; this rule checks only that
+    spectrum-based rules compare on equal terms in the benchmark (``None`` where it was not
+    computed: ``FisherStats.fit`` does not compute it); this rule checks only that
     ``trace`` is finite (a zero-trace block is left to ``FisherStats.fit``'s tiny absolute
     damping, as with any ratio).
     """
@@ -48,4 +49,5 @@ def auto_damping_ratio_from_moments(trace: float, trace_sq: float, k: int, count
 def auto_damping_ratio(fisher: Tensor, count: int) -> float:
     """The relative damping ``r`` the rule gives one Fisher block ``F`` (``[k, k]``, ``N = count`` rows)."""
     f = fisher.to(torch.float64)
-    return auto_damping_ratio_from_moments(float(f.diagonal().sum()), float((f * f).sum()), int(f.shape[0]), int(count))
+    trace_sq = float(torch.linalg.vector_norm(f)) ** 2
+    return auto_damping_ratio_from_moments(float(f.diagonal().sum()), trace_sq, int(f.shape[0]), int(count))

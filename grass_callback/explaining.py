@@ -294,7 +294,7 @@ def explain(store_dir: str | Path, model: nn.Module | Sequence[nn.Module], queri
         stats = _stats_for(store, p, joint, chunk_rows, cache, progress)
         if stats.count == 0:
             raise StoreError(f"period {p.name!r} (steps {p.min_step}..{p.max_step}) has no rows in {store.path}.")
-        fitted.append(stats.fit(resolve_damping(ratio, k)))
+        fitted.append(stats.fit(resolve_damping(ratio, k), rows_dtype=store.dtype))
     per_period = [grads[i if len(grads) > 1 else 0] for i in range(len(periods))]
     if len(periods) == 1:
         pre = precondition_queries(fitted[0], per_period[0])

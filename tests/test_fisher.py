@@ -294,3 +294,66 @@ def test_solve_validates_inputs():
     with pytest.raises(FisherError, match="Tensor\\[m, 7\\]"):
         fitted.solve({"head": torch.zeros(2, 3)})
     assert fitted.solve({"head": torch.zeros(0, 7)})["head"].shape == (0, 7)
+
+
+# ----------------------------------------------------------------------------- float32 factors for half rows
+
+
+@pytest.mark.parametrize("rows, k, ratio, want", [
+    (torch.float16, 1024, 1.0, torch.float32),    # (1 + 1024) eps32 = 1.2e-4 <= eps16 / 4 = 2.4e-4
+    (torch.float16, 1024, 0.25, torch.float64),   # 4097 eps32 = 4.9e-4 > 2.4e-4
+    (torch.bfloat16, 1024, 0.1, torch.float32),   # 10241 eps32 = 1.2e-3 <= eps_bf16 / 4 = 2.0e-3
+    (torch.bfloat16, 1024, 0.01, torch.float64),
+    (torch.float32, 16, 10.0, torch.float64),     # float32 rows: the factor stays in float64
+    (None, 16, 10.0, torch.float64),
+])
+def test_factor_dtype_follows_the_condition_bound(rows, k, ratio, want):
+    from grass_callback.fisher import factor_dtype
+
+    assert factor_dtype(torch.float64, rows, k, ratio) == want
+    assert factor_dtype(torch.float32, rows, k, ratio) == torch.float32  # float32 statistics: as before
+
+
+def test_float32_factor_for_half_rows_solves_within_a_quarter_of_their_rounding():
+    # N < k: the Fisher is rank deficient, so the damping alone sets the smallest eigenvalue and
+    # the condition number is near its bound 1 + k / r: the hardest case the rule admits.
+    dims = {"wide": 256, "narrow": 24}
+    g = _grads(100, seed=11, dims=dims, dtype=torch.float64)
+    g["wide"][:, :8] *= 40.0  # a few directions far above the rest
+    stats = FisherStats(dims)
+    stats.update(g)
+    ref = stats.fit(1.0)
+    fast = stats.fit(1.0, rows_dtype=torch.float16)
+    assert all(f.dtype == torch.float64 for f in ref.factors.values())
+    assert all(f.dtype == torch.float32 for f in fast.factors.values())
+    assert fast.damping == ref.damping
+    q = _grads(7, seed=12, dims=dims, dtype=torch.float32)
+    want, got = ref.solve({n: x.double() for n, x in q.items()}), fast.solve(q)
+    eps16 = torch.finfo(torch.float16).eps
+    for name in dims:
+        err = (got[name].double() - want[name]).norm() / want[name].norm()
+        assert err <= eps16 / 4, (name, float(err))
+        assert err > 0  # it did run in float32
+    # self-influence and the condition-number bound from the float32 factor
+    torch.testing.assert_close(fast.quadratic(q), ref.quadratic({n: x.double() for n, x in q.items()}),
+                               rtol=eps16 / 4, atol=0)
+    exact = ref.condition_numbers(exact=True)
+    for name, c in fast.condition_numbers().items():
+        assert c <= exact[name] * (1 + 1e-4) and c <= 1 + dims[name] / 1.0 + 1e-6
+
+
+def test_failed_float32_factor_is_redone_in_float64_at_the_same_ratio(monkeypatch):
+    stats = FisherStats(DIMS)
+    stats.update(_grads(50, seed=8))
+    real = torch.linalg.cholesky_ex
+
+    def no_float32(matrix, **kwargs):
+        factor, info = real(matrix, **kwargs)
+        return (factor, torch.ones_like(info)) if matrix.dtype == torch.float32 else (factor, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", no_float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no retry warning: the ratio is not raised
+        fitted = stats.fit(damping_ratio=10.0, rows_dtype=torch.bfloat16)
+    assert all(f.dtype == torch.float64 for f in fitted.factors.values())
+    assert all(r == 10.0 for r in fitted.damping_ratio.values())
