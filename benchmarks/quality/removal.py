@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python -m benchmarks.quality.removal                  # every workload, one table
     nice -n 10 .venv/bin/python -m benchmarks.quality.removal --workloads r-flip20 --seeds 5
+    nice -n 10 .venv/bin/python -m benchmarks.quality.removal --workloads t-flip20 --auroc-only  # study rankings
 
 For each workload (teacher-MLP data; clean labels, and 20% of the training labels flipped), the
 workload's MLP is trained once through :class:`GraSSCallback` (every validation query scored at
@@ -222,6 +223,67 @@ def signals(run: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def study_signals(run: dict) -> dict[str, torch.Tensor]:
+    """Further rankings studied for the suspect (``--auroc-only``: flip-detection AUROC only, no
+    retraining): ``name -> [n]``, low = flagged first. Self-influence normalised per period (by its
+    median or mean over the rows, its per-period unit rank, its per-period z-score), the fraction of
+    periods an example is in the top q of self-influence, self-influence over the mean |standardised
+    score| (about itself vs about the queries), the standardised value's weight in the suspect
+    (0.1-0.6), other ways of joining the two unit ranks (geometric mean, max, min), the most negative
+    standardised scores only, and the neighbour agreement (mean cosine of an example's standardised
+    score column with its 50 most similar columns by |cosine|, summed over periods: O(n^2 m) a
+    period, so not online)."""
+    S, SI = run["scores"].double(), run["self_influence"].double()
+    std = torch.stack([dv.standardise(x) for x in S])  # [P, m, n]
+    per_period = std.sum(1)  # [P, n]
+    value, own = per_period.sum(0), SI.sum(0)
+    low, high = dv.unit_ranks(-value), dv.unit_ranks(own)
+    mean_abs = std.abs().mean(1).clamp_min(torch.finfo(torch.float64).tiny)
+    norm = {
+        "self-infl. / its median, per period": (SI / SI.median(1, keepdim=True).values).sum(0),
+        "self-infl. / its mean, per period": (SI / SI.mean(1, keepdim=True)).sum(0),
+        "self-infl. unit rank, per period": torch.stack([dv.unit_ranks(x) for x in SI]).mean(0),
+        "self-infl. z-score, per period": ((SI - SI.mean(1, keepdim=True)) / SI.std(1, correction=0, keepdim=True)).sum(0),
+        "self-infl. / mean |standardised score|, per period": (SI / mean_abs).sum(0),
+    }
+    out = {f"{k} (high removed)": -v for k, v in norm.items()}
+    for q in (0.1, 0.2, 0.3):
+        top = (SI >= SI.quantile(1 - q, dim=1, keepdim=True)).double().mean(0)
+        out[f"share of periods in the top {q:g} of self-infl. (high removed)"] = -(top + 1e-6 * high)  # ties: summed
+    for k, v in norm.items():
+        out[f"suspect: standardised + {k}"] = -dv.suspect(value, v, 0.5)
+    for w in (0.1, 0.2, 0.4, 0.5, 0.6):  # 0.3: the default, in signals()
+        out[f"suspect {w:g}/{1 - w:g}: standardised + summed self-infl."] = -dv.suspect(value, own, w)
+    out["geometric mean of the two unit ranks"] = -(low * high).sqrt()
+    out["max of the two unit ranks"] = -torch.maximum(low, high)
+    out["min of the two unit ranks"] = -torch.minimum(low, high)
+    bottom = std.sort(1).values
+    for k in (25, 100, 250):
+        most_negative = bottom[:, :k].sum(1).sum(0)
+        out[f"{k} most negative standardised scores"] = most_negative
+        out[f"suspect: {k} most negative standardised + summed self-infl."] = -dv.suspect(most_negative, own, 0.5)
+    agree = torch.zeros(S.shape[2], dtype=torch.float64)
+    for z in std:
+        X = z / z.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        C = X.T @ X
+        C.fill_diagonal_(0)
+        agree += C.gather(1, C.abs().topk(50, dim=1).indices).mean(1)
+    out["neighbour agreement (50 nearest columns)"] = agree
+    out["suspect: neighbour agreement + summed self-infl."] = -dv.suspect(agree, own, 0.5)
+    return out
+
+
+def auroc_table(name: str, cache: Path) -> None:
+    """Flip-detection AUROC of every signal and study ranking on one (flipped) workload's run."""
+    data = load(WORKLOADS[name])
+    if not data["flipped"].any():
+        raise SystemExit(f"{name} has no flipped labels: no AUROC to print.")
+    run = cached_run(name, cache)
+    print(f"\n## {name} ({WORKLOADS[name]['half']} half): flip-detection AUROC, no retraining")
+    for label, value in {**signals(run), **study_signals(run)}.items():
+        print(f"{auroc(value, data['flipped']):.3f} | {label}", flush=True)
+
+
 def score_scales(run: dict) -> str:
     """How unequal the queries' score scales are (what standardising changes): per period, the
     largest per-query standard deviation over the training rows against the median, the share of
@@ -324,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default="runs/quality-cache/removal")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs-only", action="store_true", help="only the callback runs (cached)")
+    parser.add_argument("--auroc-only", action="store_true",
+                        help="only the flip-detection AUROC of every signal and study ranking (no retraining)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
@@ -333,6 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.workloads:
         if args.runs_only:
             cached_run(name, cache)
+            continue
+        if args.auroc_only:
+            auroc_table(name, cache)
             continue
         print_table(name, evaluate(name, args.seeds, cache, args.signals))
 
