@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="package.module:attr, example -> table cell (or a {'train': fn, 'query': fn} dict)")
     att.add_argument("--include", action="append", default=None)
     att.add_argument("--exclude", action="append", default=None)
+    att.add_argument("--raw-sum", action="store_true",
+                     help="several --ckpt: sum their raw scores (default: each checkpoint's scores divided, per "
+                          "query, by their standard deviation over the training rows, as the callback's ensemble)")
     att.add_argument("--no-wandb", action="store_true")
     att.add_argument("--quiet", action="store_true", help="no progress bars")
     st = sub.add_parser("store", help="check (verify) or repair a gradient store directory")

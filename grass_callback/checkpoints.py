@@ -2,9 +2,13 @@
 
 Each checkpoint gets its own pass over the training set (in a fixed order) and the queries, with
 the same plans (same seed), into its own store. The ensemble score is
-``s(i, q) = Σ_c Σ_l q_{c,l}^T (F_{c,l} + λ I)^{-1} g_{c,i,l}``: the checkpoints' layers are
-scored together as if they were more layers, so top-k, self-influence and data value are those
-of the summed score, streamed without a full matrix.
+``s(i, q) = Σ_c s_c(i, q) / σ_c(q)`` with ``s_c(i, q) = Σ_l q_{c,l}^T (F_{c,l} + λ I)^{-1} g_{c,i,l}``
+and ``σ_c(q)`` the standard deviation of ``s_c(·, q)`` over the training rows (population; a query
+with ``σ_c = 0`` adds nothing from that checkpoint), as the callback's ensemble standardises its
+periods (``standardise=False``: the raw sum, ``σ_c = 1``). The scale goes into the preconditioned
+queries, so the checkpoints' layers are scored together as if they were more layers: top-k,
+self-influence (unscaled: ``Σ_c s_c(i, i)``) and data value are those of the summed score,
+streamed without a full matrix; the spreads cost one more pass of products over each store.
 """
 
 from __future__ import annotations
@@ -38,11 +42,14 @@ def attribute_checkpoints(load_model: Callable[[str], nn.Module], checkpoints: S
                           index_key: Any = None, include: Any = None, exclude: Any = None, k: int = 1024,
                           seed: int = 0, damping_ratio: float | str = DEFAULT_DAMPING_RATIO, topk: int = 10,
                           reduction: str = "mean", num_queries: int | None = None, dtype: str = "float16",
-                          progress: bool = True, mask_run: int | str = "auto") -> ScoreResult:
+                          progress: bool = True, mask_run: int | str = "auto",
+                          standardise: bool = True) -> ScoreResult:
     """Ensembled influence over ``checkpoints``; ``load_model(path)`` returns the model at a checkpoint.
 
     ``train_loader`` must yield the same examples in the same order on every pass (no shuffling).
-    Stores go under ``out_dir/ckpt-<i>``. Returns the scores of the summed ensemble.
+    Stores go under ``out_dir/ckpt-<i>``. Returns the scores of the summed ensemble: with several
+    checkpoints and ``standardise`` (default) each checkpoint's scores are divided, per query, by
+    their standard deviation over the training rows first (one checkpoint: its own scores).
     """
     if not checkpoints:
         raise GraSSError("attribute_checkpoints needs at least one checkpoint path.")
@@ -75,7 +82,38 @@ def attribute_checkpoints(load_model: Callable[[str], nn.Module], checkpoints: S
     joint = FittedFisher({n: f for n, (f, _, _) in fitted.items()}, {n: d for n, (_, d, _) in fitted.items()},
                          {n: r for n, (_, _, r) in fitted.items()}, requested_damping_ratio=resolve_damping(damping_ratio, k))
     pre = precondition_queries(joint, queries)
+    if standardise and len(checkpoints) > 1:
+        for c, store in enumerate(stores):
+            mine = {key: q for key, q in pre.items() if key.startswith(f"ckpt{c}/")}
+            spread = score_spread({key.split("/", 1)[1]: q for key, q in mine.items()}, store)
+            scale = torch.where(spread > 0, 1.0 / spread, torch.zeros_like(spread)).to(torch.float32)
+            for key, q in mine.items():
+                pre[key] = q * scale[:, None]
     return score_chunks(pre, _aligned_chunks(stores), query_ids=q_ids, topk=topk, self_influence=joint)
+
+
+def score_spread(pre: dict[str, torch.Tensor], store: GradientStore, chunk_rows: int = 4096) -> torch.Tensor:
+    """Population standard deviation over ``store``'s rows of each query's score ``Σ_l pre_l · g_l``
+    (``pre[layer]``: ``[m, k]`` preconditioned queries): float64 ``[m]``. Chunks are merged by
+    their counts, means and squared deviations (no ``E[s²] - E[s]²`` cancellation)."""
+    count, mean, m2 = 0, None, None
+    for chunk in store.iter_chunks(chunk_rows=chunk_rows, layers=list(pre)):
+        s = sum(chunk.grads[name] @ q.T for name, q in pre.items()).double()  # [rows, m]
+        n = s.shape[0]
+        if n == 0:
+            continue
+        c_mean = s.mean(0)
+        c_m2 = (s - c_mean).square().sum(0)
+        if mean is None:
+            count, mean, m2 = n, c_mean, c_m2
+            continue
+        delta, total = c_mean - mean, count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + c_m2 + delta.square() * (count * n / total)
+        count = total
+    if mean is None:
+        raise GraSSError(f"{store.path} holds no rows to standardise the scores over.")
+    return (m2 / count).sqrt()
 
 
 def _aligned_chunks(stores: list[GradientStore], chunk_rows: int = 4096) -> Iterator[tuple[torch.Tensor, dict]]:
@@ -192,7 +230,8 @@ def run_attribute_cli(args: Any) -> int:
     result = attribute_checkpoints(load, args.ckpt, train, query, training_step_loss, out / "stores", k=args.k,
                                    seed=args.seed, topk=args.topk, num_queries=args.num_queries,
                                    include=args.include, exclude=args.exclude, damping_ratio=damping,
-                                   progress=not args.quiet, mask_run=args.mask_run)
+                                   progress=not args.quiet, mask_run=args.mask_run,
+                                   standardise=not args.raw_sum)
     run = None if args.no_wandb else resolve_wandb_run(save_dir=str(out), project="grass-callback",
                                                          config={"checkpoints": args.ckpt, "k": args.k})
     train_ds, query_ds = train.dataset, getattr(query, "dataset", None)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_attribute import dense_scores, loss_fn, make_problem  # noqa: E402
 
 
-def test_ensemble_is_the_sum_of_checkpoint_scores(tmp_path):
+def _two_checkpoints():
     models = {}
     for seed in (0, 1):
         model, train, query = make_problem(seed=2)
@@ -24,21 +24,37 @@ def test_ensemble_is_the_sum_of_checkpoint_scores(tmp_path):
             for p in model.parameters():
                 p.add_(0.05 * seed * torch.randn_like(p))
         models[f"ckpt{seed}"] = model
-    result = attribute_checkpoints(lambda p: models[p], ["ckpt0", "ckpt1"], train, query, loss_fn, tmp_path,
-                                   k=32, dtype="float32", topk=4, damping_ratio=1e-2, progress=False)
-    from grass_callback.attribution import AttributionResult, plans_from_store
+    return models, train, query
+
+
+def _dense_per_checkpoint(models, query, root):
+    """Each checkpoint's dense score matrix ``[m, n]`` from its store, by the plain reference."""
+    from grass_callback.attribution import AttributionResult, plans_from_store, query_gradients
     from grass_callback.capture import LayerTaps
-    from grass_callback.attribution import query_gradients
     from grass_callback.store import GradientStore
 
-    total = 0
+    out = []
     for c, name in enumerate(["ckpt0", "ckpt1"]):
-        store = GradientStore(tmp_path / f"ckpt-{c}", readonly=True)
+        store = GradientStore(root / f"ckpt-{c}", readonly=True)
         taps = LayerTaps(models[name], plans=plans_from_store(store))
         with taps:
             q_ids, q_grads = query_gradients(models[name], taps, query, loss_fn, progress=False)
         ids, dense = dense_scores(AttributionResult(None, None, store, q_ids, q_grads), store, 1e-2)
-        total = total + dense
+        out.append(dense)
+    return ids, out
+
+
+@pytest.mark.parametrize("standardise", [False, True])
+def test_ensemble_is_the_sum_of_checkpoint_scores(tmp_path, standardise):
+    models, train, query = _two_checkpoints()
+    result = attribute_checkpoints(lambda p: models[p], ["ckpt0", "ckpt1"], train, query, loss_fn, tmp_path,
+                                   k=32, dtype="float32", topk=4, damping_ratio=1e-2, progress=False,
+                                   standardise=standardise)
+    ids, dense = _dense_per_checkpoint(models, query, tmp_path)
+    if standardise:  # each checkpoint's scores over its std across the training rows, per query
+        dense = [d / d.std(dim=1, correction=0, keepdim=True) for d in dense]
+        assert not torch.allclose(dense[0] * dense[1].abs().mean() / dense[0].abs().mean(), dense[1], rtol=0.1)
+    total = dense[0] + dense[1]
     order = total.argsort(dim=1, descending=True)
     assert torch.equal(result.top_ids, ids[order[:, :4]])
     torch.testing.assert_close(result.top_scores.double(), total.gather(1, order[:, :4]), rtol=1e-4, atol=1e-5)
