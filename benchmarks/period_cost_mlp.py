@@ -100,20 +100,21 @@ def run(cfg: dict, epochs: int, with_callback: bool, clock, root: Path, wandb: b
 
 def linear_algebra_floor(dims: list[int], n: int, m: int, clock) -> float:
     """Seconds of a period's dense algebra alone, on random matrices of its shapes: per layer of
-    ``k`` a float64 Cholesky (the fit), a float64 ``cholesky_solve`` of the ``m`` queries, a float32
+    ``k`` a float32 Cholesky (the fit: float16 rows at the default damping get float32 factors,
+    ``fisher.factor_dtype``), a float32 ``cholesky_solve`` of the ``m`` queries, a float32
     triangular solve of the ``n`` rows (self-influence) and the ``m x n`` score product (median of 3)."""
     gen = torch.Generator().manual_seed(0)
     total = 0.0
     for k in dims:
         rows = torch.randn(n, k, generator=gen)
         queries = torch.randn(m, k, generator=gen)
-        matrix = (rows.double().T @ rows.double()) / n + torch.eye(k, dtype=torch.float64)
+        matrix = (rows.T @ rows) / n + torch.eye(k)
         times = []
         for _ in range(3):
             t0 = clock()
             factor = torch.linalg.cholesky(matrix)
-            torch.cholesky_solve(queries.double().T, factor)
-            torch.linalg.solve_triangular(factor.float().T.contiguous(), rows, upper=True, left=False)
+            torch.cholesky_solve(queries.T, factor)
+            torch.linalg.solve_triangular(factor.T.contiguous(), rows, upper=True, left=False)
             queries @ rows.T
             times.append(clock() - t0)
         total += statistics.median(times)
