@@ -63,6 +63,38 @@ def test_ensemble_is_the_sum_of_checkpoint_scores(tmp_path, standardise):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_score_spread_merges_chunks_into_the_population_std(tmp_path):
+    # the checkpoint test's stores fit in one chunk, so the merge of chunks is tested here: chunks
+    # of 5 rows (the last one 3) whose means differ a lot, so a merge without the between-chunk
+    # term (or with n - 1) is off
+    from grass_callback.checkpoints import score_spread
+    from grass_callback.errors import GraSSError
+    from grass_callback.store import GradientStore
+
+    dims = {"a": 6, "b": 4}
+    gen = torch.Generator().manual_seed(5)
+    store = GradientStore(tmp_path / "st", layer_dims=dims, dtype=torch.float32, rows_per_shard=8)
+    rows = {n: torch.randn(23, k, generator=gen) + torch.arange(23.0)[:, None] / 4 for n, k in dims.items()}
+    for start in range(0, 23, 6):
+        store.append(torch.arange(start, min(start + 6, 23)), start, {n: g[start : start + 6] for n, g in rows.items()})
+    store.close()
+    pre = {n: torch.randn(3, k, generator=gen) for n, k in dims.items()}
+    dense = sum(rows[n].double() @ pre[n].double().T for n in dims)  # [23, 3]
+    want = dense.std(dim=0, correction=0)
+    ro = GradientStore(tmp_path / "st", readonly=True)
+    for chunk_rows in (5, 4096):
+        got = score_spread(pre, ro, chunk_rows=chunk_rows)
+        assert got.dtype == torch.float64 and got.shape == (3,)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    one = score_spread({"b": pre["b"]}, ro, chunk_rows=5)  # only the layers asked for
+    torch.testing.assert_close(one, (rows["b"].double() @ pre["b"].double().T).std(dim=0, correction=0),
+                               rtol=1e-5, atol=0)
+    empty = GradientStore(tmp_path / "empty", layer_dims=dims, dtype=torch.float32)
+    empty.close()
+    with pytest.raises(GraSSError, match="no rows"):
+        score_spread(pre, GradientStore(tmp_path / "empty", readonly=True))
+
+
 def test_cli_example_finds_flipped_labels(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import attribute_checkpoint

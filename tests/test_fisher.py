@@ -357,3 +357,40 @@ def test_failed_float32_factor_is_redone_in_float64_at_the_same_ratio(monkeypatc
         fitted = stats.fit(damping_ratio=10.0, rows_dtype=torch.bfloat16)
     assert all(f.dtype == torch.float64 for f in fitted.factors.values())
     assert all(r == 10.0 for r in fitted.damping_ratio.values())
+
+
+@pytest.mark.parametrize("failing", ["float32_fails", "head_fails_twice"])
+def test_factor_after_failed_attempts_is_that_of_its_reported_damping(monkeypatch, failing):
+    # the attempts share one k x k matrix (F's diagonal restored before each) and the float64
+    # redo builds its own: the factor that succeeds is F + lambda I at the lambda it reports,
+    # with nothing left of the failed attempts
+    grads = _grads(50, seed=8, dtype=torch.float64)
+    stats = FisherStats(DIMS)
+    stats.update(grads)
+    real = torch.linalg.cholesky_ex
+    head_failures = [2]
+
+    def flaky(matrix, **kwargs):
+        factor, info = real(matrix, **kwargs)
+        if failing == "float32_fails" and matrix.dtype == torch.float32:
+            return factor, torch.ones_like(info)
+        if failing == "head_fails_twice" and matrix.shape[0] == DIMS["head"] and head_failures[0] > 0:
+            head_failures[0] -= 1
+            return factor, torch.ones_like(info)
+        return factor, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the retry ladder's warnings
+        if failing == "float32_fails":
+            fitted = stats.fit(damping_ratio=10.0, rows_dtype=torch.bfloat16)
+        else:
+            fitted = stats.fit(damping_ratio=1e-3)
+    want_ratio = {n: 10.0 for n in DIMS} if failing == "float32_fails" else {**{n: 1e-3 for n in DIMS}, "head": 1e-1}
+    assert fitted.damping_ratio == pytest.approx(want_ratio)
+    for name in DIMS:
+        _, lam, damped = _reference(grads, want_ratio[name])[name]
+        factor = fitted.factors[name]
+        assert factor.dtype == torch.float64
+        assert fitted.damping[name] == pytest.approx(lam, rel=1e-12)
+        torch.testing.assert_close(factor @ factor.T, damped, rtol=1e-12, atol=1e-12)
