@@ -55,6 +55,15 @@ T_REFS = "tests/test_independent_refs.py"
 T_DV = T_REFS + "::test_data_value_is_the_sum_of_every_period_scores"
 T_RESUME = "tests/test_crash.py::test_resume_keeps_exactly_the_rows_before_the_checkpoint_and_rebuilds_the_period_fisher"
 T_KERNEL = "tests/test_ops.py::test_cpu_kernel_matches_reference"
+T_FISHER = "tests/test_fisher.py"
+T_FACTOR_DTYPE = T_FISHER + "::test_factor_dtype_follows_the_condition_bound"
+T_HALF_ROWS = T_FISHER + "::test_float32_factor_for_half_rows_solves_within_a_quarter_of_their_rounding"
+T_FALLBACK = T_FISHER + "::test_failed_float32_factor_is_redone_in_float64_at_the_same_ratio"
+T_CHOLESKY_RETRY = T_FISHER + "::test_cholesky_failure_warns_and_raises_damping"
+T_CKPT = "tests/test_checkpoints.py::test_ensemble_is_the_sum_of_checkpoint_scores"
+T_SPREAD = "tests/test_checkpoints.py::test_score_spread_merges_chunks_into_the_population_std"
+T_REDONE = T_FISHER + "::test_factor_after_failed_attempts_is_that_of_its_reported_damping"
+T_SUSPECT = "tests/test_data_value.py::test_suspect_weights_the_unit_ranks_of_low_value_and_high_self_influence_0_3_to_0_7"
 
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ the issue's table
@@ -179,6 +188,38 @@ MUTANTS: list[Mutant] = [
            "        if self._host_ids is None and not (setattr(self, '_host_ids', self._ids.host()) or True):",
            ("tests/test_batch_ids.py",),
            "on a GPU (indices read after backward) the batch's indices are never checked or admitted"),
+    # ------------------------------------------------------------------ float32 factors for half rows
+    Mutant("factor-dtype-quarter-inverted", "grass_callback/fisher.py",
+           "torch.finfo(rows_dtype).eps / 4 else", "torch.finfo(rows_dtype).eps * 4 else",
+           (T_FACTOR_DTYPE,), "float32 factors allowed up to 4 x the rows' rounding instead of a quarter of it"),
+    Mutant("factor-no-float64-fallback", "grass_callback/fisher.py",
+           "for precision in dict.fromkeys((dtype, sums.dtype)):", "for precision in (dtype,):",
+           (T_FALLBACK,), "a failed float32 Cholesky raises the ratio instead of being redone in float64"),
+    Mutant("fallback-damped-twice", "grass_callback/fisher.py",
+           "                matrix = _fisher_in(sums, count, precision, name)\n",
+           "                matrix = fisher.to(precision)\n",
+           (T_FALLBACK, T_REDONE), "the float64 redo starts from the float32 matrix, already damped: F + 2 lambda I"),
+    Mutant("retry-diagonal-not-restored", "grass_callback/fisher.py",
+           "                matrix = fisher\n                matrix.diagonal().copy_(diagonal)\n",
+           "                matrix = fisher\n",
+           (T_CHOLESKY_RETRY, T_REDONE), "each retry adds its lambda onto the last one's (F's diagonal not restored)"),
+    Mutant("fisher-in-no-copy", "grass_callback/fisher.py",
+           "fisher = sums.to(dtype, copy=True).div_(count)", "fisher = sums.to(dtype).div_(count)",
+           (T_HALF_ROWS,), "a fit in the statistics' dtype divides the running sums in place (a second fit is off)"),
+    # ------------------------------------------------------------------ checkpoint ensemble
+    Mutant("spread-no-delta-term", "grass_callback/checkpoints.py",
+           "m2 = m2 + c_m2 + delta.square() * (count * n / total)", "m2 = m2 + c_m2",
+           (T_CKPT, T_SPREAD), "chunks' squared deviations merged without the between-chunk term (spread too small)"),
+    Mutant("spread-sample-std", "grass_callback/checkpoints.py",
+           "return (m2 / count).sqrt()", "return (m2 / (count - 1)).sqrt()",
+           (T_CKPT, T_SPREAD), "the spread is the sample std (n - 1), not the population std the docs state"),
+    Mutant("spread-last-checkpoint-unscaled", "grass_callback/checkpoints.py",
+           "for c, store in enumerate(stores):\n            mine", "for c, store in enumerate(stores[:-1]):\n            mine",
+           (T_CKPT,), "the last checkpoint's scores are summed without dividing by their spread"),
+    # ------------------------------------------------------------------ weighted suspect
+    Mutant("suspect-weights-swapped", "grass_callback/data_value.py",
+           "self_influence.to(torch.float64)], [w, 1 - w])", "self_influence.to(torch.float64)], [1 - w, w])",
+           (T_SUSPECT,), "suspect = 0.7 x low data value + 0.3 x self-influence (weights swapped)"),
 ]
 
 
