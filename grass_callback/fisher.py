@@ -537,7 +537,7 @@ def factor_dtype(stats_dtype: torch.dtype, rows_dtype: torch.dtype | None, k: in
     float32 solve's relative error is under a quarter of the rows' own rounding: with relative
     damping ``r`` the condition number is at most ``1 + k / r`` (``lambda = r trace(F) / k >=
     r lambda_max / k``), so the test is ``(1 + k / r) eps_32 <= eps_rows / 4`` (float16 rows at
-    ``k = 1024``: ``r >= 0.5``; bfloat16: ``r >= 0.07``; the default ``"auto"`` gives ``r >= 1``).
+    ``k = 1024``: ``r >= 0.5``; bfloat16: ``r >= 0.0625``; the default ``"auto"`` gives ``r >= 1``).
     Otherwise the statistics' dtype, as before.
     """
     if stats_dtype != torch.float64 or rows_dtype is None or rows_dtype not in (torch.float16, torch.bfloat16):
@@ -553,9 +553,12 @@ def _not_finite(name: str) -> FisherError:
 
 def _fisher_in(sums: Tensor, count: int, dtype: torch.dtype, name: str) -> Tensor:
     """``F = sums / count`` as a new tensor in ``dtype`` (the sums cast first: one pass of the
-    smaller dtype after it), checked finite."""
+    smaller dtype after it), checked finite. Sums beyond float32's range (possible with bfloat16
+    rows) are done in the sums' own dtype instead."""
     fisher = sums.to(dtype, copy=True).div_(count)
-    if not math.isfinite(float(fisher.sum())):  # a NaN or inf anywhere
+    if not math.isfinite(float(fisher.sum(dtype=torch.float64))):  # a NaN or inf anywhere
+        if dtype != sums.dtype:
+            return _fisher_in(sums, count, sums.dtype, name)
         raise _not_finite(name)
     return fisher
 

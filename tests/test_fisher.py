@@ -394,3 +394,16 @@ def test_factor_after_failed_attempts_is_that_of_its_reported_damping(monkeypatc
         assert factor.dtype == torch.float64
         assert fitted.damping[name] == pytest.approx(lam, rel=1e-12)
         torch.testing.assert_close(factor @ factor.T, damped, rtol=1e-12, atol=1e-12)
+
+
+def test_sums_beyond_float32_range_fall_back_to_float64_factors_not_an_error():
+    # bfloat16 rows reach float32's range: sums past 3.4e38 (F itself below it) would turn inf in
+    # float32, so the layer is factored from its float64 statistics instead
+    g = {"a": torch.randn(40, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 5e18}
+    stats = FisherStats({"a": 16})
+    stats.update(g)
+    big = torch.finfo(torch.float32).max
+    assert float(stats.sums["a"].abs().max()) > big > float((stats.sums["a"] / 40).abs().max())
+    fitted = stats.fit(1.0, rows_dtype=torch.bfloat16)
+    assert fitted.factors["a"].dtype == torch.float64
+    torch.testing.assert_close(fitted.factors["a"], stats.fit(1.0).factors["a"], rtol=0, atol=0)
