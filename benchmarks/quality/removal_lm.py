@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python -m benchmarks.quality.removal_lm                    # both workloads, one table each
     nice -n 10 .venv/bin/python -m benchmarks.quality.removal_lm --workloads lm-corrupt20 --seeds 5
+    nice -n 10 .venv/bin/python -m benchmarks.quality.removal_lm --oracle-only --corrupt uniform --epochs 12
 
 The language-model counterpart of :mod:`benchmarks.quality.removal` (issue 16). The model, data
 and recipe are the quality suite's ``gpt2-pydoc`` workload (:mod:`benchmarks.quality.lm`: passages
@@ -13,8 +14,12 @@ queries and copying none of them (the corpus repeats some paragraphs), measure t
 Workloads: ``lm-clean`` (the passages as they are) and
 ``lm-corrupt20`` (20% of the training passages, chosen with a fixed seed, are mis-encoded: every
 token goes through one fixed random permutation of the vocabulary, :func:`corrupt_passages`), where
-the oracle removes exactly the corrupted passages. (Uniform random tokens, the first corruption
-tried, did not hurt this 4-epoch model: the oracle lost to full data, see README.)
+the oracle removes exactly the corrupted passages. At this size the model is data-starved (its
+test loss is about the training unigram's cross-entropy) and losing 120 passages costs about what
+the corruption does: the oracle does not clearly beat full data (README "Data value and
+suspects"), so the gap column shows ``-`` unless it does by more than twice its paired SE.
+``--oracle-only`` prints full data / oracle / clean data per seed, with ``--corrupt`` and
+``--epochs`` to try others.
 
 The model is trained once through :class:`GraSSCallback` (every query scored at each epoch end);
 the removal benchmark's recorder keeps every period's score matrix, self-influence and learning
@@ -58,7 +63,7 @@ from .removal import _mean_se, _recorder, auroc, callback_check, kept_rows, rand
 from .workloads import WORKLOADS as SUITE  # noqa: E402
 
 FRACTIONS = (0.05, 0.10, 0.20, 0.30)
-_RUN_VERSION, _RETRAIN_VERSION = 1, 1
+_RUN_VERSION, _RETRAIN_VERSION = 2, 1
 # the suite's gpt2-pydoc (model, data, recipe); "models" is its ground truth's, unused here
 _BASE = {**{k: v for k, v in SUITE["gpt2-pydoc"].items() if k not in ("models", "n_queries")},
          "n_val": 60, "n_test": 300, "test_spare": 100, "k": 1024}
@@ -203,6 +208,7 @@ def callback_run(cfg: dict, data: dict) -> dict:
     for name, pair in (("data_value", grass.data_value_tensors()), ("self_influence", grass.self_influence),
                        ("suspect", grass.suspect)):
         out[f"callback_{name}"] = torch.zeros(n, dtype=torch.float64).index_put_((pair[0],), pair[1].double())
+    out["suspect_value_weight"] = dv.SUSPECT_VALUE_WEIGHT  # the weight the callback's suspect was made with
     return out
 
 
@@ -316,6 +322,13 @@ def print_table(name: str, res: dict) -> None:
     head = " | ".join(f"{int(100 * f)}%" for f in FRACTIONS)
     print(f"ranking | test loss removing lowest {head} | minus random (paired SE) {head} | AUROC | gap closed")
     rnd = res["random"]
+    # the gap is only a yardstick when the oracle beats full data by more than twice its paired SE
+    gap_ok = False
+    if "oracle" in res:
+        gm, gse = _mean_se([f - o for f, o in zip(res["full"], res["oracle"])])
+        gap_ok = gm > 2 * gse if not math.isnan(gse) else gm > 0
+        print(f"full minus oracle, paired on the seed: {gm:+.3f} ± {gse:.3f}"
+              + ("" if gap_ok else " (not clearly above 0: no gap to close, the column shows '-')"))
     for label, by_f in [("random", rnd)] + list(res["signals"].items()):
         losses = " | ".join(f"{statistics.fmean(by_f[f]):.3f}" for f in FRACTIONS)
         diffs = []
@@ -327,7 +340,7 @@ def print_table(name: str, res: dict) -> None:
         if "oracle" in res and label != "random":
             best = min(statistics.fmean(by_f[f]) for f in FRACTIONS)
             denom = full_m - statistics.fmean(res["oracle"])
-            gap = f"{100 * (full_m - best) / denom:.0f}%" if denom > 0 else "-"
+            gap = f"{100 * (full_m - best) / denom:.0f}%" if gap_ok and denom > 0 else "-"
         print(f"{label} | {losses} | {' | '.join(diffs)} | {'' if au is None else f'{au:.3f}'} | {gap}", flush=True)
     print(f"({res['check']})")
     print(f"({res['scales']})")
