@@ -92,3 +92,13 @@ def test_workload_splits():
     assert not clean["corrupted"].any()
     for key in ("mask", "val_ids", "test_ids"):
         assert torch.equal(bad[key], clean[key])
+
+
+def test_unigram_loss_by_hand():
+    import math
+
+    data = {"vocab": 4, "ids": torch.tensor([[2, 3, 3, 1]]), "mask": torch.tensor([[1, 1, 1, 0]]),
+            "test_ids": torch.tensor([[2, 3, 2, 1], [3, 0, 1, 1]]), "test_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    # training targets 3, 3 -> add-one probabilities [1, 1, 1, 3] / 6; the first token is no target
+    want = (-(math.log(3 / 6) + math.log(1 / 6)) / 2 - math.log(1 / 6)) / 2
+    assert R.unigram_loss(data) == pytest.approx(want, rel=1e-12)

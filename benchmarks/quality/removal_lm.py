@@ -152,6 +152,18 @@ def load(cfg: dict) -> dict:
             "test_mask": rest_mask[test], "vocab": vocab, "corrupted": corrupted}
 
 
+def unigram_loss(data: dict) -> float:
+    """Mean token loss on the test passages of the training passages' unigram (add-one smoothed
+    token counts over the predicted positions): what a model that learnt no context scores."""
+    V = data["vocab"]
+    train = data["ids"][:, 1:][data["mask"][:, 1:] > 0]
+    logp = (torch.bincount(train, minlength=V).double() + 1).log()
+    logp -= logp.exp().sum().log()
+    valid = data["test_mask"][:, 1:].double()
+    nll = -logp[data["test_ids"][:, 1:]] * valid
+    return float((nll.sum(1) / valid.sum(1).clamp_min(1)).mean())
+
+
 # ----------------------------------------------------------------------------- the callback run
 
 
@@ -295,7 +307,7 @@ def evaluate(name: str, seeds: int, cache: Path, log=print, cfg: dict | None = N
     t0 = time.perf_counter()
     full = [retrain(cfg, data, torch.arange(n), s, cache) for s in range(seeds)]
     res: dict = {"full": full, "signals": {}, "auroc": {}, "seconds": run["seconds"], "check": callback_check(run),
-                 "scales": score_scales(run), "callback_test_loss": run["test_loss"]}
+                 "scales": score_scales(run), "callback_test_loss": run["test_loss"], "unigram": unigram_loss(data)}
     corrupted = data["corrupted"]
     if corrupted.any():
         clean_rows = torch.nonzero(~corrupted).squeeze(1)
@@ -318,7 +330,8 @@ def print_table(name: str, res: dict) -> None:
     if "oracle" in res:
         om, ose = _mean_se(res["oracle"])
         line += f", oracle (corrupted removed) {om:.3f} ± {ose:.3f}"
-    print(line + f"; callback run {res['seconds']:.0f} s (its model's test loss {res['callback_test_loss']:.3f})")
+    print(line + f"; callback run {res['seconds']:.0f} s (its model's test loss {res['callback_test_loss']:.3f}; "
+          f"the training passages' unigram {res['unigram']:.3f})")
     head = " | ".join(f"{int(100 * f)}%" for f in FRACTIONS)
     print(f"ranking | test loss removing lowest {head} | minus random (paired SE) {head} | AUROC | gap closed")
     rnd = res["random"]
