@@ -80,13 +80,19 @@ def _module(cfg: dict, n: int, net: torch.nn.Module | None = None, step_loss=Non
             return step_loss(self.net, batch)
 
         def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-            per_epoch = math.ceil(n / cfg["batch"])
-            total = per_epoch * cfg["epochs"]
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: mlp.lr_at(cfg, s, total, per_epoch) / cfg["lr"])
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            return recipe_optimizers(cfg, n, self.parameters())
 
     return Module()
+
+
+def recipe_optimizers(cfg: dict, n: int, params) -> dict:
+    """The workloads' optimiser for Lightning: AdamW, the learning rate of :func:`mlp.lr_at` per
+    step (one warm-up epoch, then cosine to zero) over ``n`` examples an epoch."""
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    per_epoch = math.ceil(n / cfg["batch"])
+    total = per_epoch * cfg["epochs"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: mlp.lr_at(cfg, s, total, per_epoch) / cfg["lr"])
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def _mlp_loss(net, batch):

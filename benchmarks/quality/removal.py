@@ -133,10 +133,14 @@ def callback_run(cfg: dict, data: dict) -> dict:
         logits = module.net(Xtr)
         loss = F.cross_entropy(logits, ytr, reduction="none")
         test_acc = float((module.net(data["Xte"]).argmax(1) == data["yte"]).float().mean())
+    return {**recorded(grass, rec, n), "loss": loss, "test_acc": test_acc, "seconds": seconds}
+
+
+def recorded(grass, rec, n: int) -> dict:
+    """What a callback run leaves for the benchmark: the recorder's per-period matrices, and the
+    callback's own signals dense by training id (to check them against the offline definitions)."""
     out = {"scores": torch.stack(rec.scores), "self_influence": torch.stack(rec.self_influence),
-           "lrs": torch.tensor(rec.lrs, dtype=torch.float64), "loss": loss, "test_acc": test_acc,
-           "seconds": seconds}
-    # the callback's own signals, dense by training id (to check them against the offline definitions)
+           "lrs": torch.tensor(rec.lrs, dtype=torch.float64)}
     for name, pair in (("data_value", grass.data_value_tensors()), ("self_influence", grass.self_influence),
                        ("suspect", grass.suspect)):
         out[f"callback_{name}"] = torch.zeros(n, dtype=torch.float64).index_put_((pair[0],), pair[1].double())

@@ -57,9 +57,9 @@ if __package__ in (None, ""):
 from grass_callback import data_value as dv  # noqa: E402
 
 from . import lm as lm_mod  # noqa: E402
-from . import mlp  # noqa: E402
-from .ensemble import _EpochOrder, quiet_trainer  # noqa: E402
-from .removal import _mean_se, _recorder, auroc, callback_check, kept_rows, random_value, score_scales  # noqa: E402
+from .ensemble import _EpochOrder, quiet_trainer, recipe_optimizers  # noqa: E402
+from .removal import (_mean_se, _recorder, auroc, callback_check, kept_rows, random_value,  # noqa: E402
+                      recorded, score_scales)
 from .workloads import WORKLOADS as SUITE  # noqa: E402
 
 FRACTIONS = (0.05, 0.10, 0.20, 0.30)
@@ -181,11 +181,7 @@ def _module(cfg: dict, vocab: int, n: int):
             return lm_mod.token_losses(self.lm, batch[0], batch[1]).mean()
 
         def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-            per_epoch = math.ceil(n / cfg["batch"])
-            total = per_epoch * cfg["epochs"]
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: mlp.lr_at(cfg, s, total, per_epoch) / cfg["lr"])
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            return recipe_optimizers(cfg, n, self.parameters())
 
     return Module()
 
@@ -214,14 +210,7 @@ def callback_run(cfg: dict, data: dict) -> dict:
     module.lm.eval()
     loss = lm_mod.passage_losses(module.lm, ids, mask)
     test_loss = float(lm_mod.passage_losses(module.lm, data["test_ids"], data["test_mask"]).mean())
-    out = {"scores": torch.stack(rec.scores), "self_influence": torch.stack(rec.self_influence),
-           "lrs": torch.tensor(rec.lrs, dtype=torch.float64), "loss": loss, "test_loss": test_loss,
-           "seconds": seconds}
-    for name, pair in (("data_value", grass.data_value_tensors()), ("self_influence", grass.self_influence),
-                       ("suspect", grass.suspect)):
-        out[f"callback_{name}"] = torch.zeros(n, dtype=torch.float64).index_put_((pair[0],), pair[1].double())
-    out["suspect_value_weight"] = dv.SUSPECT_VALUE_WEIGHT  # the weight the callback's suspect was made with
-    return out
+    return {**recorded(grass, rec, n), "loss": loss, "test_loss": test_loss, "seconds": seconds}
 
 
 def cached_run(name: str, cache: Path, log=print, cfg: dict | None = None) -> dict:
