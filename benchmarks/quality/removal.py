@@ -112,28 +112,36 @@ def callback_run(cfg: dict, data: dict) -> dict:
     data value / self-influence / suspect, the final model's per-example training loss."""
     import lightning as L
 
-    from grass_callback import GraSSCallback, IndexedDataset
-
     Xtr, ytr = data["Xtr"], data["ytr"]
     n = len(Xtr)
-    train = torch.utils.data.DataLoader(IndexedDataset(torch.utils.data.TensorDataset(Xtr, ytr)),
-                                        batch_sampler=_EpochOrder(cfg, n))
-    queries = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["Xval"], data["yval"]), batch_size=256)
-    store = tempfile.mkdtemp(prefix="quality-removal-")
-    # raw (unstandardised) ensemble: the recorder reads each period's matrix off its sums
-    grass = GraSSCallback(k=cfg["k"], num_queries=len(data["Xval"]), query_loader=queries, log_to_wandb=False,
-                          progress=False, store_dir=store, ensemble_standardise=False)
-    rec = _recorder(grass)
     module = _module(cfg, n)
-    trainer = quiet_trainer(cfg["epochs"], [grass, rec], store)
-    t0 = time.perf_counter()
-    trainer.fit(module, train)
-    seconds = time.perf_counter() - t0
+    grass, rec, seconds = train_through_callback(cfg, module, (Xtr, ytr), (data["Xval"], data["yval"]), 256)
     with torch.no_grad():
         logits = module.net(Xtr)
         loss = F.cross_entropy(logits, ytr, reduction="none")
         test_acc = float((module.net(data["Xte"]).argmax(1) == data["yte"]).float().mean())
     return {**recorded(grass, rec, n), "loss": loss, "test_acc": test_acc, "seconds": seconds}
+
+
+def train_through_callback(cfg: dict, module, train: tuple, queries: tuple, query_batch: int):
+    """Fit ``module`` on the tensors ``train`` (in the workload's per-epoch order) with
+    :class:`GraSSCallback` scoring every query of ``queries`` at each epoch end and the period
+    recorder: ``(callback, recorder, seconds)``. The ensemble is raw (unstandardised): the recorder
+    reads each period's matrix off its sums."""
+    from grass_callback import GraSSCallback, IndexedDataset
+
+    n = len(train[0])
+    loader = torch.utils.data.DataLoader(IndexedDataset(torch.utils.data.TensorDataset(*train)),
+                                         batch_sampler=_EpochOrder(cfg, n))
+    query_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*queries), batch_size=query_batch)
+    store = tempfile.mkdtemp(prefix="quality-removal-")
+    grass = GraSSCallback(k=cfg["k"], num_queries=len(queries[0]), query_loader=query_loader, log_to_wandb=False,
+                          progress=False, store_dir=store, ensemble_standardise=False)
+    rec = _recorder(grass)
+    trainer = quiet_trainer(cfg["epochs"], [grass, rec], store)
+    t0 = time.perf_counter()
+    trainer.fit(module, loader)
+    return grass, rec, time.perf_counter() - t0
 
 
 def recorded(grass, rec, n: int) -> dict:

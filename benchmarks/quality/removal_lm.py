@@ -44,7 +44,6 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,9 +56,9 @@ if __package__ in (None, ""):
 from grass_callback import data_value as dv  # noqa: E402
 
 from . import lm as lm_mod  # noqa: E402
-from .ensemble import _EpochOrder, quiet_trainer, recipe_optimizers  # noqa: E402
-from .removal import (_mean_se, _recorder, auroc, callback_check, kept_rows, random_value,  # noqa: E402
-                      recorded, score_scales)
+from .ensemble import recipe_optimizers  # noqa: E402
+from .removal import (_mean_se, auroc, callback_check, kept_rows, random_value,  # noqa: E402
+                      recorded, score_scales, train_through_callback)
 from .workloads import WORKLOADS as SUITE  # noqa: E402
 
 FRACTIONS = (0.05, 0.10, 0.20, 0.30)
@@ -189,24 +188,10 @@ def _module(cfg: dict, vocab: int, n: int):
 def callback_run(cfg: dict, data: dict) -> dict:
     """Train the workload's GPT-2 through the callback: every period's matrices, the callback's own
     data value / self-influence / suspect, the final model's per-passage training loss."""
-    from grass_callback import GraSSCallback, IndexedDataset
-
     ids, mask = data["ids"], data["mask"]
     n = len(ids)
-    train = torch.utils.data.DataLoader(IndexedDataset(torch.utils.data.TensorDataset(ids, mask)),
-                                        batch_sampler=_EpochOrder(cfg, n))
-    queries = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["val_ids"], data["val_mask"]),
-                                          batch_size=64)
-    store = tempfile.mkdtemp(prefix="quality-removal-lm-")
-    # raw (unstandardised) ensemble: the recorder reads each period's matrix off its sums
-    grass = GraSSCallback(k=cfg["k"], num_queries=len(data["val_ids"]), query_loader=queries, log_to_wandb=False,
-                          progress=False, store_dir=store, ensemble_standardise=False)
-    rec = _recorder(grass)
     module = _module(cfg, data["vocab"], n)
-    trainer = quiet_trainer(cfg["epochs"], [grass, rec], store)
-    t0 = time.perf_counter()
-    trainer.fit(module, train)
-    seconds = time.perf_counter() - t0
+    grass, rec, seconds = train_through_callback(cfg, module, (ids, mask), (data["val_ids"], data["val_mask"]), 64)
     module.lm.eval()
     loss = lm_mod.passage_losses(module.lm, ids, mask)
     test_loss = float(lm_mod.passage_losses(module.lm, data["test_ids"], data["test_mask"]).mean())
