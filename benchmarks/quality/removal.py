@@ -162,18 +162,27 @@ def run_suspect_weight(run: dict) -> float:
     return float(run.get("suspect_value_weight", 0.5))
 
 
-def cached_run(name: str, cache: Path, log=print) -> dict:
-    cfg = WORKLOADS[name]
-    path = cache / f"run-{name}-{_hash({**cfg, '_v': _RUN_VERSION})}.pt"
+def cached_torch(path: Path, make) -> dict:
+    """``torch.load(path)``, or ``make()`` saved there first (atomically: a killed run leaves no file)."""
     if path.exists():
         return torch.load(path, weights_only=False)
-    log(f"{name}: training through the callback ({cfg['epochs']} epochs, {cfg['n_val']} queries) ...")
-    run = callback_run(cfg, load(cfg))
+    value = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(run, path.with_suffix(".tmp"))
+    torch.save(value, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
-    log(f"{name}: {run['seconds']:.0f} s through the callback, test accuracy {run['test_acc']:.3f}")
-    return run
+    return value
+
+
+def cached_run(name: str, cache: Path, log=print) -> dict:
+    cfg = WORKLOADS[name]
+
+    def make() -> dict:
+        log(f"{name}: training through the callback ({cfg['epochs']} epochs, {cfg['n_val']} queries) ...")
+        run = callback_run(cfg, load(cfg))
+        log(f"{name}: {run['seconds']:.0f} s through the callback, test accuracy {run['test_acc']:.3f}")
+        return run
+
+    return cached_torch(cache / f"run-{name}-{_hash({**cfg, '_v': _RUN_VERSION})}.pt", make)
 
 
 # ----------------------------------------------------------------------------- retraining

@@ -57,7 +57,7 @@ from grass_callback import data_value as dv  # noqa: E402
 
 from . import lm as lm_mod  # noqa: E402
 from .ensemble import recipe_optimizers  # noqa: E402
-from .removal import (_mean_se, auroc, callback_check, kept_rows, random_value,  # noqa: E402
+from .removal import (_mean_se, auroc, cached_torch, callback_check, kept_rows, random_value,  # noqa: E402
                       recorded, score_scales, train_through_callback)
 from .workloads import WORKLOADS as SUITE  # noqa: E402
 
@@ -200,16 +200,14 @@ def callback_run(cfg: dict, data: dict) -> dict:
 
 def cached_run(name: str, cache: Path, log=print, cfg: dict | None = None) -> dict:
     cfg = cfg if cfg is not None else WORKLOADS[name]
-    path = cache / f"run-{name}-{_hash({**cfg, '_v': _RUN_VERSION})}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    log(f"{name}: training through the callback ({cfg['epochs']} epochs, {cfg['n_val']} queries) ...")
-    run = callback_run(cfg, load(cfg))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(run, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
-    log(f"{name}: {run['seconds']:.0f} s through the callback, test loss {run['test_loss']:.3f}")
-    return run
+
+    def make() -> dict:
+        log(f"{name}: training through the callback ({cfg['epochs']} epochs, {cfg['n_val']} queries) ...")
+        run = callback_run(cfg, load(cfg))
+        log(f"{name}: {run['seconds']:.0f} s through the callback, test loss {run['test_loss']:.3f}")
+        return run
+
+    return cached_torch(cache / f"run-{name}-{_hash({**cfg, '_v': _RUN_VERSION})}.pt", make)
 
 
 # ----------------------------------------------------------------------------- retraining
