@@ -370,6 +370,17 @@ def evaluate(name: str, seeds: int, cache: Path, only: list[str] | None = None, 
     return res
 
 
+def fraction_cells(by_f: dict, rnd: dict, scale: float, digits: int) -> tuple[str, str]:
+    """A ranking's table cells: its mean result at each removed fraction, and its difference from
+    random removal paired on the seed (± SE), each times ``scale`` to ``digits`` decimals."""
+    means = " | ".join(f"{scale * statistics.fmean(by_f[f]):.{digits}f}" for f in FRACTIONS)
+    diffs = []
+    for f in FRACTIONS:
+        m, se = _mean_se([a - r for a, r in zip(by_f[f], rnd[f])])
+        diffs.append(f"{scale * m:+.{digits}f} ± {scale * se:.{digits}f}")
+    return means, " | ".join(diffs)
+
+
 def print_table(name: str, res: dict) -> None:
     full_m, full_se = _mean_se(res["full"])
     line = f"\n## {name} ({res['half']} half): full data {100 * full_m:.1f} ± {100 * full_se:.1f}"
@@ -382,18 +393,14 @@ def print_table(name: str, res: dict) -> None:
     rnd = res["random"]
     rows = [("random", rnd)] + list(res["signals"].items())
     for label, by_f in rows:
-        accs = " | ".join(f"{100 * statistics.fmean(by_f[f]):.1f}" for f in FRACTIONS)
-        diffs = []
-        for f in FRACTIONS:
-            m, se = _mean_se([a - r for a, r in zip(by_f[f], rnd[f])])
-            diffs.append(f"{100 * m:+.1f} ± {100 * se:.1f}")
+        accs, diffs = fraction_cells(by_f, rnd, scale=100, digits=1)
         au = res["auroc"].get(label)
         gap = ""
         if "oracle" in res and label != "random":
             best = max(statistics.fmean(by_f[f]) for f in FRACTIONS)
             denom = statistics.fmean(res["oracle"]) - full_m
             gap = f"{100 * (best - full_m) / denom:.0f}%" if denom > 0 else "-"
-        print(f"{label} | {accs} | {' | '.join(diffs)} | {'' if au is None else f'{au:.3f}'} | {gap}", flush=True)
+        print(f"{label} | {accs} | {diffs} | {'' if au is None else f'{au:.3f}'} | {gap}", flush=True)
     if res["check"]:
         print(f"({res['check']})")
     print(f"({res['scales']})")

@@ -57,7 +57,7 @@ from grass_callback import data_value as dv  # noqa: E402
 
 from . import lm as lm_mod  # noqa: E402
 from .ensemble import recipe_optimizers  # noqa: E402
-from .removal import (_mean_se, auroc, cached_torch, callback_check, kept_rows, random_value,  # noqa: E402
+from .removal import (_mean_se, auroc, cached_torch, callback_check, fraction_cells, kept_rows, random_value,  # noqa: E402
                       recorded, score_scales, train_through_callback)
 from .workloads import WORKLOADS as SUITE  # noqa: E402
 
@@ -315,18 +315,14 @@ def print_table(name: str, res: dict) -> None:
         print(f"full minus oracle, paired on the seed: {gm:+.3f} ± {gse:.3f}"
               + ("" if gap_ok else " (not clearly above 0: no gap to close, the column shows '-')"))
     for label, by_f in [("random", rnd)] + list(res["signals"].items()):
-        losses = " | ".join(f"{statistics.fmean(by_f[f]):.3f}" for f in FRACTIONS)
-        diffs = []
-        for f in FRACTIONS:
-            m, se = _mean_se([a - r for a, r in zip(by_f[f], rnd[f])])
-            diffs.append(f"{m:+.3f} ± {se:.3f}")
+        losses, diffs = fraction_cells(by_f, rnd, scale=1, digits=3)
         au = res["auroc"].get(label)
         gap = ""
         if "oracle" in res and label != "random":
             best = min(statistics.fmean(by_f[f]) for f in FRACTIONS)
             denom = full_m - statistics.fmean(res["oracle"])
             gap = f"{100 * (full_m - best) / denom:.0f}%" if gap_ok and denom > 0 else "-"
-        print(f"{label} | {losses} | {' | '.join(diffs)} | {'' if au is None else f'{au:.3f}'} | {gap}", flush=True)
+        print(f"{label} | {losses} | {diffs} | {'' if au is None else f'{au:.3f}'} | {gap}", flush=True)
     print(f"({res['check']})")
     print(f"({res['scales']})")
 
