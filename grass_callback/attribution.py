@@ -351,7 +351,7 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
     ratio = resolve_damping(damping_ratio, k)
     if damping_ratio == "auto" and ground_truth is not None:
         ratio = _damping_from_ground_truth(fisher, store, q_grads, ground_truth)
-    fitted = fisher.fit(ratio, rows_dtype=getattr(torch, dtype))
+    fitted = fisher.fit(ratio, rows_dtype=store.dtype)
     scores = score_store(store, fitted, q_ids, q_grads, topk=topk, self_influence=self_influence, progress=progress,
                          full=full)
     return AttributionResult(scores=scores, fisher=fitted, store=store, query_ids=q_ids, query_grads=q_grads,

@@ -543,7 +543,7 @@ class GraSSCallback(Callback):
         with warnings.catch_warnings():
             if silent:
                 warnings.filterwarnings("ignore", message=r"Fisher of layer .* has zero trace")
-            return stats.fit(self.damping_ratio, rows_dtype=getattr(torch, self.storage_dtype))
+            return stats.fit(self.damping_ratio, rows_dtype=self.store.dtype)
 
     def _report_period(self, trainer: "pl.Trainer", result: ScoreResult, fitted: Any, period: str,
                        clock: Any) -> None:
@@ -828,7 +828,7 @@ class GraSSCallback(Callback):
         finally:
             pl_module.train(was_training)
         fisher.all_reduce_(_reducer(trainer))
-        fitted = fisher.fit(self.damping_ratio, rows_dtype=getattr(torch, self.storage_dtype))
+        fitted = fisher.fit(self.damping_ratio, rows_dtype=store.dtype)
         result = _merge_across_ranks(trainer, score_store(store, fitted, q_ids, q_grads, topk=self.topk,
                                                           ranks=[trainer.global_rank], progress=False))
         store.close()
