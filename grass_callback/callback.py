@@ -483,7 +483,8 @@ class GraSSCallback(Callback):
         # reduced across ranks into a copy, so the running sums stay this rank's; one process: no copy
         # (fit only reads the sums; a k x k float64 copy per layer cost 6 s of 59 in period_cost.py)
         stats = copy.deepcopy(self.fisher) if trainer.world_size > 1 else self.fisher
-        stats.all_reduce_(_reducer(trainer))
+        if trainer.world_size > 1:  # one process: nothing to reduce (and the last rows stay unfolded)
+            stats.all_reduce_(_reducer(trainer))
         clock.lap("reduce")
         if stats.count == 0:
             rank_zero_warn(f"grass_callback: no training gradients were captured in {period}; nothing to score.")

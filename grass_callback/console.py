@@ -164,8 +164,7 @@ class PeriodClock:
 def silent_layers(stats: Any) -> list[str]:
     """Layers whose Fisher sum has zero trace: every compressed gradient of the period was zero
     (e.g. a pooler the loss does not use). ``stats``: a :class:`~grass_callback.fisher.FisherStats`."""
-    sums = stats.sums
-    return [name for name, total in sums.items() if float(total.diagonal().sum()) == 0.0]
+    return [name for name, trace in stats.traces().items() if trace == 0.0]
 
 
 def period_figures(fitted: Any, *, rows_scored: int, store_bytes: int, capture_seconds_per_step: float,

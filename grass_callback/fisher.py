@@ -224,6 +224,11 @@ class FisherStats:
 
     Only the upper block triangle of a sum (row panels of ``k/4``) is updated, which saves 3/8 of
     the multiply-adds; the lower blocks are mirrored whenever the sums are read.
+    A layer also keeps its rows (the same tensors its buffer holds, no copy) while they number at
+    most ``k/2`` (:data:`grass_callback.dual_fisher.MAX_ROW_SHARE`): :meth:`fit` then solves it
+    through the rows' ``R x R`` kernel instead of a ``k x k`` factor
+    (:class:`~grass_callback.dual_fisher.DualBlock`). Past ``k/2`` rows, or once the sums stop
+    being the rows' own (loaded, reduced across processes, count set), the rows are let go.
     ``update`` never synchronises with the device: with a ``keep`` mask the count stays a tensor
     until :attr:`count` is read.
 
@@ -269,6 +274,12 @@ class FisherStats:
         self._mirrored = {name: True for name in self._layers}
         self._count = 0
         self._count_pending: Tensor | None = None
+        # the period's rows per layer for the dual solve; None once past k/2 rows or not the sums' own
+        self._rows: dict[str, list[Tensor] | None] = {name: [] for name in self._layers}
+        self._rows_seen = 0  # rows given to update() since the last reset, counted or not
+
+    def _drop_rows(self) -> None:
+        self._rows = {name: None for name in self._layers}
 
     @property
     def count(self) -> int:
@@ -280,19 +291,26 @@ class FisherStats:
 
     @count.setter
     def count(self, value: int) -> None:
+        if int(value) != self.count:  # no longer the kept rows' count
+            self._drop_rows()
         self._count, self._count_pending = int(value), None
 
     @property
     def _sums(self) -> dict[str, Tensor]:
         """The running sums with every buffered row added, lower blocks mirrored."""
         for name in self._layers:
-            self._fold(name, early=True)
-            if name in self._partial and self._partial_rows[name]:
-                self._fold_partial(name)
-            if not self._mirrored[name]:
-                _mirror_upper(self._totals[name])
-                self._mirrored[name] = True
+            self._sum(name)
         return self._totals
+
+    def _sum(self, name: str) -> Tensor:
+        """One layer's running sum with its buffered rows added, lower blocks mirrored."""
+        self._fold(name, early=True)
+        if name in self._partial and self._partial_rows[name]:
+            self._fold_partial(name)
+        if not self._mirrored[name]:
+            _mirror_upper(self._totals[name])
+            self._mirrored[name] = True
+        return self._totals[name]
 
     def _fold(self, name: str, early: bool = False) -> None:
         """Add the layer's buffered rows to its sum (or its float32 partial sum) in one product.
@@ -330,6 +348,20 @@ class FisherStats:
         """Layer name -> ``k_l``."""
         return dict(self._layers)
 
+    @torch.no_grad()
+    def traces(self) -> dict[str, float]:
+        """``trace(sum_l)`` per layer (float64 sums), without adding the buffered rows to the sums:
+        the diagonal of the sum (and of a float32 partial sum) plus the buffered rows' squared norms."""
+        out = {}
+        for name in self._layers:
+            total = self._totals[name].diagonal().sum(dtype=torch.float64)
+            if name in self._partial:
+                total = total + self._partial[name].diagonal().sum(dtype=torch.float64)
+            for g in self._pending[name]:
+                total = total + g.square().sum(dtype=torch.float64)
+            out[name] = float(total)
+        return out
+
     @property
     def sums(self) -> dict[str, Tensor]:
         """Layer name -> ``Tensor[k_l, k_l]`` running sum (the live tensors, not copies)."""
@@ -350,15 +382,25 @@ class FisherStats:
                 got = (tuple(keep.shape), keep.dtype) if isinstance(keep, Tensor) else type(keep).__name__
                 raise FisherError(f"keep must be a bool Tensor[{rows}] (one flag per row), got {got}.")
             drop = ~keep.to(self.device)[:, None]
-        for name in self._layers:
+        from grass_callback.dual_fisher import max_rows
+
+        seen = self._rows_seen + rows
+        for name, k in self._layers.items():
             # one copy, straight into the product dtype (the caller may reuse its tensors)
             g = grads[name].detach().to(device=self.device, dtype=self.compute_dtype, copy=True)
             if drop is not None:
                 g.masked_fill_(drop, 0.0)
+            kept = self._rows[name]
+            if kept is not None:
+                if seen <= max_rows(k):
+                    kept.append(g)
+                else:
+                    self._rows[name] = None
             self._pending[name].append(g)
             self._pending_rows[name] += rows
             if self._pending_rows[name] >= self._threshold[name]:
                 self._fold(name)
+        self._rows_seen = seen
         if keep is None:
             self._count += rows
         else:
@@ -400,7 +442,7 @@ class FisherStats:
 
     @torch.no_grad()
     def fit(self, damping_ratio: float | str = 1e-3, *, max_retries: int = 4,
-            rows_dtype: torch.dtype | None = None) -> FittedFisher:
+            rows_dtype: torch.dtype | None = None, dual: bool = True) -> FittedFisher:
         """Factor ``F_l + lambda_l I`` for every layer, ``lambda_l = ratio * trace(F_l) / k_l``.
 
         ``damping_ratio="auto"`` takes each layer's ratio from its own Fisher
@@ -412,6 +454,11 @@ class FisherStats:
 
         When a Cholesky factorisation fails, warns (naming the layer) and retries with the
         ratio multiplied by 10, up to ``max_retries`` times.
+
+        ``dual`` (default): a layer that still holds its rows (at most ``k/2`` of them, see the
+        class) is solved through their ``R x R`` kernel (:class:`~grass_callback.dual_fisher.DualBlock`):
+        the same ``(F + λI)⁻¹`` to rounding, without the ``k x k`` factor. ``False``: ``k x k``
+        factors for every layer.
 
         Raises:
             FisherValueError: ``damping_ratio`` is not a finite number > 0.
@@ -425,18 +472,40 @@ class FisherStats:
                 "cannot fit the Fisher: no gradients were accumulated (count == 0). Call "
                 "update() with per-example gradients (and all_reduce_() under DDP) before fit()."
             )
-        factors, damping, ratios = {}, {}, {}
+        factors, duals, damping, ratios = {}, {}, {}, {}
         for name, k in self._layers.items():
-            sums = self._sums[name]
-            trace = float(sums.diagonal().sum()) / self.count
+            kept = self._rows[name] if dual else None  # a dual layer's k x k sum is never read (nor folded)
+            if kept:
+                trace = float(sum(g.square().sum(dtype=torch.float64) for g in kept)) / self.count
+            else:
+                trace = float(self._sum(name).diagonal().sum()) / self.count
             if not math.isfinite(trace):
                 raise _not_finite(name)
             layer_ratio = _auto_ratio(trace, k, self.count) if auto else ratio
             dtype = factor_dtype(self.dtype, rows_dtype, k, layer_ratio)
-            factors[name], damping[name], ratios[name] = _factor(name, sums, self.count, trace, k, layer_ratio,
-                                                                 max_retries, dtype)
+            rows = self._kept_rows(name, dtype) if kept and trace > 0.0 else None
+            if rows is not None:
+                from grass_callback.dual_fisher import DualBlock
+
+                lam = layer_ratio * trace / k
+                duals[name], damping[name], ratios[name] = DualBlock(rows, self.count, lam, dtype), lam, layer_ratio
+                continue
+            factors[name], damping[name], ratios[name] = _factor(name, self._sum(name), self.count, trace, k,
+                                                                 layer_ratio, max_retries, dtype)
         return FittedFisher(factors, damping, ratios, count=self.count,
-                            requested_damping_ratio="auto" if auto else ratio)
+                            requested_damping_ratio="auto" if auto else ratio, duals=duals)
+
+    def _kept_rows(self, name: str, dtype: torch.dtype) -> Tensor | None:
+        """The layer's rows ``[R, k]`` in ``dtype`` since the last reset when it kept them all, else ``None``."""
+        kept = self._rows[name]
+        if not kept:
+            return None
+        out = torch.empty(sum(g.shape[0] for g in kept), self._layers[name], dtype=dtype, device=self.device)
+        at = 0
+        for g in kept:  # one pass: copy and cast
+            out[at:at + g.shape[0]].copy_(g)
+            at += g.shape[0]
+        return out
 
     # ------------------------------------------------------------------ persistence
 
@@ -465,6 +534,7 @@ class FisherStats:
         for name in self._layers:
             self._sums[name].copy_(sums[name].to(device=self.device, dtype=self.dtype))
         self.count = int(state_dict["count"])
+        self._drop_rows()  # the sums are the saved ones, not the rows this object saw
 
     @classmethod
     def from_state_dict(
@@ -617,7 +687,10 @@ class FittedFisher:
 
     Built by :meth:`FisherStats.fit`. Attributes: ``layers`` (name -> k), ``damping`` (absolute
     ``lambda_l``), ``damping_ratio`` (ratio actually used per layer, raised by the retries),
-    ``requested_damping_ratio``, ``count`` (``N``), ``factors`` (lower-triangular ``L``).
+    ``requested_damping_ratio``, ``count`` (``N``), ``factors`` (lower-triangular ``L``),
+    ``duals`` (layers solved through their rows' kernel,
+    :class:`~grass_callback.dual_fisher.DualBlock`; their ``factors`` entry is formed, ``O(k³)``,
+    only when read).
     """
 
     def __init__(
@@ -628,18 +701,32 @@ class FittedFisher:
         *,
         count: int = 0,
         requested_damping_ratio: float | None = None,
+        duals: Mapping[str, Any] | None = None,
     ) -> None:
-        if not factors:
+        duals = dict(duals or {})
+        if not factors and not duals:
             raise FisherValueError("FittedFisher needs at least one layer.")
         for name, f in factors.items():
             if f.ndim != 2 or f.shape[0] != f.shape[1]:
                 raise FisherValueError(f"factor of {name!r} must be square, got {tuple(f.shape)}.")
-        self.factors = dict(factors)
-        self.layers = {name: int(f.shape[0]) for name, f in self.factors.items()}
-        self.damping = {name: float(damping[name]) for name in self.factors}
-        self.damping_ratio = {name: float(damping_ratio[name]) for name in self.factors}
+        self._factors = dict(factors)
+        self.duals = duals
+        sizes = {**{name: int(f.shape[0]) for name, f in factors.items()},
+                 **{name: int(block.k) for name, block in duals.items()}}
+        order = list(damping) if set(damping) == set(sizes) else list(sizes)
+        self.layers = {name: sizes[name] for name in order}
+        self.damping = {name: float(damping[name]) for name in self.layers}
+        self.damping_ratio = {name: float(damping_ratio[name]) for name in self.layers}
         self.count = int(count)
         self.requested_damping_ratio = requested_damping_ratio
+
+    @property
+    def factors(self) -> dict[str, Tensor]:
+        """Layer -> lower Cholesky factor ``L`` of ``F + λI``; a dual layer's is formed on first read."""
+        for name, block in self.duals.items():
+            if name not in self._factors:
+                self._factors[name] = block.factor()
+        return {name: self._factors[name] for name in self.layers}
 
     @torch.no_grad()
     def solve(self, q: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -661,8 +748,12 @@ class FittedFisher:
             if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != k or not x.is_floating_point():
                 got = (tuple(x.shape), x.dtype) if isinstance(x, Tensor) else type(x).__name__
                 raise FisherError(f"solve: q[{name!r}] must be a floating Tensor[m, {k}], got {got}.")
-            factor = self.factors[name]
             out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+            if name in self.duals:
+                sol = self.duals[name].solve(x) if x.shape[0] else x.detach().double()
+                out[name] = sol.to(device=x.device, dtype=out_dtype).contiguous()
+                continue
+            factor = self._factors[name]
             rhs = x.detach().to(device=factor.device, dtype=factor.dtype).T
             sol = torch.cholesky_solve(rhs, factor).T if x.shape[0] else rhs.T.clone()
             out[name] = sol.to(device=x.device, dtype=out_dtype).contiguous()
@@ -679,6 +770,10 @@ class FittedFisher:
         """
         total = None
         for name, x in g.items():
+            if name in self.duals:
+                part = self.duals[name].quadratic(x)
+                total = part if total is None else total + part.to(total.device)
+                continue
             dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             upper = self._upper_factor(name, dtype)  # L^T: W L^T = x gives the rows of W = x L^{-T}
             rows = x.detach().to(device=upper.device, dtype=dtype)
@@ -691,7 +786,7 @@ class FittedFisher:
         """``L^T`` of a layer in ``dtype`` (contiguous), made once per fit and dtype."""
         cache = self.__dict__.setdefault("_upper_factors", {})
         if (name, dtype) not in cache:
-            cache[(name, dtype)] = self.factors[name].to(dtype).T.contiguous()
+            cache[(name, dtype)] = self._factors[name].to(dtype).T.contiguous()
         return cache[(name, dtype)]
 
     @torch.no_grad()
@@ -713,7 +808,11 @@ class FittedFisher:
         ``eigvalsh`` of ``L L^T`` in float64, ``O(k^3)`` per layer.
         """
         result = {}
-        for name, factor in self.factors.items():
+        for name in self.layers:
+            if name in self.duals:
+                result[name] = self.duals[name].condition_number(exact=exact, iterations=iterations)
+                continue
+            factor = self._factors[name]
             if exact:
                 L = factor.to(torch.float64)
                 eig = torch.linalg.eigvalsh(L @ L.T)
@@ -739,16 +838,16 @@ class FittedFisher:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.factors.values())).device
+        return next(iter([*self._factors.values(), *self.duals.values()])).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self.factors.values())).dtype
+        return next(iter([*self._factors.values(), *self.duals.values()])).dtype
 
     # ------------------------------------------------------------------ persistence
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain values and tensors only."""
+        """Plain values and tensors only (a dual layer's ``k x k`` factor is formed for it)."""
         return {
             "format": _FITTED_FORMAT,
             "version": _VERSION,
@@ -763,6 +862,7 @@ class FittedFisher:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Replace this fit with the saved one (kept on this object's device)."""
         loaded = type(self).from_state_dict(state_dict, device=self.device)
+        self.__dict__.clear()  # no cached factors of the fit it replaces
         self.__dict__.update(loaded.__dict__)
 
     @classmethod

@@ -167,10 +167,10 @@ def _data() -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
 
 
-def _fit(tmp_path: Path, epochs: int, **kw) -> tuple[GraSSCallback, WeightsAtEpochEnd]:
+def _fit(tmp_path: Path, epochs: int, k: int = K, callback=GraSSCallback, **kw) -> tuple[GraSSCallback, WeightsAtEpochEnd]:
     L.seed_everything(0, verbose=False)
     train_set, val_set = _data()
-    cb = GraSSCallback(k=K, num_queries=NUM_QUERIES, topk=N_TRAIN, store_dir=tmp_path / "grass",
+    cb = callback(k=k, num_queries=NUM_QUERIES, topk=N_TRAIN, store_dir=tmp_path / "grass",
                        storage_dtype="float32", damping_ratio=RATIO, progress=False, log_to_wandb=False, **kw)
     weights = WeightsAtEpochEnd()
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, callbacks=[cb, weights],
@@ -264,6 +264,35 @@ def test_ensemble_ranks_by_scores_summed_over_periods(period_run):
     assert torch.equal(ens.bottom_ids, total.argsort(dim=1))
     # the ensemble is not the last period alone (else the test could not tell them apart)
     assert not torch.equal(ens.top_ids[:, :3], periods[-1]["scores"].argsort(dim=1, descending=True)[:, :3])
+
+
+class RecordingFits(GraSSCallback):
+    """Keeps each period's fit, to see which layers were solved through their rows' kernel."""
+
+    def _fit(self, stats, period):
+        fitted = super()._fit(stats, period)
+        self.__dict__.setdefault("fits", []).append(fitted)
+        return fitted
+
+
+def test_a_period_of_fewer_rows_than_half_of_k_is_solved_through_its_kernel_and_matches_the_hand_reference(tmp_path):
+    cb, weights = _fit(tmp_path, epochs=2, k=256, callback=RecordingFits)
+    dims = cb.taps.layer_dims
+    wide = [name for name, k in dims.items() if 2 * N_TRAIN <= k]
+    assert wide and len(wide) < len(dims)  # one layer each way
+    assert all(sorted(fit.duals) == sorted(wide) for fit in cb.fits)
+    rows = store_rows(Path(cb.store_dir) / "train")
+    own = _per_epoch(rows, 1)
+    scores, self_inf = hand_scores(own, _queries(weights.modules[1], cb.taps.plans), RATIO)
+    want = torch.zeros(NUM_QUERIES, N_TRAIN, dtype=torch.float64)
+    want[:, own["ids"]] = scores
+    result = cb.last_result
+    _close(result.top_scores, want.gather(1, result.top_ids), "period scores by id")
+    assert torch.equal(result.top_ids, want.argsort(dim=1, descending=True))
+    got_self = dict(zip(result.self_influence_ids.tolist(), result.self_influence.double().tolist()))
+    want_self = dict(zip(own["ids"].tolist(), self_inf.tolist()))
+    ids = sorted(got_self)
+    _close(torch.tensor([got_self[i] for i in ids]), torch.tensor([want_self[i] for i in ids], dtype=torch.float64), "self-influence")
 
 
 def test_keep_history_all_rescores_every_stored_row_each_period(tmp_path):

@@ -1,0 +1,156 @@
+"""The dual solve (grass_callback.dual_fisher) against dense float64 inverses of the definition, and
+FisherStats' choice of it against the k x k factors on the same statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grass_callback.dual_fisher import DualBlock, max_rows
+from grass_callback.errors import FisherError
+from grass_callback.fisher import FisherStats, FittedFisher, JointFisherStats
+
+
+def _rows(n: int, k: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-1, 1, k, dtype=torch.float64)  # an uneven spectrum, as compressed gradients have
+    return (torch.randn(n, k, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def _damped(rows: torch.Tensor, count: int, lam: float) -> torch.Tensor:
+    """``GᵀG / N + λI`` from the definition, float64 (a sum of outer products)."""
+    g = rows.double()
+    fisher = sum(torch.outer(r, r) for r in g) / count
+    return fisher + lam * torch.eye(g.shape[1], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_dual_block_solve_quadratic_condition_and_factor_match_the_dense_inverse(dtype, tol):
+    rows, count, lam = _rows(30, 96, seed=0), 27, 0.05  # 3 zero rows stand for rows a keep mask dropped
+    rows[[4, 11, 20]] = 0.0
+    block = DualBlock(rows, count, lam, dtype)
+    damped = _damped(rows, count, lam)
+    inverse = torch.linalg.inv(damped)
+    x = _rows(7, 96, seed=1)
+    x[0] = rows[2]  # a vector in the rows' span, where the two terms of the formulas cancel most
+    want = x @ inverse
+    got = block.solve(x)
+    assert got.dtype == torch.float64
+    assert ((got - want).abs().max() / want.abs().max()) < tol
+    quad_want = (want * x).sum(1)
+    assert ((block.quadratic(x) - quad_want).abs() / quad_want).max() < tol
+    eig = torch.linalg.eigvalsh(damped)
+    exact = float(eig[-1] / eig[0])
+    assert abs(block.condition_number(exact=True) / exact - 1) < 1e-8
+    estimate = block.condition_number()
+    assert estimate <= exact * (1 + 1e-9) and estimate > 0.5 * exact  # a lower bound, and a close one
+    factor = block.factor().double()
+    assert ((factor @ factor.T - damped).abs().max() / damped.abs().max()) < tol
+
+
+def test_dual_block_rejects_what_it_cannot_solve():
+    with pytest.raises(FisherError, match="0 < R < k"):
+        DualBlock(_rows(8, 8, seed=0), 8, 0.1, torch.float64)
+    with pytest.raises(FisherError, match="damping > 0"):
+        DualBlock(_rows(4, 8, seed=0), 4, 0.0, torch.float64)
+    bad = _rows(4, 8, seed=0)
+    bad[1, 2] = float("nan")
+    with pytest.raises(FisherError, match="not finite"):
+        DualBlock(bad, 4, 0.1, torch.float64)
+
+
+def _batches(n: int, dims: dict[str, int], seed: int, batch: int = 8):
+    full = {name: _rows(n, k, seed=seed + i) for i, (name, k) in enumerate(dims.items())}
+    for start in range(0, n, batch):
+        yield {name: g[start:start + batch] for name, g in full.items()}
+
+
+def test_fit_solves_layers_with_few_rows_through_their_kernel_and_matches_the_factors():
+    dims = {"wide": 128, "narrow": 24}  # 40 rows: at most k/2 of the wide layer's, more than the narrow's 12
+    stats = FisherStats(dims)
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[[3, 17]] = False  # dropped rows: zeroed, not counted
+    for b, batch in enumerate(_batches(40, dims, seed=3)):
+        stats.update(batch, keep=keep[8 * b:8 * b + 8])
+    assert stats.count == 38
+    for ratio in (1.0, "auto"):
+        dual, factors = stats.fit(ratio), stats.fit(ratio, dual=False)
+        assert list(dual.duals) == ["wide"] and factors.duals == {}
+        assert dual.damping == pytest.approx(factors.damping, rel=1e-12)
+        q = {name: _rows(5, k, seed=9) for name, k in dims.items()}
+        for name in dims:
+            torch.testing.assert_close(dual.solve(q)[name], factors.solve(q)[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(dual.quadratic(q), factors.quadratic(q), rtol=1e-9, atol=0)
+        exact_d, exact_f = dual.condition_numbers(exact=True), factors.condition_numbers(exact=True)
+        assert exact_d == pytest.approx(exact_f, rel=1e-8)
+        torch.testing.assert_close(dual.factors["wide"], factors.factors["wide"], rtol=1e-9, atol=1e-12)
+
+
+def test_float16_rows_get_float32_products_within_a_quarter_of_their_rounding():
+    dims = {"wide": 256}
+    stats = FisherStats(dims)
+    g = _rows(100, 256, seed=5).half().double()  # what the recorder passes: the store's float16 rows
+    g[:, :8] *= 40.0
+    stats.update({"wide": g})
+    ref, fast = stats.fit(1.0, dual=False), stats.fit(1.0, rows_dtype=torch.float16)
+    assert fast.duals["wide"].dtype == torch.float32
+    q = {"wide": _rows(6, 256, seed=6)}
+    want, got = ref.solve(q)["wide"].double(), fast.solve(q)["wide"].double()
+    err = ((got - want).norm(dim=1) / want.norm(dim=1)).max()
+    assert err < torch.finfo(torch.float16).eps / 4
+
+
+def test_rows_are_let_go_past_half_of_k_and_when_the_sums_stop_being_theirs():
+    dims = {"a": 64}
+    stats = FisherStats(dims)
+    for batch in _batches(32, dims, seed=0):
+        stats.update(batch)
+    assert max_rows(64) == 32 and list(stats.fit(0.1).duals) == ["a"]
+    stats.update({"a": _rows(1, 64, seed=1)})  # the 33rd row
+    assert stats.fit(0.1).duals == {}
+    stats.reset()  # a new period keeps its rows again
+    stats.update({"a": _rows(4, 64, seed=2)})
+    assert list(stats.fit(0.1).duals) == ["a"]
+
+    loaded = FisherStats(dims)
+    loaded.update({"a": _rows(4, 64, seed=3)})
+    loaded.load_state_dict(stats.state_dict())  # the saved sums, not the rows it saw
+    assert loaded.fit(0.1).duals == {}
+    torch.testing.assert_close(loaded.fit(0.1).solve({"a": _rows(2, 64, seed=4)})["a"],
+                               stats.fit(0.1).solve({"a": _rows(2, 64, seed=4)})["a"], rtol=1e-9, atol=1e-12)
+
+    reduced = FisherStats(dims)
+    reduced.update({"a": _rows(4, 64, seed=3)})
+    reduced.all_reduce_(lambda t: t)  # a reduction that changes nothing keeps them
+    assert list(reduced.fit(0.1).duals) == ["a"]
+    reduced.all_reduce_(lambda t: t * 2)  # another rank's rows: the sums are no longer these rows'
+    assert reduced.fit(0.1).duals == {}
+
+
+def test_a_saved_dual_fit_loads_as_factors_that_solve_alike(tmp_path):
+    stats = FisherStats({"a": 64, "b": 48})
+    for batch in _batches(16, {"a": 64, "b": 48}, seed=7):
+        stats.update(batch)
+    fitted = stats.fit(0.3)
+    assert set(fitted.duals) == {"a", "b"}
+    fitted.save(tmp_path / "fit.safetensors")
+    loaded = FittedFisher.load(tmp_path / "fit.safetensors")
+    assert loaded.duals == {} and loaded.damping == fitted.damping
+    q = {"a": _rows(3, 64, seed=8), "b": _rows(3, 48, seed=9)}
+    for name in q:
+        torch.testing.assert_close(loaded.solve(q)[name], fitted.solve(q)[name], rtol=1e-9, atol=1e-12)
+
+
+def test_a_joint_fisher_over_many_layers_is_solved_through_its_kernel():
+    dims = {"x": 40, "y": 40}  # K = 80 joint columns, 24 rows
+    joint = JointFisherStats(dims)
+    for batch in _batches(24, dims, seed=11):
+        joint.update(batch)
+    dual = joint.fit(0.2)
+    assert list(dual.fitted.duals) == ["__joint__"]
+    rows = torch.cat([_rows(24, 40, seed=11), _rows(24, 40, seed=12)], dim=1)
+    inverse = torch.linalg.inv(_damped(rows, 24, dual.damping["__joint__"]))
+    q = {"x": _rows(4, 40, seed=13), "y": _rows(4, 40, seed=14)}
+    want = torch.cat([q["x"], q["y"]], dim=1) @ inverse
+    got = dual.solve(q)
+    torch.testing.assert_close(torch.cat([got["x"], got["y"]], dim=1), want, rtol=1e-9, atol=1e-12)
