@@ -63,6 +63,8 @@ T_CHOLESKY_RETRY = T_FISHER + "::test_cholesky_failure_warns_and_raises_damping"
 T_CKPT = "tests/test_checkpoints.py::test_ensemble_is_the_sum_of_checkpoint_scores"
 T_SPREAD = "tests/test_checkpoints.py::test_score_spread_merges_chunks_into_the_population_std"
 T_REDONE = T_FISHER + "::test_factor_after_failed_attempts_is_that_of_its_reported_damping"
+T_DUAL = "tests/test_dual_fisher.py"
+T_DUAL_REF = T_REFS + "::test_a_period_of_fewer_rows_than_half_of_k_is_solved_through_its_kernel_and_matches_the_hand_reference"
 T_SUSPECT = "tests/test_data_value.py::test_suspect_weights_the_unit_ranks_of_low_value_and_high_self_influence_0_3_to_0_7"
 
 MUTANTS: list[Mutant] = [
@@ -220,6 +222,19 @@ MUTANTS: list[Mutant] = [
     Mutant("suspect-weights-swapped", "grass_callback/data_value.py",
            "self_influence.to(torch.float64)], [w, 1 - w])", "self_influence.to(torch.float64)], [1 - w, w])",
            (T_SUSPECT,), "suspect = 0.7 x low data value + 0.3 x self-influence (weights swapped)"),
+    # ------------------------------------------------------------------ dual solve (rows' kernel)
+    Mutant("dual-damping-not-times-n", "grass_callback/dual_fisher.py",
+           "damped.diagonal().add_(self.count * self.lam)", "damped.diagonal().add_(self.lam)",
+           (T_DUAL, T_DUAL_REF), "the kernel is damped by lambda, not N lambda (the Woodbury form of F = GᵀG/N)"),
+    Mutant("dual-rows-kept-after-load", "grass_callback/fisher.py",
+           "        self._drop_rows()  # the sums are the saved ones, not the rows this object saw\n", "",
+           (T_DUAL,), "statistics loaded from a checkpoint keep solving through the rows seen before the load"),
+    Mutant("dual-rows-kept-after-reduce", "grass_callback/fisher.py",
+           "        if int(value) != self.count:  # no longer the kept rows' count\n            self._drop_rows()\n", "",
+           (T_DUAL,), "sums reduced with other ranks' rows keep solving through this rank's rows alone"),
+    Mutant("dual-rows-kept-past-half-k", "grass_callback/fisher.py",
+           "                if seen <= max_rows(k):", "                if seen <= k - 1:",
+           (T_DUAL,), "rows are kept up to k - 1 (the dual then costs more than the k x k factor, and memory grows)"),
 ]
 
 
