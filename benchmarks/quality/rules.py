@@ -10,6 +10,10 @@ number of rows ``N``), never ground truth. Candidates:
 * ``nk<c>``: ``r = c · k / N``.
 * ``auto<c>``: ``r = c · max(1, k / N)``, ``λ = c · trace(F) / min(k, N)``: a fraction of the
   mean non-zero eigenvalue;
+* ``pow<α>``: ``r = max(1, k / N) · (r_eff / m)^α`` with ``m = min(k, N)``: the mean non-zero
+  eigenvalue shrunk as the effective rank falls below the rank bound (heavy-tailed spectra);
+* ``N/k<c>``: ``r = min(1, c · N / k)``, ``λ = min(1, c N / k) · trace(F) / k``: damping that
+  falls with fewer rows per dimension, capped at the mean eigenvalue;
 * ``auto``: the library's rule (:func:`grass_callback.damping.auto_damping_ratio`):
   ``r = max(1, k / N)``, ``λ = trace(F) / min(k, N)``, the mean non-zero eigenvalue.
 """
@@ -49,6 +53,20 @@ def _scaled_auto(c: float):
     return fn
 
 
+def _pow(alpha: float):
+    def fn(ev, k, unit, n):
+        tr, tr2 = float(ev.sum()), float((ev * ev).sum())
+        m = min(k, n)
+        return max(1.0, k / n) * ((tr * tr / tr2) / m) ** alpha if tr2 > 0 else max(1.0, k / n)
+    return fn
+
+
+def _rows_per_dim(c: float):
+    def fn(ev, k, unit, n):
+        return min(1.0, c * n / k)
+    return fn
+
+
 def _auto(ev, k, unit, n):
     from grass_callback.damping import auto_damping_ratio_from_moments
 
@@ -61,5 +79,7 @@ RULES: dict[str, Callable[[KernelInfluence], dict]] = {
     **{f"erank{c:g}": _per_block(_erank(c)) for c in (0.003, 0.01, 0.03, 0.1, 0.3)},
     **{f"nk{c:g}": _per_block(lambda ev, k, unit, n, c=c: c * k / n) for c in (0.1, 0.3, 1.0)},
     **{f"auto{c:g}": _per_block(_scaled_auto(c)) for c in (0.1, 0.2, 0.3, 0.5)},
+    **{f"pow{a:g}": _per_block(_pow(a)) for a in (0.1, 0.25, 0.5, 1.0)},
+    **{f"N/k{c:g}": _per_block(_rows_per_dim(c)) for c in (0.2, 0.3, 0.35, 0.4, 0.5)},
     "auto": _per_block(_auto),
 }

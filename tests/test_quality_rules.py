@@ -1,0 +1,57 @@
+"""The quality suite's damping-rule candidates against their formulas, computed from F directly."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.quality.rules import RULES
+from benchmarks.quality.spectra import layer_stats
+from grass_callback.damping import auto_damping_ratio
+from grass_callback.evaluation import KernelInfluence
+
+
+def _kernel(n: int, ks: dict[str, int], seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    # a decaying column scale gives a spectrum far from flat (r_eff well below min(k, N))
+    train = {name: torch.randn(n, k, generator=gen, dtype=torch.float64) * torch.linspace(1, 0.02, k).double() ** 2
+             for name, k in ks.items()}
+    queries = {name: torch.randn(3, k, generator=gen, dtype=torch.float64) for name, k in ks.items()}
+    return KernelInfluence(train, queries), train
+
+
+def _moments(g: torch.Tensor) -> tuple[float, float, int, int]:
+    n, k = g.shape
+    f = g.T @ g / n  # k x k, formed directly (the rules see only the kernel's eigenvalues)
+    return float(f.trace()), float((f * f).sum()), k, n
+
+
+@pytest.mark.parametrize("n", [40, 200])  # dual (n < k for the wide layer) and primal
+def test_candidate_rules_equal_their_formulas(n):
+    ki, train = _kernel(n, {"a": 24, "b": 96})
+    for name, g in train.items():
+        tr, tr2, k, N = _moments(g)
+        m, reff = min(k, N), tr * tr / tr2
+        assert reff < 0.5 * m  # the spectrum is not flat, so pow<α> differs from auto
+        for alpha in (0.1, 0.25, 0.5, 1.0):
+            want = max(1.0, k / N) * (reff / m) ** alpha
+            assert RULES[f"pow{alpha:g}"](ki)[name] == pytest.approx(want, rel=1e-9)
+        for c in (0.2, 0.35, 0.5):
+            assert RULES[f"N/k{c:g}"](ki)[name] == pytest.approx(min(1.0, c * N / k), rel=1e-12)
+        assert RULES["auto"](ki)[name] == pytest.approx(auto_damping_ratio(g.T @ g / N, N), rel=1e-12)
+        for c in (0.01, 0.1):  # erank<c>: λ = c tr(F²)/tr(F), as a ratio of tr(F)/k
+            assert RULES[f"erank{c:g}"](ki)[name] == pytest.approx(c * tr2 / tr / (tr / k), rel=1e-9)
+
+
+def test_layer_stats_effective_rank_from_the_fisher():
+    ki, train = _kernel(50, {"a": 30, "b": 80}, seed=1)
+    stats = layer_stats(ki)
+    for name, g in train.items():
+        tr, tr2, k, N = _moments(g)
+        assert stats[name]["k"] == k and stats[name]["N"] == N and stats[name]["m"] == min(k, N)
+        assert stats[name]["reff_m"] == pytest.approx(tr * tr / tr2 / min(k, N), rel=1e-9)
+        f = g.T @ g / N
+        top = max(1, min(k, N) // 100)
+        share = float(torch.linalg.eigvalsh(f).flip(0)[:top].sum()) / tr
+        assert stats[name]["top1pct"] == pytest.approx(share, rel=1e-9)
+        assert 0 < stats[name]["reff_m"] <= 1 and not math.isnan(share)
