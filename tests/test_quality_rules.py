@@ -41,6 +41,8 @@ def test_candidate_rules_equal_their_formulas(n):
         assert RULES["auto"](ki)[name] == pytest.approx(auto_damping_ratio(g.T @ g / N, N), rel=1e-12)
         for c in (0.01, 0.1):  # erank<c>: λ = c tr(F²)/tr(F), as a ratio of tr(F)/k
             assert RULES[f"erank{c:g}"](ki)[name] == pytest.approx(c * tr2 / tr / (tr / k), rel=1e-9)
+        for c in (1.0, 2.0):  # auto/L<c>: the library's ratio over the number of blocks (here 2)
+            assert RULES[f"auto/L{c:g}"](ki)[name] == pytest.approx(c / 2 * max(1.0, k / N), rel=1e-12)
 
 
 def test_layer_stats_effective_rank_from_the_fisher():

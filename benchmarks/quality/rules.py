@@ -14,6 +14,7 @@ number of rows ``N``), never ground truth. Candidates:
   eigenvalue shrunk as the effective rank falls below the rank bound (heavy-tailed spectra);
 * ``N/k<c>``: ``r = min(1, c · N / k)``, ``λ = min(1, c N / k) · trace(F) / k``: damping that
   falls with fewer rows per dimension, capped at the mean eigenvalue;
+* ``auto/L<c>``: ``r = (c / L) · max(1, k / N)`` with ``L`` the number of blocks;
 * ``auto``: the library's rule (:func:`grass_callback.damping.auto_damping_ratio`):
   ``r = max(1, k / N)``, ``λ = trace(F) / min(k, N)``, the mean non-zero eigenvalue.
 """
@@ -67,6 +68,15 @@ def _rows_per_dim(c: float):
     return fn
 
 
+def _per_blocks(c: float):
+    """``r = (c / L) · max(1, k / N)``: the library's rule over the number of blocks ``L`` (a
+    statistic outside the rule's contract: ``fit`` sees one block at a time)."""
+    def rule(ki: KernelInfluence) -> dict:
+        eig = ki.eigenvalues()
+        return {name: c / len(eig) * max(1.0, k / ki.count) for name, (ev, k, unit) in eig.items()}
+    return rule
+
+
 def _auto(ev, k, unit, n):
     from grass_callback.damping import auto_damping_ratio_from_moments
 
@@ -81,5 +91,6 @@ RULES: dict[str, Callable[[KernelInfluence], dict]] = {
     **{f"auto{c:g}": _per_block(_scaled_auto(c)) for c in (0.1, 0.2, 0.3, 0.5)},
     **{f"pow{a:g}": _per_block(_pow(a)) for a in (0.1, 0.25, 0.5, 1.0)},
     **{f"N/k{c:g}": _per_block(_rows_per_dim(c)) for c in (0.2, 0.3, 0.35, 0.4, 0.5)},
+    **{f"auto/L{c:g}": _per_blocks(c) for c in (1.0, 2.0)},
     "auto": _per_block(_auto),
 }
