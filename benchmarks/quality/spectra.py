@@ -1,7 +1,7 @@
 """Per-layer Fisher spectra of the quality suite's cached kernels, and damping rules scored on them.
 
     nice -n 10 .venv/bin/python -m benchmarks.quality.spectra                      # tuning half, table
-    nice -n 10 .venv/bin/python -m benchmarks.quality.spectra --rules auto 'reff^0.5' --workloads gpt2-pydoc-tune
+    nice -n 10 .venv/bin/python -m benchmarks.quality.spectra --rules auto pow0.5 --workloads gpt2-pydoc-tune
 
 Reads the compressed gradients that ``python -m benchmarks.quality`` cached under
 ``--cache/grads`` (it never compresses: a missing entry is an error naming the command that
