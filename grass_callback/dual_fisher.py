@@ -7,11 +7,12 @@ rank at most ``R`` and the damped inverse has the closed form (Woodbury)
 
     (F + λI)⁻¹ = (I − Gᵀ M⁻¹ G) / λ,        M = G Gᵀ + N λ I   (R x R),
 
-so a fit is one ``R x R`` product and Cholesky factor of ``M`` instead of a ``k x k`` one:
-``R² k + R³/3`` multiply-adds against ``k³/3`` (at ``R = k/2`` about the same; at the 400 rows of
-a period on a ``k = 1024`` layer, 4.6x fewer). Applying it costs ``R k`` per row and vector
-(``gᵀ(F + λI)⁻¹g = (‖g‖² − ‖C⁻¹ G g‖²) / λ`` with ``M = C Cᵀ``) against the ``k²`` of a
-triangular solve with a ``k x k`` factor.
+so a fit is one ``R x R`` product and Cholesky factor of ``M`` instead of a ``k x k`` factor:
+``(10/16) R² k + R³/3`` multiply-adds (the product on its upper block triangle) against
+``k³/3``: 2.9x fewer at the 400 rows of a period on a ``k = 1024`` layer, 1.7x at ``R = k/2``.
+Applying it to a row costs ``R k + R²/2`` (``gᵀ(F + λI)⁻¹g = (‖g‖² − ‖C⁻¹ G g‖²) / λ`` with
+``M = C Cᵀ``), about the ``k²/2`` of a triangular solve with the ``k x k`` factor at ``R = 0.4 k``
+and less below; ``2 R k + R²`` per solved vector against ``k²``.
 
 Rounding: the products with ``G`` run in the dtype :func:`grass_callback.fisher.factor_dtype`
 picks for the layer (float32 for half-precision rows when the condition bound allows it, as the
