@@ -13,7 +13,8 @@
 #   3. tests/test_gpu.py (GRASS_REQUIRE_GPU=1: nothing may skip): kernel vs float64 reference over
 #      a dtype/shape table, determinism, bad inputs, torch.library.opcheck, the callback end to
 #      end in bf16-mixed against exact per-example gradients, no host sync per training step
-#      under torch.cuda.set_sync_debug_mode("error");
+#      under torch.cuda.set_sync_debug_mode("error"), the dual Fisher solve on the device against
+#      a float64 dense inverse;
 #   4. benchmarks/gpu_kernels.py: fused vs gather+bmm+index_add_ vs LoGra (CUDA events);
 #   5. benchmarks/gpu_step.py: training-step ratio callback/plain, 12-layer GPT-2, sequence 1024.
 # Exit status: 0 only if every stage passed; the benchmarks still run after a test failure, so a

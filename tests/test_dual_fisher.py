@@ -154,3 +154,15 @@ def test_a_joint_fisher_over_many_layers_is_solved_through_its_kernel():
     want = torch.cat([q["x"], q["y"]], dim=1) @ inverse
     got = dual.solve(q)
     torch.testing.assert_close(torch.cat([got["x"], got["y"]], dim=1), want, rtol=1e-9, atol=1e-12)
+
+
+def test_the_gpu_checks_dual_solve_holds_on_the_cpu():
+    """The body of ``tests/test_gpu.py``'s dual check, run here on the CPU so it cannot rot unseen
+    (the GPU test runs it on CUDA, where the rows and the kernel stay on the device)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_gpu import check_dual_fisher_on
+
+    check_dual_fisher_on("cpu")

@@ -234,3 +234,42 @@ def test_gpu_callback_bf16_mixed_no_host_sync_per_step(tmp_path):
     rows = store_rows(Path(cb.store.path))  # every example's rows reached the store
     assert sorted(rows["ids"].tolist()) == list(range(64))
     assert all(bool(t.isfinite().all()) and float(t.abs().sum()) > 0 for key, t in rows.items() if key.startswith("g/"))
+
+
+def check_dual_fisher_on(device: str) -> None:
+    """A period of fewer rows than k/2 on ``device``: the statistics keep the rows there (float32,
+    the GPU's product dtype), the fit solves through their kernel, and the solves, self-influence
+    and condition number equal a float64 dense inverse of the same float32 rows on the CPU."""
+    from grass_callback.fisher import FisherStats
+
+    gen = torch.Generator().manual_seed(0)
+    k, n = 256, 96
+    rows = (torch.randn(n, k, generator=gen, dtype=torch.float64) * torch.logspace(-1, 1, k, dtype=torch.float64))
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[[5, 50]] = False
+    stats = FisherStats({"a": k}, device=device)
+    for b in range(0, n, 16):
+        stats.update({"a": rows[b:b + 16].float().to(device)}, keep=keep[b:b + 16].to(device))
+    ref = rows.float().double() * keep[:, None]  # what the statistics hold: float32 rows, dropped ones zero
+    count = int(keep.sum())
+    fisher = ref.T @ ref / count
+    q = torch.randn(4, k, generator=gen, dtype=torch.float64)
+    for rows_dtype, tol in ((None, 1e-9), (torch.bfloat16, torch.finfo(torch.bfloat16).eps / 4)):
+        fitted = stats.fit(0.1, rows_dtype=rows_dtype)
+        block = fitted.duals["a"]
+        assert block.device.type == torch.device(device).type
+        assert block.dtype == (torch.float64 if rows_dtype is None else torch.float32)
+        damped = fisher + fitted.damping["a"] * torch.eye(k, dtype=torch.float64)
+        want = torch.linalg.solve(damped, q.T).T
+        got = fitted.solve({"a": q.to(device)})["a"].cpu().double()
+        assert float(((got - want).norm(dim=1) / want.norm(dim=1)).max()) < tol
+        some = ref[keep][:8]  # rows the statistics counted
+        self_want = (some @ torch.linalg.inv(damped) * some).sum(1)
+        self_got = fitted.quadratic({"a": some.float().to(device)})
+        assert float(((self_got - self_want).abs() / self_want).max()) < tol
+        eig = torch.linalg.eigvalsh(damped)
+        assert fitted.condition_numbers(exact=True)["a"] == pytest.approx(float(eig[-1] / eig[0]), rel=1e-6)
+
+
+def test_gpu_dual_fisher_matches_the_dense_float64_inverse():
+    check_dual_fisher_on("cuda")
