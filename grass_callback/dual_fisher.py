@@ -64,9 +64,13 @@ class DualBlock:
         self.count, self.lam, self.k = int(count), float(lam), int(rows.shape[1])
         from grass_callback.fisher import _gram_upper_, _mirror_upper
 
-        kernel = torch.zeros(rows.shape[0], rows.shape[0], dtype=self.rows.dtype, device=self.rows.device)
-        with _exact_products():  # GGᵀ from its upper block triangle: 10/16 of the product, exactly symmetric
-            _gram_upper_(kernel, self.rows.T)
+        for attempt in (self.rows.dtype, torch.float64):
+            self.rows = rows.to(attempt)  # from the rows as given, not their float32 rounding
+            kernel = torch.zeros(rows.shape[0], rows.shape[0], dtype=attempt, device=self.rows.device)
+            with _exact_products():  # GGᵀ from its upper block triangle: 10/16 of the product, exactly symmetric
+                _gram_upper_(kernel, self.rows.T)
+            if attempt == torch.float64 or bool(torch.isfinite(kernel).all()):
+                break  # else float32 products overflowed (rows above ~1e17): float64 products from here on
         _mirror_upper(kernel)
         self.kernel = kernel.double()
         damped = self.kernel.clone()
@@ -85,18 +89,24 @@ class DualBlock:
         return self.rows.device
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x`` in the product dtype and ``G xᵀ`` (float64, ``[R, m]``)."""
+        """``x`` in the product dtype and ``G xᵀ`` (float64, ``[R, m]``); float64 throughout for
+        an ``x`` whose float32 product overflows."""
         xd = x.detach().to(device=self.rows.device, dtype=self.rows.dtype)
         with _exact_products():
-            return xd, (self.rows @ xd.T).double()
+            u = (self.rows @ xd.T).double()
+        if self.rows.dtype != torch.float64 and not bool(torch.isfinite(u).all()) and bool(torch.isfinite(x).all()):
+            xd = x.detach().to(device=self.rows.device, dtype=torch.float64)
+            u = self.rows.double() @ xd.T
+        return xd, u
 
     @torch.no_grad()
     def solve(self, x: Tensor) -> Tensor:
         """``(F + λI)⁻¹ xᵀ`` row by row: ``[m, k]`` -> ``[m, k]`` float64, on the block's device."""
         xd, u = self._project(x)
         y = torch.cholesky_solve(u, self.chol)  # M⁻¹ G xᵀ, [R, m]
+        rows = self.rows if xd.dtype == self.rows.dtype else self.rows.double()
         with _exact_products():
-            back = (y.to(self.rows.dtype).T @ self.rows).double()  # (Gᵀ M⁻¹ G xᵀ)ᵀ
+            back = (y.to(rows.dtype).T @ rows).double()  # (Gᵀ M⁻¹ G xᵀ)ᵀ
         return (xd.double() - back) / self.lam
 
     @torch.no_grad()

@@ -166,3 +166,24 @@ def test_the_gpu_checks_dual_solve_holds_on_the_cpu():
     from test_gpu import check_dual_fisher_on
 
     check_dual_fisher_on("cpu")
+
+
+def test_float32_products_that_overflow_are_redone_in_float64():
+    # bfloat16 rows reach float32's square root of its range: G Gᵀ and G xᵀ overflow in float32
+    rows, count, lam = _rows(20, 64, seed=4) * 1e20, 20, 1e38
+    block = DualBlock(rows, count, lam, torch.float32)
+    assert block.dtype == torch.float64  # the kernel overflowed: float64 products for this block
+    damped = _damped(rows, count, lam)
+    x = _rows(3, 64, seed=5) * 1e20
+    want = x @ torch.linalg.inv(damped)
+    assert ((block.solve(x) - want).abs().max() / want.abs().max()) < 1e-9
+    quad = (want * x).sum(1)
+    assert ((block.quadratic(x) - quad).abs() / quad).max() < 1e-9
+
+    small = DualBlock(_rows(20, 64, seed=4), count, 0.1, torch.float32)  # float32 kernel, huge queries
+    assert small.dtype == torch.float32
+    huge = _rows(2, 64, seed=6) * 1e36
+    want = huge @ torch.linalg.inv(_damped(_rows(20, 64, seed=4), count, 0.1))
+    got = small.solve(huge)
+    assert bool(torch.isfinite(got).all()) and ((got - want).abs().max() / want.abs().max()) < 1e-4
+    assert bool(torch.isfinite(small.quadratic(huge)).all())
