@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .dual_fisher import DualBlock, max_rows
 from .errors import FisherError, FisherValueError
 
 __all__ = ["FisherStats", "FittedFisher", "FisherValueError"]
@@ -382,8 +383,6 @@ class FisherStats:
                 got = (tuple(keep.shape), keep.dtype) if isinstance(keep, Tensor) else type(keep).__name__
                 raise FisherError(f"keep must be a bool Tensor[{rows}] (one flag per row), got {got}.")
             drop = ~keep.to(self.device)[:, None]
-        from grass_callback.dual_fisher import max_rows
-
         seen = self._rows_seen + rows
         for name, k in self._layers.items():
             # one copy, straight into the product dtype (the caller may reuse its tensors)
@@ -485,8 +484,6 @@ class FisherStats:
             dtype = factor_dtype(self.dtype, rows_dtype, k, layer_ratio)
             rows = self._kept_rows(name, dtype) if kept and trace > 0.0 else None
             if rows is not None:
-                from grass_callback.dual_fisher import DualBlock
-
                 lam = layer_ratio * trace / k
                 duals[name], damping[name], ratios[name] = DualBlock(rows, self.count, lam, dtype), lam, layer_ratio
                 continue
