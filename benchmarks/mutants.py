@@ -235,6 +235,9 @@ MUTANTS: list[Mutant] = [
     Mutant("dual-rows-kept-past-half-k", "grass_callback/fisher.py",
            "                if seen <= max_rows(k):", "                if seen <= k - 1:",
            (T_DUAL,), "rows are kept up to k - 1 (the dual then costs more than the k x k factor, and memory grows)"),
+    Mutant("dual-gather-rows-at-offset-0", "grass_callback/fisher.py",
+           "total, start = sum(seen), sum(seen[:rank])", "total, start = sum(seen), 0",
+           (T_DUAL,), "every rank places its rows at offset 0 of the gathered buffer (ranks' rows summed together)"),
 ]
 
 

@@ -415,8 +415,15 @@ class FisherStats:
         ``torch.distributed.all_reduce(SUM)`` when a process group is initialised and does
         nothing otherwise. Every rank must call this the same number of times; call it once
         per accumulation window (calling it twice counts the other ranks twice).
+
+        Under an initialised process group, layers whose rows every rank still holds, at most
+        ``k/2`` of them in all, also get every rank's rows (each rank's placed at its offset in a
+        zero ``[R, k]`` buffer, then sum-reduced: ``R k`` numbers, at most half the ``k x k`` sum's),
+        so that :meth:`fit` solves them through the rows' kernel on every rank alike. Other
+        layers' rows are let go.
         """
         fn = _default_reduce if reduce_fn is None else reduce_fn
+        gathered, seen = self._gather_rows(fn)
         for total in self._sums.values():
             out = fn(total)
             if isinstance(out, Tensor) and out is not total:
@@ -426,6 +433,45 @@ class FisherStats:
         if isinstance(out, Tensor) and out is not count:
             count.copy_(out)
         self.count = int(count.item())
+        if seen is not None:  # a process group: the gathered rows, on every rank alike
+            self._rows = {name: [gathered[name]] if name in gathered else None for name in self._layers}
+            self._rows_seen = seen
+
+    def _gather_rows(self, fn: Callable[[Tensor], Tensor | None]) -> tuple[dict[str, Tensor], int | None]:
+        """Every rank's kept rows of the layers that can still be solved through them (see
+        :meth:`all_reduce_`), and the rows given to ``update`` on all ranks; ``({}, None)`` without
+        a process group of two or more ranks. Every rank makes the same calls in the same order:
+        the choice of layers is made from the reduced counts."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return {}, None
+        world, rank, names = dist.get_world_size(), dist.get_rank(), list(self._layers)
+
+        def reduced(t: Tensor) -> Tensor:
+            out = fn(t)
+            if isinstance(out, Tensor) and out is not t:
+                t.copy_(out)
+            return t
+
+        meta = torch.zeros(world + len(names), dtype=torch.int64)
+        meta[rank] = self._rows_seen
+        meta[world:] = torch.tensor([self._rows[name] is not None for name in names], dtype=torch.int64)
+        meta = reduced(meta.to(self.device)).tolist()
+        seen, holding = meta[:world], meta[world:]
+        total, start = sum(seen), sum(seen[:rank])
+        gathered = {}
+        for name, held in zip(names, holding):
+            k = self._layers[name]
+            if held != world or not 0 < total <= max_rows(k):
+                continue
+            buf = torch.zeros(total, k, dtype=self.compute_dtype, device=self.device)
+            at = start
+            for g in self._rows[name]:
+                buf[at:at + g.shape[0]].copy_(g)
+                at += g.shape[0]
+            gathered[name] = reduced(buf)
+        return gathered, total
 
     def reset(self) -> None:
         """Zero the sums and the count."""

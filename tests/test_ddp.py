@@ -28,14 +28,14 @@ _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "W
              "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "GRASS_CRASH_AT", "PYTHONFAULTHANDLER")
 
 
-def _start(out: Path, devices: int, wandb_dir: Path) -> subprocess.Popen:
+def _start(out: Path, devices: int, wandb_dir: Path, k: int = K) -> subprocess.Popen:
     out.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(SCRIPT.parents[2]),
                **{var: str(wandb_dir / var.lower()) for var in
                   ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")})
     log = open(out / "log.txt", "w")
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--devices", str(devices)],
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--devices", str(devices), "--k", str(k)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -130,6 +130,29 @@ def test_fisher_blocks_are_sum_reduced_in_place(runs: dict[str, Path]) -> None:
 
 
 def test_scores_match_the_single_process_run(runs: dict[str, Path]) -> None:
+    _assert_same_scores(runs)
+
+
+@pytest.fixture(scope="module")
+def dual_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same runs at k = 128: the first layer's 112 gradient columns hold 48 rows a period (at
+    most half of them), the second layer's 51 do not."""
+    root = tmp_path_factory.mktemp("ddp-dual")
+    procs = {"ddp": _start(root / "ddp", 2, root / "wandb-ddp", k=128),
+             "single": _start(root / "single", 1, root / "wandb-single", k=128)}
+    for name, proc in procs.items():
+        _wait(proc, root / name)
+    return {name: root / name for name in procs}
+
+
+def test_ranks_solve_a_short_period_through_all_ranks_rows_as_one_process_does(dual_runs: dict[str, Path]) -> None:
+    r0, r1, single = _records(dual_runs)
+    duals = [fit["duals"] for rec in (r0, r1, single) for fit in rec["fits"]]
+    assert len(duals) == 6 and all(d == duals[0] for d in duals) and len(duals[0]) == 1, duals
+    _assert_same_scores(dual_runs)
+
+
+def _assert_same_scores(runs: dict[str, Path]) -> None:
     r0, single = _load(runs["ddp"] / "rank0.pt"), _load(runs["single"] / "rank0.pt")
     assert [r["period"] for r in r0["reports"]] == [r["period"] for r in single["reports"]] == ["epoch-0", "epoch-1"]
     for got, want in zip(r0["reports"], single["reports"]):

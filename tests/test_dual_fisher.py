@@ -187,3 +187,56 @@ def test_float32_products_that_overflow_are_redone_in_float64():
     got = small.solve(huge)
     assert bool(torch.isfinite(got).all()) and ((got - want).abs().max() / want.abs().max()) < 1e-4
     assert bool(torch.isfinite(small.quadratic(huge)).all())
+
+
+def _gloo_dual_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        dims = {"wide": 64, "narrow": 12}
+        full = {name: _rows(22, k, seed=20 + i) for i, (name, k) in enumerate(dims.items())}
+        start, stop = (0, 9) if rank == 0 else (9, 22)  # uneven shares of the 22 rows
+        stats = FisherStats(dims)
+        keep = torch.ones(stop - start, dtype=torch.bool)
+        if rank == 1:
+            keep[2] = False  # row 11: dropped on its rank, zero in every rank's copy
+        stats.update({name: g[start:stop] for name, g in full.items()}, keep=keep)
+        stats.all_reduce_()
+        fitted = stats.fit(0.3)
+        q = {name: _rows(3, k, seed=30 + i) for i, (name, k) in enumerate(dims.items())}
+        torch.save({"duals": sorted(fitted.duals), "count": stats.count, "damping": fitted.damping,
+                    "solve": fitted.solve(q), "quad": fitted.quadratic({n: full[n][:9] for n in dims})},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_share_their_rows_so_every_rank_solves_through_the_whole_kernel(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_dual_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    dims = {"wide": 64, "narrow": 12}
+    full = {name: _rows(22, k, seed=20 + i) for i, (name, k) in enumerate(dims.items())}
+    counted = torch.ones(22, dtype=torch.bool)
+    counted[11] = False
+    q = {name: _rows(3, k, seed=30 + i) for i, (name, k) in enumerate(dims.items())}
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["duals"] == ["wide"] and got["count"] == 21  # 22 rows > 6 = 12/2 for the narrow layer
+        for name in dims:
+            rows = full[name] * counted[:, None]
+            damped = _damped(rows, 21, got["damping"][name])
+            want = q[name] @ torch.linalg.inv(damped)
+            torch.testing.assert_close(got["solve"][name], want, rtol=1e-9, atol=1e-12)
+        quad = sum((full[n][:9] @ torch.linalg.inv(_damped(full[n] * counted[:, None], 21, got["damping"][n]))
+                    * full[n][:9]).sum(1) for n in dims)
+        torch.testing.assert_close(got["quad"], quad, rtol=1e-9, atol=0)

@@ -89,8 +89,11 @@ def install_spies() -> None:
     fit = FisherStats.fit
 
     def fit_spy(self: FisherStats, *args: Any, **kwargs: Any) -> Any:
-        RECORD["fits"].append({"count": self.count, "sums": {n: t.clone() for n, t in self.sums.items()}})
-        return fit(self, *args, **kwargs)
+        record = {"count": self.count, "sums": {n: t.clone() for n, t in self.sums.items()}}
+        fitted = fit(self, *args, **kwargs)
+        record["duals"] = sorted(fitted.duals)  # layers solved through the rows' kernel
+        RECORD["fits"].append(record)
+        return fitted
 
     FisherStats.fit = fit_spy
     gradients = LayerTaps.gradients
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--k", type=int, default=K)
     args = parser.parse_args(argv)
     out = Path(args.out)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     install_spies()
     L.seed_everything(0, verbose=False)
     train, val = data(GLOBAL_BATCH // args.devices)
-    callback = GraSSCallback(k=K, num_queries=6, topk=3, storage_dtype="float32", rows_per_shard=16,
+    callback = GraSSCallback(k=args.k, num_queries=6, topk=3, storage_dtype="float32", rows_per_shard=16,
                              progress=False, log_to_wandb=True)
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=args.devices,
                         strategy="ddp" if args.devices > 1 else "auto", logger=False, callbacks=[callback],
