@@ -51,8 +51,10 @@ class DualBlock:
         dtype: float32 or float64, the dtype of the products with ``G``.
 
     Raises:
-        FisherError: bad shapes or values, or ``M`` not positive definite in float64 (only when
-            ``G`` is not finite: ``M >= NλI`` in exact arithmetic).
+        FisherError: bad shapes or values, or ``M`` not positive definite even with float64
+            products (``G`` not finite, or ``Nλ`` below the rounding of ``GGᵀ``: ``M >= NλI`` in
+            exact arithmetic). :meth:`~grass_callback.fisher.FisherStats.fit` then factors the
+            layer's ``k x k`` sum instead, with its retries.
     """
 
     def __init__(self, rows: Tensor, count: int, lam: float, dtype: torch.dtype) -> None:
@@ -64,20 +66,23 @@ class DualBlock:
         self.count, self.lam, self.k = int(count), float(lam), int(rows.shape[1])
         from grass_callback.fisher import _gram_upper_, _mirror_upper
 
-        for attempt in (self.rows.dtype, torch.float64):
+        for attempt in dict.fromkeys((self.rows.dtype, torch.float64)):
             self.rows = rows.to(attempt)  # from the rows as given, not their float32 rounding
             kernel = torch.zeros(rows.shape[0], rows.shape[0], dtype=attempt, device=self.rows.device)
             with _exact_products():  # GGᵀ from its upper block triangle: 10/16 of the product, exactly symmetric
                 _gram_upper_(kernel, self.rows.T)
-            if attempt == torch.float64 or bool(torch.isfinite(kernel).all()):
-                break  # else float32 products overflowed (rows above ~1e17): float64 products from here on
-        _mirror_upper(kernel)
-        self.kernel = kernel.double()
-        damped = self.kernel.clone()
-        damped.diagonal().add_(self.count * self.lam)
-        chol, info = torch.linalg.cholesky_ex(damped)
-        if int(info) != 0:
-            raise FisherError("the dual kernel G Gᵀ + NλI is not positive definite: the rows are not finite.")
+            if not bool(torch.isfinite(kernel).all()):
+                continue  # float32 products overflowed (rows above ~1e17): float64 products
+            _mirror_upper(kernel)
+            self.kernel = kernel.double()
+            damped = self.kernel.clone()
+            damped.diagonal().add_(self.count * self.lam)
+            chol, info = torch.linalg.cholesky_ex(damped)
+            if int(info) == 0:
+                break  # else the products' rounding outweighs N λ (a tiny damping): float64 products
+        else:
+            raise FisherError(f"the dual kernel G Gᵀ + NλI (λ = {self.lam:g}) is not positive definite in "
+                              "float64: the rows are not finite, or the damping is below their rounding.")
         self.chol = chol  # C, lower, float64: M = C Cᵀ
 
     @property
@@ -107,6 +112,8 @@ class DualBlock:
         rows = self.rows if xd.dtype == self.rows.dtype else self.rows.double()
         with _exact_products():
             back = (y.to(rows.dtype).T @ rows).double()  # (Gᵀ M⁻¹ G xᵀ)ᵀ
+        if rows.dtype != torch.float64 and not bool(torch.isfinite(back).all()) and bool(torch.isfinite(y).all()):
+            back = y.T @ rows.double()  # M⁻¹ G xᵀ beyond float32's range (N λ < 1 and a huge x)
         return (xd.double() - back) / self.lam
 
     @torch.no_grad()

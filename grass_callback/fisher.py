@@ -531,8 +531,11 @@ class FisherStats:
             rows = self._kept_rows(name, dtype) if kept and trace > 0.0 else None
             if rows is not None:
                 lam = layer_ratio * trace / k
-                duals[name], damping[name], ratios[name] = DualBlock(rows, self.count, lam, dtype), lam, layer_ratio
-                continue
+                try:
+                    duals[name], damping[name], ratios[name] = DualBlock(rows, self.count, lam, dtype), lam, layer_ratio
+                    continue
+                except FisherError:  # the damping is below the kernel's rounding: the k x k factor's retries
+                    pass
             factors[name], damping[name], ratios[name] = _factor(name, self._sum(name), self.count, trace, k,
                                                                  layer_ratio, max_retries, dtype)
         return FittedFisher(factors, damping, ratios, count=self.count,

@@ -240,3 +240,27 @@ def test_ranks_share_their_rows_so_every_rank_solves_through_the_whole_kernel(tm
         quad = sum((full[n][:9] @ torch.linalg.inv(_damped(full[n] * counted[:, None], 21, got["damping"][n]))
                     * full[n][:9]).sum(1) for n in dims)
         torch.testing.assert_close(got["quad"], quad, rtol=1e-9, atol=0)
+
+
+def test_a_kernel_float32_cannot_factor_is_redone_in_float64_and_a_failed_one_leaves_the_k_x_k_factor(monkeypatch):
+    rows = _rows(4, 64, seed=1)
+    rows[1] = rows[0]
+    rows[1, 3] += 1e-3  # two near-copies: GGᵀ has an eigenvalue 1e-9 of its largest
+    block = DualBlock(rows, 4, 1e-6, torch.float32)  # N λ below float32's rounding of GGᵀ
+    assert block.dtype == torch.float64
+    x = _rows(2, 64, seed=2)
+    want = x @ torch.linalg.inv(_damped(rows, 4, 1e-6))
+    assert ((block.solve(x) - want).abs().max() / want.abs().max()) < 1e-7
+
+    import grass_callback.fisher as fisher_module
+
+    def failing(*args, **kwargs):
+        raise FisherError("the dual kernel G Gᵀ + NλI is not positive definite in float64")
+
+    stats = FisherStats({"a": 64})
+    stats.update({"a": _rows(8, 64, seed=3)})
+    monkeypatch.setattr(fisher_module, "DualBlock", failing)
+    fallback = stats.fit(0.1)
+    assert fallback.duals == {}
+    reference = stats.fit(0.1, dual=False)
+    torch.testing.assert_close(fallback.factors["a"], reference.factors["a"], rtol=0, atol=0)
