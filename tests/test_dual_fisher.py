@@ -264,3 +264,33 @@ def test_a_kernel_float32_cannot_factor_is_redone_in_float64_and_a_failed_one_le
     assert fallback.duals == {}
     reference = stats.fit(0.1, dual=False)
     torch.testing.assert_close(fallback.factors["a"], reference.factors["a"], rtol=0, atol=0)
+
+
+def test_a_resumed_period_rebuilt_from_the_store_is_solved_through_the_same_rows(tmp_path):
+    """A resume rebuilds the period's statistics from the stored rows (``_continuity``): they keep
+    those rows, so the period after a crash is solved through the kernel of exactly the rows an
+    uninterrupted run would have used (batches 4..6 of 3 rows, float32 store)."""
+    import sys
+    from pathlib import Path
+
+    from grass_callback.store import GradientStore
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_crash import _resumed_callback
+
+    store = GradientStore(tmp_path / "train", layer_dims={"a": 64, "b": 6}, dtype="float32", rows_per_shard=5)
+    gen = torch.Generator().manual_seed(0)
+    rows = {}
+    for step in range(10):
+        grads = {"a": torch.randn(3, 64, generator=gen), "b": torch.randn(3, 6, generator=gen)}
+        store.append(torch.arange(step * 3, step * 3 + 3) % 12, step, grads, epoch=step // 4)
+        rows[step] = grads
+    store.flush()
+    cb = _resumed_callback(tmp_path, store, batches_seen=7, period_start=4, last_batch_epoch=1)
+    fitted = cb.fisher.fit(0.2)
+    assert list(fitted.duals) == ["a"]  # 9 rows: at most 32 for "a", more than 3 for "b"
+    for name in ("a", "b"):
+        g = torch.cat([rows[s][name] for s in (4, 5, 6)]).double()
+        q = _rows(2, g.shape[1], seed=9)
+        want = q @ torch.linalg.inv(_damped(g, 9, fitted.damping[name]))
+        torch.testing.assert_close(fitted.solve({name: q})[name], want, rtol=1e-6, atol=1e-9)
