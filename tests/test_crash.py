@@ -103,10 +103,10 @@ class ForkServer:
         return json.loads(line)
 
     def start(self, workdir: Path, tag: str, crash: str | None = None, resume: bool = False,
-              loader: str = "ordered", announce: bool = False, ckpt_every: int = 3) -> int | None:
+              loader: str = "ordered", announce: bool = False, ckpt_every: int = 3, k: int | None = None) -> int | None:
         """Send a job; with ``announce`` return the child's pid (then call :meth:`wait`)."""
         job = {"workdir": str(workdir), "tag": tag, "crash": crash, "resume": resume, "loader": loader,
-               "announce": announce, "ckpt_every": ckpt_every}
+               "announce": announce, "ckpt_every": ckpt_every, **({"k": k} if k is not None else {})}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         return int(self._reply(JOB_TIMEOUT_S)["pid"]) if announce else None
@@ -115,8 +115,8 @@ class ForkServer:
         return self._reply(JOB_TIMEOUT_S)
 
     def run(self, workdir: Path, tag: str, crash: str | None = None, resume: bool = False,
-            loader: str = "ordered", ckpt_every: int = 3) -> dict:
-        self.start(workdir, tag, crash, resume, loader, ckpt_every=ckpt_every)
+            loader: str = "ordered", ckpt_every: int = 3, k: int | None = None) -> dict:
+        self.start(workdir, tag, crash, resume, loader, ckpt_every=ckpt_every, k=k)
         return self.wait()
 
     def close(self) -> None:
@@ -209,6 +209,34 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(server: ForkServer, 
     log = (workdir / "log-resume.txt").read_text()
     if from_checkpoint:  # the resume said what it dropped and from how many rows it rebuilt the Fisher
         assert "grass_callback: resumed at batch" in log, log[-2000:]
+
+
+# A period's 48 rows are at most half of the first layer's 112 gradient columns at k = 128: its Fisher
+# is solved through the rows' kernel, and a resume rebuilds it from the stored rows.
+DUAL_K = 128
+DUAL_CASES = [("capture:15",), ("capture:28",), ("optimizer_step:9",), ("fisher_fit:2",), ("score_chunk:1",),
+              ("ckpt_written:7", "fisher_fit:1"), ("manifest_done:5", "truncate:1")]
+
+
+@pytest.fixture(scope="module")
+def dual_reference(server: ForkServer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    ref_dir = tmp_path_factory.mktemp("reference-dual")
+    assert server.run(ref_dir, "ref", k=DUAL_K) == {"exitcode": 0, "signal": None}, log_tail(ref_dir)
+    ref = torch.load(ref_dir / "result.pt")
+    _, rows, pairs, _ = read_store(ref_dir)
+    return {"rows": rows, "pairs": pairs, "value": dict(zip(ref["ids"].tolist(), ref["values"].tolist()))}
+
+
+@pytest.mark.parametrize("crashes", DUAL_CASES, ids=["+".join(c) for c in DUAL_CASES])
+def test_sigkill_then_resume_with_kernel_solved_periods_gives_the_uninterrupted_result(
+        server: ForkServer, dual_reference: dict, tmp_path: Path, crashes: tuple) -> None:
+    workdir = tmp_path / "run"
+    for r, crash in enumerate(crashes):
+        got = server.run(workdir, f"crash{r}", crash=crash, resume=r > 0, k=DUAL_K)
+        assert got["signal"] == signal.SIGKILL, (crashes, crash, got, log_tail(workdir))
+    got = server.run(workdir, "resume", resume=True, k=DUAL_K)
+    assert got == {"exitcode": 0, "signal": None}, (crashes, got, log_tail(workdir))
+    assert_matches_reference(workdir, dual_reference, crashes)
 
 
 # ---------------------------------------------------------------------- fast, in-process resume checks

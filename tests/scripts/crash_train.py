@@ -193,7 +193,8 @@ def data(loader: str = "ordered") -> tuple[DataLoader, DataLoader]:
     return train, query
 
 
-def run(workdir: str | Path, resume: bool = False, loader: str = "ordered", ckpt_every: int = CKPT_EVERY) -> dict[str, Any]:
+def run(workdir: str | Path, resume: bool = False, loader: str = "ordered", ckpt_every: int = CKPT_EVERY,
+        k: int = K) -> dict[str, Any]:
     """One training run in ``workdir``; returns (and saves to result.pt) the final data value.
 
     ``ckpt_every``: ``last.ckpt`` every that many steps. With torchdata's ``StatefulDataLoader`` a
@@ -204,7 +205,7 @@ def run(workdir: str | Path, resume: bool = False, loader: str = "ordered", ckpt
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     train, query = data(loader)
-    callback = GraSSCallback(k=K, num_queries=N_QUERY, topk=3, store_dir=workdir / "grass", storage_dtype="float32",
+    callback = GraSSCallback(k=k, num_queries=N_QUERY, topk=3, store_dir=workdir / "grass", storage_dtype="float32",
                              query_loader=query, rows_per_shard=ROWS_PER_SHARD, log_to_wandb=False, progress=False,
                              damping_ratio=0.1)  # fixed: the runs compare bit for bit, whatever "auto" does
     ckpt = ModelCheckpoint(dirpath=workdir / "ckpt", every_n_train_steps=ckpt_every, save_last=True)
@@ -234,7 +235,7 @@ def _child(job: dict[str, Any]) -> int:
     try:
         install_crash_point(job.get("crash"))
         run(workdir, resume=bool(job.get("resume")), loader=job.get("loader", "ordered"),
-            ckpt_every=int(job.get("ckpt_every", CKPT_EVERY)))
+            ckpt_every=int(job.get("ckpt_every", CKPT_EVERY)), k=int(job.get("k", K)))
         return 0
     except BaseException:  # noqa: BLE001 - reported through the exit code and the log
         traceback.print_exc()
