@@ -120,7 +120,8 @@ MUTANTS: list[Mutant] = [
     Mutant("kernel-gemm-first-sjlt-row", "csrc/factgrass_cpu.cpp",
            "  for (int64_t j = 0; j < c; ++j) {\n    const int32_t* bj = bucket + j * k_prime;",
            "  for (int64_t j = 0; j < 1; ++j) {\n    const int32_t* bj = bucket + j * k_prime;",
-           (T_KERNEL,), "C++ kernel, GEMM path (T >= 64): only the first of c SJLT rows"),
+           (T_KERNEL, "tests/test_kernel_paths.py"),
+           "C++ kernel, GEMM path (T >= 64, k' >= 4096, or forced): only the first of c SJLT rows"),
     # ------------------------------------------------------------------ projection
     Mutant("tables-sign-dropped", "grass_callback/projection.py",
            "weight = self.sign.to(torch.float32) / math.sqrt(self.c)",
@@ -142,7 +143,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_projection.py",), "default mask budget k' = k instead of 4k (sides sqrt(k), not 2 sqrt(k))"),
     # ------------------------------------------------------------------ fisher
     Mutant("fisher-no-divide-by-n", "grass_callback/fisher.py",
-           "            fisher = self._sums[name] / self.count\n", "            fisher = self._sums[name] / 1\n",
+           "    fisher = sums.to(dtype, copy=True).div_(count)\n", "    fisher = sums.to(dtype, copy=True)\n",
            ("tests/test_fisher.py::test_fisher_damping_and_solve_match_dense_reference",),
            "fit uses the sum, not the mean, of g gᵀ (wrong scale)"),
     Mutant("damping-not-per-k", "grass_callback/fisher.py",
