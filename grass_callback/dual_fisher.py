@@ -62,11 +62,10 @@ class DualBlock:
             raise FisherError(f"a dual block needs rows [R, k] with 0 < R < k, got {tuple(rows.shape)}.")
         if not (count >= 1 and lam > 0.0):
             raise FisherError(f"a dual block needs count >= 1 and damping > 0, got {count} and {lam}.")
-        self.rows = rows.to(dtype)
         self.count, self.lam, self.k = int(count), float(lam), int(rows.shape[1])
         from grass_callback.fisher import _gram_upper_, _mirror_upper
 
-        for attempt in dict.fromkeys((self.rows.dtype, torch.float64)):
+        for attempt in dict.fromkeys((dtype, torch.float64)):
             self.rows = rows.to(attempt)  # from the rows as given, not their float32 rounding
             kernel = torch.zeros(rows.shape[0], rows.shape[0], dtype=attempt, device=self.rows.device)
             with _exact_products():  # GGᵀ from its upper block triangle: 10/16 of the product, exactly symmetric

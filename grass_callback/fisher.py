@@ -188,6 +188,23 @@ def _load_layered(path: str | os.PathLike, expected_format: str, field: str, pre
     return {**meta, "layers": layers, field: {name: tensors[f"{prefix}/{name}"] for name in layers}}
 
 
+def _reduce_into(fn: Callable[[Tensor], Tensor | None], tensor: Tensor) -> Tensor:
+    """``fn(tensor)`` with the result left in ``tensor`` (``fn`` may reduce in place or return it)."""
+    out = fn(tensor)
+    if isinstance(out, Tensor) and out is not tensor:
+        tensor.copy_(out)
+    return tensor
+
+
+def _copy_rows(pieces: list[Tensor], out: Tensor, start: int = 0) -> Tensor:
+    """The row blocks ``pieces`` copied (and cast) one after another into ``out`` from row ``start``."""
+    at = start
+    for g in pieces:
+        out[at:at + g.shape[0]].copy_(g)
+        at += g.shape[0]
+    return out
+
+
 def _default_reduce(tensor: Tensor) -> None:
     import torch.distributed as dist
 
@@ -229,7 +246,8 @@ class FisherStats:
     most ``k/2`` (:data:`grass_callback.dual_fisher.MAX_ROW_SHARE`): :meth:`fit` then solves it
     through the rows' ``R x R`` kernel instead of a ``k x k`` factor
     (:class:`~grass_callback.dual_fisher.DualBlock`). Past ``k/2`` rows, or once the sums stop
-    being the rows' own (loaded, reduced across processes, count set), the rows are let go.
+    being the rows' own (loaded, count set), the rows are let go; :meth:`all_reduce_` gives every
+    rank all ranks' rows while they number at most ``k/2`` in all.
     ``update`` never synchronises with the device: with a ``keep`` mask the count stays a tensor
     until :attr:`count` is read.
 
@@ -425,14 +443,8 @@ class FisherStats:
         fn = _default_reduce if reduce_fn is None else reduce_fn
         gathered, seen = self._gather_rows(fn)
         for total in self._sums.values():
-            out = fn(total)
-            if isinstance(out, Tensor) and out is not total:
-                total.copy_(out)
-        count = torch.tensor([self.count], dtype=torch.int64, device=self.device)
-        out = fn(count)
-        if isinstance(out, Tensor) and out is not count:
-            count.copy_(out)
-        self.count = int(count.item())
+            _reduce_into(fn, total)
+        self.count = int(_reduce_into(fn, torch.tensor([self.count], dtype=torch.int64, device=self.device)).item())
         if seen is not None:  # a process group: the gathered rows, on every rank alike
             self._rows = {name: [gathered[name]] if name in gathered else None for name in self._layers}
             self._rows_seen = seen
@@ -447,17 +459,10 @@ class FisherStats:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return {}, None
         world, rank, names = dist.get_world_size(), dist.get_rank(), list(self._layers)
-
-        def reduced(t: Tensor) -> Tensor:
-            out = fn(t)
-            if isinstance(out, Tensor) and out is not t:
-                t.copy_(out)
-            return t
-
         meta = torch.zeros(world + len(names), dtype=torch.int64)
         meta[rank] = self._rows_seen
         meta[world:] = torch.tensor([self._rows[name] is not None for name in names], dtype=torch.int64)
-        meta = reduced(meta.to(self.device)).tolist()
+        meta = _reduce_into(fn, meta.to(self.device)).tolist()
         seen, holding = meta[:world], meta[world:]
         total, start = sum(seen), sum(seen[:rank])
         gathered = {}
@@ -466,11 +471,7 @@ class FisherStats:
             if held != world or not 0 < total <= max_rows(k):
                 continue
             buf = torch.zeros(total, k, dtype=self.compute_dtype, device=self.device)
-            at = start
-            for g in self._rows[name]:
-                buf[at:at + g.shape[0]].copy_(g)
-                at += g.shape[0]
-            gathered[name] = reduced(buf)
+            gathered[name] = _reduce_into(fn, _copy_rows(self._rows[name], buf, start))
         return gathered, total
 
     def reset(self) -> None:
@@ -547,11 +548,7 @@ class FisherStats:
         if not kept:
             return None
         out = torch.empty(sum(g.shape[0] for g in kept), self._layers[name], dtype=dtype, device=self.device)
-        at = 0
-        for g in kept:  # one pass: copy and cast
-            out[at:at + g.shape[0]].copy_(g)
-            at += g.shape[0]
-        return out
+        return _copy_rows(kept, out)
 
     # ------------------------------------------------------------------ persistence
 
@@ -765,6 +762,23 @@ class FittedFisher:
         self.damping_ratio = {name: float(damping_ratio[name]) for name in self.layers}
         self.count = int(count)
         self.requested_damping_ratio = requested_damping_ratio
+
+    @classmethod
+    def merged(cls, parts: Mapping[str, FittedFisher], requested_damping_ratio: float | str | None = None
+               ) -> FittedFisher:
+        """One fit holding every layer of ``parts`` (name -> fit) as ``<name>/<layer>``, each solved
+        as its own fit solves it (a layer through its rows' kernel stays so: no ``k x k`` factor is
+        formed)."""
+        factors, duals, damping, ratios = {}, {}, {}, {}
+        for part, fit in parts.items():
+            for name in fit.layers:
+                key = f"{part}/{name}"
+                if name in fit.duals:
+                    duals[key] = fit.duals[name]
+                else:
+                    factors[key] = fit._factors[name]
+                damping[key], ratios[key] = fit.damping[name], fit.damping_ratio[name]
+        return cls(factors, damping, ratios, requested_damping_ratio=requested_damping_ratio, duals=duals)
 
     @property
     def factors(self) -> dict[str, Tensor]:
