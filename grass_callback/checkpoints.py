@@ -73,14 +73,12 @@ def attribute_checkpoints(load_model: Callable[[str], nn.Module], checkpoints: S
             raise GraSSError("the query loader gave different examples for different checkpoints; it must not shuffle.")
         q_ids = ids
         fit = stats.fit(resolve_damping(damping_ratio, k), rows_dtype=store.dtype)
+        fitted[f"ckpt{c}"] = fit
         for name in taps.layer_dims:
-            key = f"ckpt{c}/{name}"
-            fitted[key] = (fit.factors[name], fit.damping[name], fit.damping_ratio[name])
-            queries[key] = grads[name]
+            queries[f"ckpt{c}/{name}"] = grads[name]
         stores.append(store)
         store.close()
-    joint = FittedFisher({n: f for n, (f, _, _) in fitted.items()}, {n: d for n, (_, d, _) in fitted.items()},
-                         {n: r for n, (_, _, r) in fitted.items()}, requested_damping_ratio=resolve_damping(damping_ratio, k))
+    joint = FittedFisher.merged(fitted, requested_damping_ratio=resolve_damping(damping_ratio, k))
     pre = precondition_queries(joint, queries)
     if standardise and len(checkpoints) > 1:
         for c, store in enumerate(stores):

@@ -294,3 +294,21 @@ def test_a_resumed_period_rebuilt_from_the_store_is_solved_through_the_same_rows
         q = _rows(2, g.shape[1], seed=9)
         want = q @ torch.linalg.inv(_damped(g, 9, fitted.damping[name]))
         torch.testing.assert_close(fitted.solve({name: q})[name], want, rtol=1e-6, atol=1e-9)
+
+
+def test_fits_merged_under_prefixes_solve_as_their_parts_and_form_no_k_x_k_factor():
+    """What checkpoint attribution does with one fit per checkpoint: a layer solved through its
+    rows' kernel stays so in the merged fit."""
+    small, large = FisherStats({"a": 64}), FisherStats({"a": 64})
+    small.update({"a": _rows(10, 64, seed=40)})  # 10 rows: the kernel
+    large.update({"a": _rows(40, 64, seed=41)})  # 40 > 32 rows: a k x k factor
+    parts = {"ckpt0": small.fit(0.2), "ckpt1": large.fit(0.2)}
+    merged = FittedFisher.merged(parts, requested_damping_ratio=0.2)
+    assert list(merged.layers) == ["ckpt0/a", "ckpt1/a"] and list(merged.duals) == ["ckpt0/a"]
+    assert "ckpt0/a" not in merged._factors
+    q = _rows(3, 64, seed=42)
+    for part, fit in parts.items():
+        key = f"{part}/a"
+        assert merged.damping[key] == fit.damping["a"]
+        torch.testing.assert_close(merged.solve({key: q})[key], fit.solve({"a": q})["a"], rtol=0, atol=0)
+        torch.testing.assert_close(merged.quadratic({key: q}), fit.quadratic({"a": q}), rtol=0, atol=0)
