@@ -169,13 +169,11 @@ def unit_ranks(value: Tensor) -> Tensor:
 
 
 def rank_combine(values: Sequence[Tensor]) -> Tensor:
-    """Mean of :func:`unit_ranks` of several ``[n]`` signals oriented alike (high = more of it)."""
+    """Mean of :func:`unit_ranks` of several ``[n]`` signals oriented alike (high = more of it):
+    :func:`weighted_rank_combine` with equal weights."""
     if not values:
         raise DataValueError("rank_combine needs at least one signal.")
-    n = values[0].numel()
-    if any(v.shape != (n,) for v in values):
-        raise DataValueError(f"rank_combine needs signals of one shape [n], got {[tuple(v.shape) for v in values]}.")
-    return sum(unit_ranks(v) for v in values) / len(values)
+    return weighted_rank_combine(values, [1.0] * len(values))
 
 
 def weighted_rank_combine(values: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -241,8 +239,8 @@ def candidate_signals(scores: Tensor, self_influence: Tensor, lrs: Tensor) -> di
     relative = (sums / si.clamp_min(torch.finfo(torch.float64).tiny).sqrt()).sum(0)
     out["relative (standardised / sqrt self-infl.)"] = relative
     out["suspect: relative + summed self-infl."] = -suspect(relative, si.sum(0), 0.5)
-    out[SUSPECT_NAME] = -suspect(out[DEFAULT_NAME], si.sum(0), 0.3)
-    out["suspect 0.3/0.7: relative + summed self-infl."] = -suspect(relative, si.sum(0), 0.3)
+    out[SUSPECT_NAME] = -suspect(out[DEFAULT_NAME], si.sum(0), SUSPECT_VALUE_WEIGHT)
+    out["suspect 0.3/0.7: relative + summed self-infl."] = -suspect(relative, si.sum(0), SUSPECT_VALUE_WEIGHT)
     return out
 
 
