@@ -123,11 +123,11 @@ def callback_run(cfg: dict, data: dict) -> dict:
     return {**recorded(grass, rec, n), "loss": loss, "test_acc": test_acc, "seconds": seconds}
 
 
-def train_through_callback(cfg: dict, module, train: tuple, queries: tuple, query_batch: int):
+def train_through_callback(cfg: dict, module, train: tuple, queries: tuple, query_batch: int, extra=()):
     """Fit ``module`` on the tensors ``train`` (in the workload's per-epoch order) with
-    :class:`GraSSCallback` scoring every query of ``queries`` at each epoch end and the period
-    recorder: ``(callback, recorder, seconds)``. The ensemble is raw (unstandardised): the recorder
-    reads each period's matrix off its sums."""
+    :class:`GraSSCallback` scoring every query of ``queries`` at each epoch end, the period
+    recorder and the callbacks ``extra``: ``(callback, recorder, seconds)``. The ensemble is raw
+    (unstandardised): the recorder reads each period's matrix off its sums."""
     from grass_callback import GraSSCallback, IndexedDataset
 
     n = len(train[0])
@@ -138,7 +138,7 @@ def train_through_callback(cfg: dict, module, train: tuple, queries: tuple, quer
     grass = GraSSCallback(k=cfg["k"], num_queries=len(queries[0]), query_loader=query_loader, log_to_wandb=False,
                           progress=False, store_dir=store, ensemble_standardise=False)
     rec = _recorder(grass)
-    trainer = quiet_trainer(cfg["epochs"], [grass, rec], store)
+    trainer = quiet_trainer(cfg["epochs"], [grass, rec, *extra], store)
     t0 = time.perf_counter()
     trainer.fit(module, loader)
     return grass, rec, time.perf_counter() - t0
