@@ -1,5 +1,6 @@
-"""The flip-detection study's per-period self-influence against dense inverses of each period's Fisher."""
+"""The quality studies' helpers against their definitions: per-period self-influence, spectrum statistics."""
 
+import pytest
 import torch
 
 from benchmarks.quality.detection import period_self_influence
@@ -31,3 +32,18 @@ def test_period_self_influence_equals_dense_inverse_per_period(tmp_path):
                 want.index_add_(0, ids, ((g @ inv) * g).sum(1))
             torch.testing.assert_close(got[p, j], want, rtol=1e-9, atol=1e-9)
     assert (got[1, :, :].sum(0) > 0).sum() == 18  # only the period's own rows get a value
+
+
+def test_layer_damping_spectrum_stats_from_their_definitions():
+    from benchmarks.quality.layer_damping import spectrum_stats
+
+    # primal: 4 eigenvalues, m = min(k, N) = 4, λ = tr / m = 2
+    s = spectrum_stats(torch.tensor([1.0, 4.0, 1.0, 2.0]), k=4, n=10)
+    assert s["reff_m"] == pytest.approx(8.0 ** 2 / 22.0 / 4)
+    assert s["top1"] == pytest.approx(4 / 8)  # the single largest eigenvalue's share
+    assert s["above"] == pytest.approx(1 / 4)  # only 4 > λ
+    assert s["median"] == pytest.approx(1 / 2)  # sorted descending, entry m // 2 = 1, over λ
+    # dual: fewer eigenvalues than m are padded with zeros (k = 6, N = 5: m = 5, λ = 10 / 5)
+    d = spectrum_stats(torch.tensor([6.0, 4.0]), k=6, n=5)
+    assert d["above"] == pytest.approx(2 / 5) and d["median"] == 0.0
+    assert d["reff_m"] == pytest.approx(100 / 52 / 5)
