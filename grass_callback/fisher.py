@@ -689,7 +689,7 @@ def _factor(name: str, sums: Tensor, count: int, trace: float, k: int, ratio: fl
             f"Fisher of layer {name!r} has zero trace (all its gradients are zero); using an "
             f"absolute damping of {tiny:g} instead of the relative one.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         fisher = fisher if dtype == sums.dtype else _fisher_in(sums, count, sums.dtype, name)
         fisher.diagonal().add_(tiny)
@@ -712,7 +712,7 @@ def _factor(name: str, sums: Tensor, count: int, trace: float, k: int, ratio: fl
                 f"Cholesky of the Fisher of layer {name!r} failed with damping ratio {ratio:g} "
                 f"(lambda={lam:g}); retrying with ratio {ratio * 10:g}.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             ratio *= 10.0
     raise FisherError(
