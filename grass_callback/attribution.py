@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from grass_callback.capture import LayerTaps, per_example_scale
 from grass_callback.data import get_batch_indices, move_to_device, optional_batch_indices, resolve_index_key
 from grass_callback.errors import CaptureError, ConfigError, GraSSError, ScoringError
+from grass_callback.damping import auto_scales
 from grass_callback.fisher import FisherStats, FittedFisher
 from grass_callback.projection import Plan, plan_from_state
 from grass_callback.recorder import StepRecorder
@@ -342,6 +343,7 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
     config = {"k": k, "seed": seed, "reduction": reduction, "mode": "checkpoint", "mask_run": mask_run}
     store = open_store(store_path, taps, dtype=dtype, config=config)
     fisher = FisherStats(taps.layer_dims)
+    fisher.auto_scales = auto_scales(taps.plans)  # a vocabulary head's smaller "auto" damping
     with taps:
         capture_pass(model, taps, train_loader, loss_fn, store=store, fisher=fisher, index_key=index_key,
                      reduction=reduction, token_counts=token_counts, device=device, progress=progress)

@@ -62,6 +62,7 @@ from grass_callback.projection import plan_from_state
 from grass_callback._batch_ids import BatchIds
 from grass_callback.data import batch_index_field, check_batch_indices, resolve_index_key
 from grass_callback.errors import ConfigError, GraSSError
+from grass_callback.damping import auto_scales
 from grass_callback.fisher import FisherStats, JointFisherStats
 from grass_callback.recorder import StepRecorder
 from grass_callback.ensembling import ENSEMBLE_WEIGHTINGS, PeriodLearningRate
@@ -288,7 +289,9 @@ class GraSSCallback(Callback):
                 raise ConfigError(f"scorer='joint' needs a {total} x {total} Fisher over {len(self.taps.layers)} "
                                   f"layers (limit {_MAX_JOINT_K}); tap fewer layers, lower k or use scorer='block'.")
             return JointFisherStats(self.taps.layer_dims)
-        return FisherStats(self.taps.layer_dims)
+        stats = FisherStats(self.taps.layer_dims)
+        stats.auto_scales = auto_scales(self.taps.plans)  # a vocabulary head's smaller "auto" damping
+        return stats
 
     def _selective_plans(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
         """Learned-mask plans: the store's when resuming, else learned on rank 0 and broadcast."""

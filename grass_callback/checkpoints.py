@@ -30,6 +30,7 @@ from grass_callback.attribution import (
 )
 from grass_callback.capture import LayerTaps
 from grass_callback.errors import GraSSError
+from grass_callback.damping import auto_scales
 from grass_callback.fisher import FisherStats, FittedFisher
 from grass_callback.scoring import ScoreResult, precondition_queries, score_chunks
 from grass_callback.store import GradientStore, StoreChunk
@@ -64,6 +65,7 @@ def attribute_checkpoints(load_model: Callable[[str], nn.Module], checkpoints: S
         if store.num_rows:
             raise GraSSError(f"{store.path} already holds rows; use a fresh out_dir for a new attribution.")
         stats = FisherStats(taps.layer_dims)
+        stats.auto_scales = auto_scales(taps.plans)
         with taps:
             capture_pass(model, taps, train_loader, loss_fn, store=store, fisher=stats, index_key=index_key,
                          reduction=reduction, progress=progress)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from grass_callback.attribution import LossFn, plans_from_store, query_gradients, resolve_damping
 from grass_callback.capture import LayerTaps, find_layers, layer_shape
 from grass_callback.errors import CaptureError, GraSSError, PlanError, StoreError, StoreMismatchError
+from grass_callback.damping import auto_scales
 from grass_callback.fisher import FisherStats, FittedFisher, JointFisherStats
 from grass_callback.scoring import ScoreResult, _chunk_scores, precondition_queries, score_chunks
 from grass_callback.store import GradientStore
@@ -188,10 +189,10 @@ def _stats_for(store: GradientStore, period: Period, joint: bool, chunk_rows: in
     path = cache / f"fisher-{key}.safetensors" if cache is not None else None
     if path is not None and path.exists():
         try:
-            return _load_joint(path, store) if joint else FisherStats.load(path)
+            return _load_joint(path, store) if joint else _with_auto_scales(FisherStats.load(path), store)
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
             pass
-    stats = JointFisherStats(store.layers) if joint else FisherStats(store.layers)
+    stats = JointFisherStats(store.layers) if joint else _with_auto_scales(FisherStats(store.layers), store)
     chunks = store.iter_chunks(chunk_rows=chunk_rows, min_step=period.min_step, max_step=period.max_step)
     if progress:
         from tqdm.auto import tqdm
@@ -205,6 +206,12 @@ def _stats_for(store: GradientStore, period: Period, joint: bool, chunk_rows: in
             stats.save(path)
         except OSError:
             pass  # a read-only place: the next call refits
+    return stats
+
+
+def _with_auto_scales(stats: FisherStats, store: GradientStore) -> FisherStats:
+    """``stats`` with the ``"auto"`` rule's per-layer multipliers of the store's plans, as in training."""
+    stats.auto_scales = auto_scales(store.plan_config)
     return stats
 
 

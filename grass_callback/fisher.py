@@ -278,7 +278,26 @@ class FisherStats:
             for name, k in self._layers.items()
         }
         self._partial: dict[str, Tensor] = {}  # float32 partial sums (compute_dtype != dtype)
+        self._auto_scales: dict[str, float] = {}
         self._clear_buffers()
+
+    @property
+    def auto_scales(self) -> dict[str, float]:
+        """Per-layer multipliers of the ``"auto"`` rule's ratio (a layer not listed: 1), e.g.
+        :func:`grass_callback.damping.auto_scales` of the layers' plans. A fixed ratio given to
+        :meth:`fit` is used as it is. Not part of :meth:`state_dict` (it follows from the plans)."""
+        return dict(self._auto_scales)
+
+    @auto_scales.setter
+    def auto_scales(self, scales: Mapping[str, float] | None) -> None:
+        scales = dict(scales or {})
+        unknown = sorted(set(scales) - set(self._layers))
+        if unknown:
+            raise FisherValueError(f"auto_scales names layers these statistics do not have: {unknown}.")
+        for name, c in scales.items():
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and c > 0):
+                raise FisherValueError(f"auto_scales[{name!r}] must be a finite number > 0, got {c!r}.")
+        self._auto_scales = {name: float(c) for name, c in scales.items()}
 
     def _clear_buffers(self) -> None:
         n = len(self._layers)
@@ -492,7 +511,7 @@ class FisherStats:
         """Factor ``F_l + lambda_l I`` for every layer, ``lambda_l = ratio * trace(F_l) / k_l``.
 
         ``damping_ratio="auto"`` takes each layer's ratio from its own Fisher
-        (:func:`grass_callback.damping.auto_damping_ratio`).
+        (:func:`grass_callback.damping.auto_damping_ratio`), times its :attr:`auto_scales` entry.
 
         ``rows_dtype``: the dtype of the rows the fit will score (the store's). With half-precision
         rows a well-damped layer is factored in float32 (half the time of float64, and the solves
@@ -527,7 +546,7 @@ class FisherStats:
                 trace = float(self._sum(name).diagonal().sum()) / self.count
             if not math.isfinite(trace):
                 raise _not_finite(name)
-            layer_ratio = _auto_ratio(trace, k, self.count) if auto else ratio
+            layer_ratio = _auto_ratio(trace, k, self.count) * self._auto_scales.get(name, 1.0) if auto else ratio
             dtype = factor_dtype(self.dtype, rows_dtype, k, layer_ratio)
             rows = self._kept_rows(name, dtype) if kept and trace > 0.0 else None
             if rows is not None:

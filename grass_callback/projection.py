@@ -50,6 +50,7 @@ __all__ = [
     "run_mask",
     "auto_mask_run",
     "mask_sizes",
+    "is_vocabulary_head",
     "sjlt_tables",
     "sjlt_apply",
 ]
@@ -251,6 +252,15 @@ def _side(k: int, oversample: float) -> int:
 WIDE_OUTPUT_RATIO = 8  # a layer whose output is this many times wider than its input: a vocabulary head
 
 
+def is_vocabulary_head(k: int, d_in_eff: int, d_out: int, oversample: float = 4.0) -> bool:
+    """Whether a ``d_out x d_in_eff`` layer gradient is a vocabulary head's: an output at least
+    ``WIDE_OUTPUT_RATIO = 8`` times wider than the input, and an input not narrower than the mask
+    side ``sqrt(oversample · k)`` (a narrow input layer, such as an MLP's first, is not one). Such
+    a layer gets skewed masks (:func:`mask_sizes`) and, under ``damping_ratio="auto"``, a smaller
+    damping (:func:`grass_callback.damping.auto_scales`)."""
+    return d_out >= WIDE_OUTPUT_RATIO * d_in_eff and d_in_eff >= _side(k, float(oversample))
+
+
 def mask_sizes(k: int, d_in_eff: int, d_out: int, *, oversample: float = 4.0,
                keep_narrow: bool = False, wide_output_skew: float = 4.0) -> tuple[int, int]:
     """Default FactGraSS mask sizes ``(k_in', k_out')`` for a ``d_out x d_in_eff`` gradient.
@@ -278,7 +288,7 @@ def mask_sizes(k: int, d_in_eff: int, d_out: int, *, oversample: float = 4.0,
             and wide_output_skew >= 1):
         raise PlanError(f"wide_output_skew must be a number >= 1 (1: off), got {wide_output_skew!r}.")
     side = _side(k, float(oversample))
-    if wide_output_skew > 1 and d_out >= WIDE_OUTPUT_RATIO * d_in_eff and d_in_eff >= side:
+    if wide_output_skew > 1 and is_vocabulary_head(k, d_in_eff, d_out, oversample):
         k_out = min(d_out, math.ceil(side * wide_output_skew))
         k_in = min(d_in_eff, math.ceil(side**2 / k_out))
     else:

@@ -102,29 +102,32 @@ def store_rows(train_dir: Path) -> dict[str, Tensor]:
             for key, ts in parts.items()}
 
 
-def hand_damping(fisher: Tensor, n: int, ratio: float | str) -> Tensor:
+def hand_damping(fisher: Tensor, n: int, ratio: float | str, head: bool = False) -> Tensor:
     """``λ = ratio · trace(F) / k``; ``ratio="auto"`` is the default rule written out here:
-    ``λ = trace(F) / min(k, n)``, the mean non-zero eigenvalue of a rank-``min(k, n)`` Fisher."""
+    ``λ = trace(F) / min(k, n)``, the mean non-zero eigenvalue of a rank-``min(k, n)`` Fisher, and a
+    tenth of that on a vocabulary head (``head``)."""
     k = fisher.shape[0]
     if ratio == "auto":
-        return torch.trace(fisher) / min(k, n)
+        return torch.trace(fisher) / min(k, n) * (0.1 if head else 1.0)
     return ratio * torch.trace(fisher) / k
 
 
-def hand_fisher_inverse_apply(rows: Tensor, ratio: float | str, rhs: Tensor) -> Tensor:
+def hand_fisher_inverse_apply(rows: Tensor, ratio: float | str, rhs: Tensor, head: bool = False) -> Tensor:
     """``(F + λI)^{-1} rhs`` with ``F = rowsᵀ rows / n`` and ``λ`` from :func:`hand_damping`."""
     n, k = rows.shape
     fisher = rows.T @ rows / n
-    damped = fisher + hand_damping(fisher, n, ratio) * torch.eye(k, dtype=torch.float64)
+    damped = fisher + hand_damping(fisher, n, ratio, head) * torch.eye(k, dtype=torch.float64)
     return torch.linalg.solve(damped, rhs)
 
 
-def hand_scores(rows: dict[str, Tensor], queries: dict[str, Tensor], ratio: float) -> tuple[Tensor, Tensor]:
-    """``(scores [m, n], self_influence [n])``: ``Σ_l q_l (F_l + λ_l I)^{-1} g_l`` over the layers."""
+def hand_scores(rows: dict[str, Tensor], queries: dict[str, Tensor], ratio: float | str,
+                heads: tuple[str, ...] = ()) -> tuple[Tensor, Tensor]:
+    """``(scores [m, n], self_influence [n])``: ``Σ_l q_l (F_l + λ_l I)^{-1} g_l`` over the layers
+    (``heads``: the layers :func:`hand_damping` treats as vocabulary heads)."""
     scores, self_inf = 0.0, 0.0
     for name, q in queries.items():
         g = rows[f"g/{name}"]
-        solved = hand_fisher_inverse_apply(g, ratio, g.T)        # [k, n]
+        solved = hand_fisher_inverse_apply(g, ratio, g.T, name in heads)        # [k, n]
         scores = scores + q.double() @ solved
         self_inf = self_inf + (g * solved.T).sum(1)
     return scores, self_inf
@@ -160,30 +163,39 @@ class WeightsAtEpochEnd(Callback):
         self.modules.append(module)
 
 
-def _data() -> tuple[TensorDataset, TensorDataset]:
+class VocabularyHeadModule(DropoutModule):
+    """A 16 -> 160 output layer: 160 >= 8 x 17 outputs, a vocabulary head to the damping rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 160))
+
+
+def _data(classes: int = 3) -> tuple[TensorDataset, TensorDataset]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N_TRAIN + N_VAL, 6, generator=g)
-    y = torch.randint(0, 3, (N_TRAIN + N_VAL,), generator=g)
+    y = torch.randint(0, classes, (N_TRAIN + N_VAL,), generator=g)
     return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
 
 
-def _fit(tmp_path: Path, epochs: int, k: int = K, callback=GraSSCallback, **kw) -> tuple[GraSSCallback, WeightsAtEpochEnd]:
+def _fit(tmp_path: Path, epochs: int, k: int = K, callback=GraSSCallback, module=DropoutModule, classes: int = 3,
+         damping_ratio: float | str = RATIO, **kw) -> tuple[GraSSCallback, WeightsAtEpochEnd]:
     L.seed_everything(0, verbose=False)
-    train_set, val_set = _data()
+    train_set, val_set = _data(classes)
     cb = callback(k=k, num_queries=NUM_QUERIES, topk=N_TRAIN, store_dir=tmp_path / "grass",
-                       storage_dtype="float32", damping_ratio=RATIO, progress=False, log_to_wandb=False, **kw)
+                  storage_dtype="float32", damping_ratio=damping_ratio, progress=False, log_to_wandb=False, **kw)
     weights = WeightsAtEpochEnd()
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, callbacks=[cb, weights],
                         default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, num_sanity_val_steps=0)
     train = DataLoader(IndexedDataset(train_set), batch_size=16, shuffle=True)
     cb.query_loader = DataLoader(IndexedDataset(val_set), batch_size=8)
-    trainer.fit(DropoutModule(), train)
+    trainer.fit(module(), train)
     return cb, weights
 
 
-def _queries(module: nn.Module, plans: dict) -> dict[str, Tensor]:
-    _, val_set = _data()
+def _queries(module: nn.Module, plans: dict, classes: int = 3) -> dict[str, Tensor]:
+    _, val_set = _data(classes)
     return exact_query_rows(module, plans, [val_set[i] for i in range(NUM_QUERIES)])
 
 
@@ -293,6 +305,29 @@ def test_a_period_of_fewer_rows_than_half_of_k_is_solved_through_its_kernel_and_
     want_self = dict(zip(own["ids"].tolist(), self_inf.tolist()))
     ids = sorted(got_self)
     _close(torch.tensor([got_self[i] for i in ids]), torch.tensor([want_self[i] for i in ids], dtype=torch.float64), "self-influence")
+
+
+def test_auto_damping_gives_a_vocabulary_head_a_tenth_of_the_rule_and_matches_the_hand_reference(tmp_path):
+    cb, weights = _fit(tmp_path, epochs=2, callback=RecordingFits, module=VocabularyHeadModule, classes=160,
+                       damping_ratio="auto")
+    assert all(fit.damping_ratio == {"net.0": 1.0, "net.2": pytest.approx(0.1)} for fit in cb.fits)  # k = 16 < N = 48
+    rows = store_rows(Path(cb.store_dir) / "train")
+    own = _per_epoch(rows, 1)
+    queries = _queries(weights.modules[1], cb.taps.plans, classes=160)
+    scores, self_inf = hand_scores(own, queries, "auto", heads=("net.2",))
+    want = torch.zeros(NUM_QUERIES, N_TRAIN, dtype=torch.float64)
+    want[:, own["ids"]] = scores
+    result = cb.last_result
+    _close(result.top_scores, want.gather(1, result.top_ids), "period scores by id")
+    assert torch.equal(result.top_ids, want.argsort(dim=1, descending=True))
+    got_self = dict(zip(result.self_influence_ids.tolist(), result.self_influence.double().tolist()))
+    want_self = dict(zip(own["ids"].tolist(), self_inf.tolist()))
+    ids = sorted(got_self)
+    _close(torch.tensor([got_self[i] for i in ids]), torch.tensor([want_self[i] for i in ids], dtype=torch.float64),
+           "self-influence")
+    # the head's factor is visible in the scores: the rule without it is far from them
+    plain, _ = hand_scores(own, queries, "auto")
+    assert (plain - scores).abs().max() > 0.05 * scores.abs().max()
 
 
 def test_keep_history_all_rescores_every_stored_row_each_period(tmp_path):

@@ -57,3 +57,22 @@ def test_layer_stats_effective_rank_from_the_fisher():
         share = float(torch.linalg.eigvalsh(f).flip(0)[:top].sum()) / tr
         assert stats[name]["top1pct"] == pytest.approx(share, rel=1e-9)
         assert 0 < stats[name]["reff_m"] <= 1 and not math.isnan(share)
+
+
+def test_the_suites_default_rule_gives_a_vocabulary_head_its_scale_as_fit_does():
+    from benchmarks.quality.rules import with_layer_scales
+    from grass_callback.fisher import FisherStats
+    from grass_callback.projection import LayerShape
+
+    ki, train = _kernel(200, {"a": 24, "b": 96})
+    shapes = {"a": LayerShape(16, 32), "b": LayerShape(16, 160)}  # b: 160 >= 8 x 16 outputs, a vocabulary head at k = 16
+    rules = with_layer_scales({"auto": RULES["auto"], "r=1": RULES["r=1"]}, shapes, k=16)
+    stats = FisherStats({"a": 24, "b": 96})
+    stats.update(train)
+    stats.auto_scales = {"b": 0.1}
+    fitted = stats.fit("auto")
+    assert rules["auto"](ki) == pytest.approx(fitted.damping_ratio, rel=1e-12)
+    assert rules["auto"](ki)["b"] == pytest.approx(0.1 * RULES["auto"](ki)["b"], rel=1e-12)
+    assert rules["r=1"](ki) == RULES["r=1"](ki)  # other rules untouched
+    assert with_layer_scales({"auto": RULES["auto"]}, {"a": shapes["a"], "b": LayerShape(16, 32)}, k=16)["auto"](ki) \
+        == RULES["auto"](ki)

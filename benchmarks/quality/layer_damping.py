@@ -1,12 +1,13 @@
 """Which layer wants another damping: one layer's ratio scaled, the others left at the default.
 
     nice -n 10 .venv/bin/python -m benchmarks.quality.layer_damping gpt2-pydoc-tune digits-256x2 teacher-512
-    nice -n 10 .venv/bin/python -m benchmarks.quality.layer_damping gpt2-pydoc-tune --methods factgrass gaussian
+    nice -n 10 .venv/bin/python -m benchmarks.quality.layer_damping gpt2-pydoc-tune --methods factgrass gaussian exact
 
 Reads the compressed gradients the suite cached (``python -m benchmarks.quality`` fills the cache;
 a missing entry is an error naming that command). For each layer in turn, its ratio is multiplied
-by each factor of ``--factors`` while every other layer keeps the default ``"auto"`` ratio
-(``max(1, k/N)``); printed: the LDS change against all-default (mean over plan seeds ± the paired
+by each factor of ``--factors`` while every other layer keeps the rule's ratio ``max(1, k/N)``
+(``"auto"`` without its vocabulary-head factor, which this study chose; see
+:mod:`grass_callback.damping`); printed: the LDS change against all-default (mean over plan seeds ± the paired
 standard error) beside the layer's spectrum statistics (effective rank over ``min(k, N)``, the
 share of ``tr(F)`` in the top 1% of eigenvalues, the share of eigenvalues above the default
 damping ``λ``, the median eigenvalue over ``λ``), and the LDS with every layer at its best factor
@@ -26,9 +27,9 @@ if __package__ in (None, ""):
     __package__ = "benchmarks.quality"
 
 from .cache import Cache  # noqa: E402
-from .methods import kernel_from, lds_per_query, oriented_targets  # noqa: E402
+from .methods import exact_kernel, kernel_from, lds_per_query, oriented_targets  # noqa: E402
 from .run import fmt  # noqa: E402
-from .spectra import cached_grads, train_size  # noqa: E402
+from .spectra import cached_grads, shapes_of, train_size  # noqa: E402
 from .workloads import TUNING, WORKLOADS, ground_truth  # noqa: E402
 
 FACTORS = (0.03, 0.1, 0.3, 3.0)
@@ -85,9 +86,14 @@ def main(argv: list[str] | None = None) -> None:
         gt = ground_truth(name, args.cache)
         n, oriented = train_size(name, gt), oriented_targets(gt["targets"], gt["target_kind"])
         for method in args.methods:
-            seeds = args.seeds or (3 if WORKLOADS[name]["kind"] == "mlp" else 2)
-            runs = [layer_gains(kernel_from(cached_grads(cache, name, gt, method, args.k, s), n), gt["masks"],
-                                oriented, tuple(args.factors)) for s in range(seeds)]
+            seeds = 1 if method == "exact" else args.seeds or (3 if WORKLOADS[name]["kind"] == "mlp" else 2)
+
+            def kernel(seed: int):
+                grads = cached_grads(cache, name, gt, method, args.k, seed)
+                return (exact_kernel(shapes_of(name, gt), None, n, grams=grads) if method == "exact"
+                        else kernel_from(grads, n))
+
+            runs = [layer_gains(kernel(s), gt["masks"], oriented, tuple(args.factors)) for s in range(seeds)]
             layers = [b for b in runs[0] if b not in ("base", "best")]
             print(f"\n{name} {method} ({'tuning' if name in TUNING else 'reporting'} half), {seeds} plan seeds: "
                   f"LDS at the default {fmt([r['base'] for r in runs])}, each layer at its best factor "

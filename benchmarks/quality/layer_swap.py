@@ -27,7 +27,7 @@ from grass_callback.projection import FactGraSSPlan  # noqa: E402
 
 from .cache import Cache  # noqa: E402
 from .methods import compress, evaluate, kernel_from, method_grads, plan_signature  # noqa: E402
-from .rules import RULES  # noqa: E402
+from .rules import RULES, with_layer_scales  # noqa: E402
 from .run import DEFAULT_RULE, workload_inputs  # noqa: E402
 from .workloads import WORKLOADS, config_hash, ground_truth  # noqa: E402
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes, factors, n = workload_inputs(name, gt)
     base = {"workload": name, "ground_truth": config_hash(WORKLOADS[name]), "n": n}
     seeds = args.seeds or (3 if WORKLOADS[name]["kind"] == "mlp" else 2)
-    rules = {DEFAULT_RULE: RULES[DEFAULT_RULE]}
+    rules = with_layer_scales({DEFAULT_RULE: RULES[DEFAULT_RULE]}, shapes, args.k)
 
     def grads(method: str, seed: int) -> dict:
         signature = {**base, **plan_signature(method, shapes, args.k, seed)}

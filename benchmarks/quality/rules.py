@@ -16,7 +16,9 @@ number of rows ``N``), never ground truth. Candidates:
   falls with fewer rows per dimension, capped at the mean eigenvalue;
 * ``auto/L<c>``: ``r = (c / L) · max(1, k / N)`` with ``L`` the number of blocks;
 * ``auto``: the library's rule (:func:`grass_callback.damping.auto_damping_ratio`):
-  ``r = max(1, k / N)``, ``λ = trace(F) / min(k, N)``, the mean non-zero eigenvalue.
+  ``r = max(1, k / N)``, ``λ = trace(F) / min(k, N)``, the mean non-zero eigenvalue, times the
+  layer's :func:`grass_callback.damping.auto_scales` (0.1 on a vocabulary head) once
+  :func:`with_layer_scales` has given it the workload's layer shapes, as ``FisherStats.fit`` does.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable
 
 from grass_callback.evaluation import KernelInfluence
 
-__all__ = ["RULES"]
+__all__ = ["RULES", "with_layer_scales"]
 
 
 def _per_block(fn: Callable[[object, int, float, int], float]) -> Callable[[KernelInfluence], dict]:
@@ -94,3 +96,21 @@ RULES: dict[str, Callable[[KernelInfluence], dict]] = {
     **{f"auto/L{c:g}": _per_blocks(c) for c in (1.0, 2.0)},
     "auto": _per_block(_auto),
 }
+
+
+def with_layer_scales(rules: dict, shapes: dict, k: int) -> dict:
+    """``rules`` with ``auto`` as the library applies it to layers of these shapes (name ->
+    :class:`~grass_callback.projection.LayerShape`) compressed to ``k``: each block's ratio times
+    :func:`grass_callback.damping.auto_scales`. The uncompressed ``exact`` blocks are classified
+    at the same ``k``. Other rules are left as they are."""
+    from grass_callback.damping import auto_scales
+
+    scales = auto_scales({name: {"d_in": s.d_in, "d_out": s.d_out, "bias": s.bias, "k": k} for name, s in shapes.items()})
+    if "auto" not in rules or not scales:
+        return dict(rules)
+    base = rules["auto"]
+
+    def auto(ki: KernelInfluence) -> dict:
+        return {name: r * scales.get(name, 1.0) for name, r in base(ki).items()}
+
+    return {**rules, "auto": auto}

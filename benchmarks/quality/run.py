@@ -45,7 +45,7 @@ from . import mlp  # noqa: E402
 from .cache import Cache, key_of, source_hash  # noqa: E402
 from .methods import (GRID, METHODS, evaluate, exact_grams, exact_kernel, kernel_from,  # noqa: E402
                       method_grads, plan_signature)
-from .rules import RULES  # noqa: E402
+from .rules import RULES, with_layer_scales  # noqa: E402
 from .workloads import REPORTING, TUNING, WORKLOADS, config_hash, ground_truth  # noqa: E402
 
 DEFAULT_RULE = "auto"
@@ -151,6 +151,7 @@ def run_workload(name: str, args, log, cache: Cache | None = None) -> dict:
     masks, targets, kind = gt["masks"], gt["targets"], gt["target_kind"]
     rules = {r: RULES[r] for r in args.rules}
     rules[DEFAULT_RULE] = RULES[DEFAULT_RULE]
+    rules = with_layer_scales(rules, shapes, args.k)
     out = {"version": _VERSION, "workload": name, "half": "tuning" if name in TUNING else "reporting", "n": n,
            "queries": targets.shape[1], "models": masks.shape[0], "methods": {}, "mislabel": {}, "seconds": {}}
     seeds = args.seeds if cfg["kind"] == "mlp" else args.lm_seeds

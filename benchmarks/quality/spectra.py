@@ -33,7 +33,7 @@ from . import lm as lm_mod  # noqa: E402
 from . import mlp  # noqa: E402
 from .cache import Cache  # noqa: E402
 from .methods import evaluate, exact_kernel, kernel_from, plan_signature  # noqa: E402
-from .rules import RULES  # noqa: E402
+from .rules import RULES, with_layer_scales  # noqa: E402
 from .run import fmt, mean_se  # noqa: E402
 from .workloads import TUNING, WORKLOADS, config_hash, ground_truth  # noqa: E402
 
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
                 grads = cached_grads(cache, name, gt, method, args.k, seed)
                 ki = (exact_kernel(shapes_of(name, gt), None, n, grams=grads) if method == "exact"
                       else kernel_from(grads, n))
-                row = evaluate(ki, gt["masks"], gt["targets"], gt["target_kind"], rules)
+                row = evaluate(ki, gt["masks"], gt["targets"], gt["target_kind"],
+                               with_layer_scales(rules, shapes_of(name, gt), args.k))
                 row["layers"] = layer_stats(ki)
                 rows.append(row)
             results.setdefault(name, {})[method] = rows
