@@ -66,6 +66,8 @@ T_REDONE = T_FISHER + "::test_factor_after_failed_attempts_is_that_of_its_report
 T_DUAL = "tests/test_dual_fisher.py"
 T_DUAL_REF = T_REFS + "::test_a_period_of_fewer_rows_than_half_of_k_is_solved_through_its_kernel_and_matches_the_hand_reference"
 T_SUSPECT = "tests/test_data_value.py::test_suspect_weights_the_unit_ranks_of_low_value_and_high_self_influence_0_3_to_0_7"
+T_DAMPING = "tests/test_damping.py"
+T_HEAD_REF = T_REFS + "::test_auto_damping_gives_a_vocabulary_head_a_tenth_of_the_rule_and_matches_the_hand_reference"
 
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ the issue's table
@@ -239,6 +241,19 @@ MUTANTS: list[Mutant] = [
     Mutant("dual-gather-rows-at-offset-0", "grass_callback/fisher.py",
            "total, start = sum(seen), sum(seen[:rank])", "total, start = sum(seen), 0",
            (T_DUAL,), "every rank places its rows at offset 0 of the gathered buffer (ranks' rows summed together)"),
+    # ------------------------------------------------------------------ the vocabulary head's damping
+    Mutant("head-scale-not-applied", "grass_callback/fisher.py",
+           "_auto_ratio(trace, k, self.count) * self._auto_scales.get(name, 1.0) if auto else ratio",
+           "_auto_ratio(trace, k, self.count) if auto else ratio",
+           (T_DAMPING, T_HEAD_REF), "FisherStats.fit(\"auto\") ignores the layers' auto_scales"),
+    Mutant("head-scale-on-a-fixed-ratio", "grass_callback/fisher.py",
+           "_auto_ratio(trace, k, self.count) * self._auto_scales.get(name, 1.0) if auto else ratio",
+           "(_auto_ratio(trace, k, self.count) if auto else ratio) * self._auto_scales.get(name, 1.0)",
+           (T_DAMPING,), "a damping ratio the user gives is scaled on vocabulary heads too"),
+    Mutant("head-class-ignores-narrow-input", "grass_callback/projection.py",
+           "return d_out >= WIDE_OUTPUT_RATIO * d_in_eff and d_in_eff >= _side(k, float(oversample))",
+           "return d_out >= WIDE_OUTPUT_RATIO * d_in_eff",
+           (T_DAMPING,), "an MLP's narrow input layer (24 -> 512) counts as a vocabulary head"),
 ]
 
 

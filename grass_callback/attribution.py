@@ -314,7 +314,8 @@ def attribute(model: nn.Module, train_loader: Iterable, query_loader: Iterable, 
         include, exclude: layer-name globs. k, seed, mask_run: the FactGraSS plans (per layer;
             ``mask_run`` as in :class:`~grass_callback.projection.FactGraSSPlan`).
         damping_ratio: relative damping of each Fisher block, or ``"auto"`` (default: a ratio per
-            layer from its own Fisher, :mod:`grass_callback.damping`). topk: proponents/opponents
+            layer from its own Fisher, a tenth of it on a vocabulary head,
+            :mod:`grass_callback.damping`). topk: proponents/opponents
             per query.
         reduction: how ``loss_fn`` reduces over the batch: ``"mean"``, ``"sum"``, ``"token_mean"``
             (then ``token_counts(batch) -> [B]`` is required).

@@ -101,7 +101,8 @@ class GraSSCallback(Callback):
         topk: proponents and opponents kept per query (default 10).
         damping_ratio: relative damping of each Fisher block, ``λ = r · trace(F) / k``; ``"auto"``
             (default) resolves it per layer at each fit from the layer's Fisher: ``λ = trace(F) /
-            min(k, N)``, the mean non-zero eigenvalue (:mod:`grass_callback.damping`).
+            min(k, N)``, the mean non-zero eigenvalue, a tenth of it on a vocabulary head such as
+            an ``lm_head`` (:mod:`grass_callback.damping`); a number applies to every layer.
         index_key: the batch field holding dataset indices (default: from ``IndexedDataset``).
         loss_reduction: how the training loss reduces over the batch: ``"mean"``, ``"sum"`` or
             ``"token_mean"`` (then ``token_counts(batch) -> [B]`` is required).
