@@ -669,7 +669,8 @@ def factor_dtype(stats_dtype: torch.dtype, rows_dtype: torch.dtype | None, k: in
     float32 solve's relative error is under a quarter of the rows' own rounding: with relative
     damping ``r`` the condition number is at most ``1 + k / r`` (``lambda = r trace(F) / k >=
     r lambda_max / k``), so the test is ``(1 + k / r) eps_32 <= eps_rows / 4`` (float16 rows at
-    ``k = 1024``: ``r >= 0.5``; bfloat16: ``r >= 0.0625``; the default ``"auto"`` gives ``r >= 1``).
+    ``k = 1024``: ``r >= 0.5``; bfloat16: ``r >= 0.0625``; the default ``"auto"`` gives ``r >= 1``,
+    and ``r >= 0.1`` on a vocabulary head, which float16 rows then have factored in float64).
     Otherwise the statistics' dtype, as before.
     """
     if stats_dtype != torch.float64 or rows_dtype is None or rows_dtype not in (torch.float16, torch.bfloat16):
