@@ -262,7 +262,7 @@ def is_vocabulary_head(k: int, d_in_eff: int, d_out: int, oversample: float = 4.
 
 
 def mask_sizes(k: int, d_in_eff: int, d_out: int, *, oversample: float = 4.0,
-               keep_narrow: bool = False, wide_output_skew: float = 4.0) -> tuple[int, int]:
+               keep_narrow: bool = False, wide_output_skew: float = 16.0) -> tuple[int, int]:
     """Default FactGraSS mask sizes ``(k_in', k_out')`` for a ``d_out x d_in_eff`` gradient.
 
     The budget is ``k' = side²`` with ``side = sqrt(oversample · k)`` (``2 sqrt(k)`` by
@@ -276,11 +276,13 @@ def mask_sizes(k: int, d_in_eff: int, d_out: int, *, oversample: float = 4.0,
     A layer whose output is at least ``WIDE_OUTPUT_RATIO = 8`` times wider than its (not narrow)
     input, such as a language model's vocabulary head, spends the same budget on the output
     side: ``k_out' = min(d_out, wide_output_skew · side)``, ``k_in' = ceil(side² / k_out')``
-    (``16 x 256`` instead of ``64 x 64`` at ``k = 1024``). An output gradient there lives on the
+    (``4 x 1024`` instead of ``64 x 64`` at ``k = 1024``). An output gradient there lives on the
     few tokens of the example, which a 64-column mask mostly misses. ``wide_output_skew=1``
-    turns it off; 8 and 16 measured better still on the quality suite's tuning language model
-    but cost 2-4x and 4-10x that layer's CPU kernel time, 4 costs 1.0-1.6x
-    (``python -m benchmarks.quality.mask_cost --heads``; README "Attribution quality").
+    turns it off. The default 16 scored best of 4 / 8 / 16 on the quality suite's tuning
+    language model once the head got its smaller damping (:mod:`grass_callback.damping`); it
+    costs 4-10x that layer's CPU kernel time (4: 1.0-1.6x), under 1% of the overhead benchmark's
+    CPU training step (``python -m benchmarks.quality.mask_cost --heads``; README "Attribution
+    quality").
     """
     if not (isinstance(oversample, (int, float)) and not isinstance(oversample, bool) and oversample > 0):
         raise PlanError(f"oversample must be a positive number (the mask budget k' = oversample * k), got {oversample!r}.")
@@ -333,7 +335,7 @@ class FactGraSSPlan(Plan):
             costs up to 2x kernel time per narrow factor; see the README).
         wide_output_skew: on a layer whose output is at least 8x wider than its input (a
             vocabulary head) the output mask gets this many times ``side`` columns and the input
-            mask the rest of the budget (:func:`mask_sizes`; default 4, 1 = off).
+            mask the rest of the budget (:func:`mask_sizes`; default 16, 1 = off).
         c: non-zeros per coordinate in the SJLT (the paper uses 1).
         mask_run: the masks keep coordinates in runs of this many neighbours (:func:`run_mask`;
             every coordinate is still kept with probability ``k_in / d_in``). ``"auto"``
@@ -351,7 +353,7 @@ class FactGraSSPlan(Plan):
     def __init__(self, d_in: int, d_out: int, bias: bool = False, k: int = 1024,
                  k_in: int | None = None, k_out: int | None = None, c: int = 1,
                  seed: int = 0, name: str = "", mask_run: Any = "auto", oversample: float = 4.0,
-                 keep_narrow: bool = False, wide_output_skew: float = 4.0) -> None:
+                 keep_narrow: bool = False, wide_output_skew: float = 16.0) -> None:
         _check_positive(d_in=d_in, d_out=d_out, k=k, c=c)
         self.shape = LayerShape(int(d_in), int(d_out), bool(bias))
         self.seed, self.name, self.c = int(seed), str(name), int(c)

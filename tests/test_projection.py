@@ -265,7 +265,7 @@ def test_mask_sizes_default_budget_is_four_k() -> None:
 
 
 def test_a_vocabulary_head_spends_the_mask_budget_on_its_output() -> None:
-    """Output at least 8x wider than a non-narrow input: ``k_out = min(d_out, 4 side)``, ``k_in =
+    """Output at least 8x wider than a non-narrow input: ``k_out = min(d_out, 16 side)``, ``k_in =
     ceil(side² / k_out)``, so the budget ``side²`` is still met; other layers keep square masks;
     ``wide_output_skew=1`` is the square rule everywhere; saved plans keep their sizes."""
     from grass_callback.projection import mask_sizes, plan_from_state
@@ -273,17 +273,20 @@ def test_a_vocabulary_head_spends_the_mask_budget_on_its_output() -> None:
     side = 64  # k = 1024
     for d_in, d_out in [(128, 1024), (96, 1024), (768, 50257), (256, 8192), (64, 512)]:
         k_in, k_out = mask_sizes(1024, d_in, d_out)
-        assert k_out == min(d_out, 4 * side) and k_in == -(-side * side // k_out), (d_in, d_out)
+        assert k_out == min(d_out, 16 * side) and k_in == -(-side * side // k_out), (d_in, d_out)
         assert k_in * k_out >= side * side
         assert mask_sizes(1024, d_in, d_out, wide_output_skew=1.0) == (64, 64)
+    assert mask_sizes(1024, 64, 512) == (8, 512)      # the whole output, 8 inputs
     assert mask_sizes(1024, 128, 1016) == (64, 64)    # 7.9x wider: not a head
     assert mask_sizes(1024, 25, 512) == (25, 164)     # a narrow input keeps the narrow-factor rule
-    assert mask_sizes(4096, 128, 1024) == (32, 512)   # side 128
-    assert mask_sizes(1024, 128, 1024, wide_output_skew=16) == (4, 1024)  # the whole output, 4 inputs
+    assert mask_sizes(4096, 128, 1024) == (16, 1024)  # side 128: 16 side > 1024 outputs, all kept
+    assert mask_sizes(1024, 128, 1024, wide_output_skew=4) == (16, 256)  # the default before
     head = FactGraSSPlan(128, 1024, k=1024, seed=3, name="lm_head")
-    assert (head.k_in, head.k_out, head.k) == (16, 256, 1024)
+    assert (head.k_in, head.k_out, head.k) == (4, 1024, 1024)
     again = plan_from_state(*head.to_state())
-    assert (again.k_in, again.k_out) == (16, 256) and torch.equal(again.in_idx, head.in_idx)
+    assert (again.k_in, again.k_out) == (4, 1024) and torch.equal(again.in_idx, head.in_idx)
+    old = FactGraSSPlan(128, 1024, k=1024, seed=3, name="lm_head", wide_output_skew=4)  # a plan saved before
+    assert (plan_from_state(*old.to_state()).k_in, plan_from_state(*old.to_state()).k_out) == (16, 256)
     with pytest.raises(PlanError, match="wide_output_skew"):
         mask_sizes(1024, 128, 1024, wide_output_skew=0.5)
 
@@ -291,10 +294,12 @@ def test_a_vocabulary_head_spends_the_mask_budget_on_its_output() -> None:
 def test_vocabulary_head_plan_matches_the_dense_reference() -> None:
     """The skewed masks through the compress path against the plan's own dense projection of the
     exact gradient (float64)."""
-    plan = FactGraSSPlan(32, 512, k=64, seed=1, name="head")  # side 16: 4 x 64 masks
-    assert (plan.k_in, plan.k_out) == (4, 64)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 32, generator=gen, dtype=torch.float64)
     g = torch.randn(3, 5, 512, generator=gen, dtype=torch.float64)
     exact = torch.einsum("bto,bti->boi", g, x)
-    torch.testing.assert_close(plan.compress(x, g).double(), plan.project_gradient(exact), rtol=1e-6, atol=1e-8)
+    # side 16: the default skew 16 keeps 1 x 256 (one input column), skew 4 keeps 4 x 64
+    for skew, sizes in ((16.0, (1, 256)), (4.0, (4, 64))):
+        plan = FactGraSSPlan(32, 512, k=64, seed=1, name="head", wide_output_skew=skew)
+        assert (plan.k_in, plan.k_out) == sizes
+        torch.testing.assert_close(plan.compress(x, g).double(), plan.project_gradient(exact), rtol=1e-6, atol=1e-8)

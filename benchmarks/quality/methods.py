@@ -47,6 +47,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "factgrass-x2-narrow": ("factgrass", {"oversample": 8.0, "keep_narrow": True}),
     "factgrass-x4": ("factgrass", {"oversample": 16.0, "keep_narrow": False}),  # k' = 16 k: masks of 4 sqrt(k)
     "factgrass-coord": ("factgrass", {"mask_run": 1}),  # the default sizes, coordinate-wise masks
+    "factgrass-skew8": ("factgrass", {"wide_output_skew": 8.0}),  # a vocabulary head's masks 8 x 512 at k = 1024
+    "factgrass-skew16": ("factgrass", {"wide_output_skew": 16.0}),  # 4 x 1024
     "factgrass-c2": ("factgrass", {"c": 2}),  # the default masks, 2 non-zeros per coordinate in the SJLT
     # the same budget k' = 4k split otherwise (explicit k_in, k_out per layer, see _split_sizes):
     "factgrass-prop": ("factgrass", {"split": "proportional"}),  # each factor keeps the same fraction
