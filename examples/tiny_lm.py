@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -245,6 +246,9 @@ def _run(args: argparse.Namespace, epochs: int, out: Path) -> dict:
 
     q = int(args.quick)                       # index into the (full, quick) config pairs
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "grass").exists():  # the example's own store from an earlier run: start afresh
+        print(f"removing the previous run's store {out / 'grass'}")
+        shutil.rmtree(out / "grass")
 
     paragraphs = corpus()
     tokenizer = train_tokenizer(paragraphs, VOCAB[q])
