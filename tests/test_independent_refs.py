@@ -293,28 +293,14 @@ def test_a_period_of_fewer_rows_than_half_of_k_is_solved_through_its_kernel_and_
     wide = [name for name, k in dims.items() if 2 * N_TRAIN <= k]
     assert wide and len(wide) < len(dims)  # one layer each way
     assert all(sorted(fit.duals) == sorted(wide) for fit in cb.fits)
-    rows = store_rows(Path(cb.store_dir) / "train")
-    own = _per_epoch(rows, 1)
+    own = _per_epoch(store_rows(Path(cb.store_dir) / "train"), 1)
     scores, self_inf = hand_scores(own, _queries(weights.modules[1], cb.taps.plans), RATIO)
-    want = torch.zeros(NUM_QUERIES, N_TRAIN, dtype=torch.float64)
-    want[:, own["ids"]] = scores
-    result = cb.last_result
-    _close(result.top_scores, want.gather(1, result.top_ids), "period scores by id")
-    assert torch.equal(result.top_ids, want.argsort(dim=1, descending=True))
-    got_self = dict(zip(result.self_influence_ids.tolist(), result.self_influence.double().tolist()))
-    want_self = dict(zip(own["ids"].tolist(), self_inf.tolist()))
-    ids = sorted(got_self)
-    _close(torch.tensor([got_self[i] for i in ids]), torch.tensor([want_self[i] for i in ids], dtype=torch.float64), "self-influence")
+    _check_last_period(cb, own, scores, self_inf)
 
 
-def test_auto_damping_gives_a_vocabulary_head_a_tenth_of_the_rule_and_matches_the_hand_reference(tmp_path):
-    cb, weights = _fit(tmp_path, epochs=2, callback=RecordingFits, module=VocabularyHeadModule, classes=160,
-                       damping_ratio="auto")
-    assert all(fit.damping_ratio == {"net.0": 1.0, "net.2": pytest.approx(0.1)} for fit in cb.fits)  # k = 16 < N = 48
-    rows = store_rows(Path(cb.store_dir) / "train")
-    own = _per_epoch(rows, 1)
-    queries = _queries(weights.modules[1], cb.taps.plans, classes=160)
-    scores, self_inf = hand_scores(own, queries, "auto", heads=("net.2",))
+def _check_last_period(cb: GraSSCallback, own: dict[str, Tensor], scores: Tensor, self_inf: Tensor) -> None:
+    """The callback's last period (scores by id, their order, self-influence) against the hand
+    ``scores [m, rows]`` and ``self_inf [rows]`` of the period's rows ``own``."""
     want = torch.zeros(NUM_QUERIES, N_TRAIN, dtype=torch.float64)
     want[:, own["ids"]] = scores
     result = cb.last_result
@@ -325,6 +311,16 @@ def test_auto_damping_gives_a_vocabulary_head_a_tenth_of_the_rule_and_matches_th
     ids = sorted(got_self)
     _close(torch.tensor([got_self[i] for i in ids]), torch.tensor([want_self[i] for i in ids], dtype=torch.float64),
            "self-influence")
+
+
+def test_auto_damping_gives_a_vocabulary_head_a_tenth_of_the_rule_and_matches_the_hand_reference(tmp_path):
+    cb, weights = _fit(tmp_path, epochs=2, callback=RecordingFits, module=VocabularyHeadModule, classes=160,
+                       damping_ratio="auto")
+    assert all(fit.damping_ratio == {"net.0": 1.0, "net.2": pytest.approx(0.1)} for fit in cb.fits)  # k = 16 < N = 48
+    own = _per_epoch(store_rows(Path(cb.store_dir) / "train"), 1)
+    queries = _queries(weights.modules[1], cb.taps.plans, classes=160)
+    scores, self_inf = hand_scores(own, queries, "auto", heads=("net.2",))
+    _check_last_period(cb, own, scores, self_inf)
     # the head's factor is visible in the scores: the rule without it is far from them
     plain, _ = hand_scores(own, queries, "auto")
     assert (plain - scores).abs().max() > 0.05 * scores.abs().max()
