@@ -239,6 +239,10 @@ CASES = {
                          seed=7, knobs=dict(vec_x=0, vec_g=0)),
     # k not a multiple of anything, masks not either
     "odd_k": Case(B=2, T=11, d_in=50, d_out=45, k_in=33, k_out=31, c=1, k=997, seed=8),
+    # a vocabulary head's default skew: 4 input columns, a long output mask in runs of 8 over a
+    # wide output (at k = 1024 it is 4 x 1024 of d_out >= 8 d_in)
+    "vocabulary_head": Case(B=2, T=19, d_in=48, d_out=1024, k_in=4, k_out=320, c=1, k=64, bias=False,
+                            run_out=8, seed=9),
 }
 
 
