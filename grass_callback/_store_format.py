@@ -393,7 +393,9 @@ def _describe_layer_diff(stored: list[list], given: list[list]) -> str:
     return "; ".join(parts)
 
 
-def _describe_dict_diff(stored: dict, given: dict) -> str:
+def _describe_dict_diff(stored: dict, given: dict, sep: str = "; ") -> str:
+    """The keys that differ, each with both values; a pair of dicts (a layer's plan config) lists
+    only its own differing keys, so the difference is not cut off by :func:`_short`."""
     keys = sorted(set(stored) | set(given), key=str)
     parts = []
     for key in keys:
@@ -402,9 +404,12 @@ def _describe_dict_diff(stored: dict, given: dict) -> str:
         elif key not in stored:
             parts.append(f"{key!s} not in the store")
         elif stored[key] != given[key]:
+            if isinstance(stored[key], dict) and isinstance(given[key], dict):
+                parts.append(f"{key!s}: " + _describe_dict_diff(stored[key], given[key], sep=", "))
+                continue
             a, b = _short(stored[key]), _short(given[key])
             parts.append(f"{key!s}: stored {a}, given {b}")
-    return "; ".join(parts[:_MAX_LISTED]) + (" ..." if len(parts) > _MAX_LISTED else "")
+    return sep.join(parts[:_MAX_LISTED]) + (" ..." if len(parts) > _MAX_LISTED else "")
 
 
 def _short(value: Any, limit: int = 60) -> str:

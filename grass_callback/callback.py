@@ -140,6 +140,13 @@ class GraSSCallback(Callback):
             default ``k`` on layers where the mask keeps at most a quarter of the columns, else 1;
             ``1``: the paper's coordinate-wise masks, slower to gather on wide layers; see
             :func:`grass_callback.projection.run_mask`).
+        plan_options: options for every layer's random-mask plan, passed to
+            :class:`~grass_callback.projection.FactGraSSPlan`: ``oversample`` (the mask budget
+            ``k' ≈ oversample · k``, default 4), ``keep_narrow``, ``wide_output_skew`` (a vocabulary
+            head's output-mask skew, default 16) and ``c`` (SJLT non-zeros per coordinate). E.g.
+            ``{"oversample": 16}`` narrows the MLPs' gap to a dense projection at about 2-4x the
+            kernel time (README "Attribution quality"). Part of the run's config: a resume with
+            other options stops with an error.
         rows_per_shard: rows per store shard (default 8192); buffered rows are also committed at
             every checkpoint and scoring period.
         report_every_n_periods: the period's tables (CSVs in ``<store_dir>/scores/<period>/``, the
@@ -176,7 +183,7 @@ class GraSSCallback(Callback):
                  progress: bool = True, rows_per_shard: int = 8192, mask: str = "random",
                  selective_sample: int = 256, scorer: str = "block", ensemble: bool = True,
                  mask_run: int | str = "auto", ensemble_weighting: str = "uniform", ensemble_standardise: bool = True,
-                 report_every_n_periods: int = 10) -> None:
+                 report_every_n_periods: int = 10, plan_options: Mapping[str, Any] | None = None) -> None:
         _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
                         rows_per_shard=rows_per_shard, report_every_n_periods=report_every_n_periods)
         if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:
@@ -196,6 +203,7 @@ class GraSSCallback(Callback):
         _check_positive(selective_sample=selective_sample)
         if mask_run != "auto" and (not isinstance(mask_run, int) or isinstance(mask_run, bool) or mask_run < 1):
             raise ConfigError(f"mask_run must be 'auto' or a positive integer (1: coordinate-wise masks), got {mask_run!r}.")
+        self.plan_options = _check_plan_options(plan_options, k, mask)
         if loss_reduction == "token_mean" and token_counts is None:
             raise ConfigError("loss_reduction='token_mean' needs token_counts=fn(batch) -> [B] token counts.")
         self.include, self.exclude, self.k, self.seed = include, exclude, k, seed
@@ -252,7 +260,8 @@ class GraSSCallback(Callback):
         """What must match for a resumed run to continue the same store."""
         return {"k": self.k, "seed": self.seed, "include": self.include, "exclude": self.exclude,
                 "loss_reduction": self.loss_reduction, "storage_dtype": self.storage_dtype, "mask": self.mask,
-                "scorer": self.scorer, "mask_run": self.mask_run}
+                "scorer": self.scorer, "mask_run": self.mask_run,
+                **({"plan_options": self.plan_options} if self.plan_options else {})}
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -270,7 +279,8 @@ class GraSSCallback(Callback):
 
     def _build(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", plans: Any) -> None:
         self.taps = LayerTaps(pl_module, plans=plans, include=self.include, exclude=self.exclude, k=self.k,
-                              seed=self.seed, impl=self.impl, plan_options={"mask_run": self.mask_run})
+                              seed=self.seed, impl=self.impl,
+                              plan_options={"mask_run": self.mask_run, **self.plan_options})
         root = self._agreed_root(trainer)
         self.store_dir = str(root)
         _continuity.acquire_lock(self, trainer, root)  # one run per store_dir (rank 0 for all ranks)
@@ -989,6 +999,31 @@ def _check_positive(**values: Any) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+
+_PLAN_OPTIONS = ("oversample", "keep_narrow", "wide_output_skew", "c")
+
+
+def _check_plan_options(options: Mapping[str, Any] | None, k: int, mask: str) -> dict[str, Any]:
+    """``plan_options`` as a plain dict, checked now by building a small plan with them."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"plan_options must be a mapping of option -> value, got {type(options).__name__}.")
+    unknown = sorted(set(options) - set(_PLAN_OPTIONS))
+    if unknown:
+        hint = " (use GraSSCallback(mask_run=...))" if "mask_run" in unknown else ""
+        raise ConfigError(f"plan_options takes {list(_PLAN_OPTIONS)}, got {unknown}{hint}.")
+    if options and mask != "random":
+        raise ConfigError(f"plan_options apply to mask='random' plans; mask={mask!r} learns its own masks.")
+    from grass_callback.errors import PlanError
+    from grass_callback.projection import FactGraSSPlan
+
+    try:
+        FactGraSSPlan(64, 64 * 64, k=k, name="plan_options check", **dict(options))
+    except (PlanError, TypeError) as e:
+        raise ConfigError(f"plan_options {dict(options)!r} are not valid for k={k}: {e}") from e
+    return dict(options)
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

@@ -259,7 +259,7 @@ def test_disk_full_mid_training_keeps_committed_shards(tmp_path, monkeypatch):
 @pytest.mark.parametrize("change, match", [
     (dict(k=4), r"layers: other k: net.0 \(k 8 -> 4\)(.|\n)*config: k: stored 8, given 4"),
     (dict(seed=1), r"config: seed: stored 0, given 1\n  - plan tensors: values differ"),
-    (dict(module=lambda: Tiny(hidden=6)), r"plan_config: net.0: stored .*\"d_out\": 8.*given .*\"d_out\": 6"),
+    (dict(module=lambda: Tiny(hidden=6)), r"plan_config: net.0: d_out: stored 8, given 6, "),
 ])
 def test_reusing_a_store_with_another_plan_or_model(tmp_path, change, match):
     cb = callback(tmp_path)
@@ -445,3 +445,36 @@ def test_resume_with_another_configuration(tmp_path):
                                           r"has \{'k': 4, .*start a new store_dir"):
         fit(tmp_path, callback(tmp_path, k=4, store_dir=tmp_path / "other"), epochs=2, ckpt_path=last)
     assert committed(cb.store.path) == before
+
+
+# ---------------------------------------------------------------------- plan options
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"bogus": 1}, r"plan_options takes \['oversample', 'keep_narrow', 'wide_output_skew', 'c'\], got \['bogus'\]"),
+    ({"mask_run": 1}, r"use GraSSCallback\(mask_run=\.\.\.\)"),
+    ([("oversample", 2)], "must be a mapping"),
+    ({"oversample": -1}, r"plan_options \{'oversample': -1\} are not valid for k=8: oversample must be a positive number"),
+    ({"c": 3}, r"not valid for k=8: the SJLT needs c >= 1 dividing k"),
+    ({"wide_output_skew": 0.5}, "wide_output_skew must be a number >= 1"),
+])
+def test_bad_plan_options_are_refused_when_the_callback_is_made(tmp_path, options, match):
+    with pytest.raises(ConfigError, match=match):
+        callback(tmp_path, plan_options=options)
+    with pytest.raises(ConfigError, match="mask='random'"):
+        callback(tmp_path, plan_options={"oversample": 8}, mask="selective")
+
+
+def test_plan_options_reach_every_plan_and_a_resume_with_others_stops(tmp_path):
+    from grass_callback.projection import mask_sizes
+
+    cb = callback(tmp_path, k=16, plan_options={"oversample": 16})
+    fit(tmp_path, cb, module=Tiny(hidden=64))
+    first = cb.taps.plans["net.0"]  # 4 (+ bias) -> 64: the narrow input kept whole, the output gets the rest
+    assert (first.k_in, first.k_out) == mask_sizes(16, 5, 64, oversample=16) == (5, 52)
+    assert mask_sizes(16, 5, 64) == (5, 13)  # the default budget would keep a quarter of that
+    assert cb.config["plan_options"] == {"oversample": 16}
+    # the same store, other plans: the error names the mask sizes that differ
+    with pytest.raises(StoreMismatchError, match=r"plan_config: net\.0: k_out: stored 52, given 13; net\.2: k_in: "
+                                                 r"stored 65, given 22\n  - config: plan_options only in the store"):
+        fit(tmp_path, callback(tmp_path, k=16), module=Tiny(hidden=64))
