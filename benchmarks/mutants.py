@@ -68,6 +68,7 @@ T_DUAL_REF = T_REFS + "::test_a_period_of_fewer_rows_than_half_of_k_is_solved_th
 T_SUSPECT = "tests/test_data_value.py::test_suspect_weights_the_unit_ranks_of_low_value_and_high_self_influence_0_3_to_0_7"
 T_DAMPING = "tests/test_damping.py"
 T_HEAD_REF = T_REFS + "::test_auto_damping_gives_a_vocabulary_head_a_tenth_of_the_rule_and_matches_the_hand_reference"
+T_LOSS = "tests/test_training_loss.py"
 
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ the issue's table
@@ -254,6 +255,19 @@ MUTANTS: list[Mutant] = [
            "return d_out >= WIDE_OUTPUT_RATIO * d_in_eff and d_in_eff >= _side(k, float(oversample))",
            "return d_out >= WIDE_OUTPUT_RATIO * d_in_eff",
            (T_DAMPING,), "an MLP's narrow input layer (24 -> 512) counts as a vocabulary head"),
+    # ------------------------------------------------------------------ the per-example training loss
+    Mutant("loss-window-ignored", "grass_callback/callback.py",
+           "end = self.batches_seen if window is None else min(self.batches_seen, window)",
+           "end = self.batches_seen", (T_LOSS,), "training_loss sums every step's losses, not the first half's"),
+    Mutant("loss-not-in-suspect", "grass_callback/data_value.py",
+           'if self.sums["training_loss"]:\n            score = suspect_with_loss',
+           'if False:\n            score = suspect_with_loss', (T_LOSS,), "suspect leaves the training loss out"),
+    Mutant("loss-of-replayed-rows-kept", "grass_callback/callback.py",
+           "loss = None if loss is None else loss[keep.to(loss.device)]", "loss = None",
+           ("tests/test_crash.py",), "a batch with replayed rows stores no losses"),
+    Mutant("loss-dropped-by-truncation", "grass_callback/store.py",
+           'data["loss"][keep] if "loss" in data else None)', "None)",
+           (T_LOSS,), "a resume's truncation loses the losses of the shard it cuts"),
 ]
 
 

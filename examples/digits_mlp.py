@@ -60,9 +60,11 @@ def build_module():
 
         def training_step(self, batch, batch_idx):
             x, y, _index = batch                     # IndexedDataset appends each example's index
-            loss = F.cross_entropy(self(x), y)       # mean over the batch (the callback's default)
+            losses = F.cross_entropy(self(x), y, reduction="none")
+            loss = losses.mean()                     # mean over the batch (the callback's default)
             self.log("train/loss", loss, prog_bar=True)
-            return loss
+            # each example's own loss: the callback keeps it as training_loss and ranks suspects by it too
+            return {"loss": loss, "per_example_loss": losses}
 
         def validation_step(self, batch, batch_idx):
             x, y, _index = batch
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     caught = int(torch.isin(top, flipped).sum())
     print(f"\nflipped labels among the {n_flip} highest self-influence examples: {caught} "
           f"({caught / n_flip:.0%}; chance {FLIP_FRACTION:.0%})")
+    suspects = grass.suspect[0][:n_flip]  # influence, self-influence and the early training loss
+    caught_suspect = int(torch.isin(suspects, flipped).sum())
+    print(f"flipped labels among the {n_flip} most suspect examples: {caught_suspect} ({caught_suspect / n_flip:.0%})")
     ranked = grass.ensemble_result or result  # tables rank by scores summed over the epochs
     for q in range(min(3, len(ranked.query_ids))):
         qid = int(ranked.query_ids[q])
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nlocal score files: {out / 'grass' / 'scores'}")
     if run_dir is not None:
         print(f"W&B offline run: {run_dir}\n  upload it with: wandb sync {run_dir}")
-    return {"caught": caught, "n_flipped": n_flip, "result": result, "run_dir": run_dir,
+    return {"caught": caught, "caught_suspect": caught_suspect, "n_flipped": n_flip, "result": result, "run_dir": run_dir,
             "store_dir": out / "grass"}
 
 

@@ -69,6 +69,8 @@ class StoreReading:
         for name in ("ids", "steps", "epochs"):
             if name not in keys or handle.get_slice(name).get_shape() != [rows]:
                 raise _BadShard(f"tensor {name!r} is missing or not of shape [{rows}]")
+        if "loss" in keys and handle.get_slice("loss").get_shape() != [rows]:
+            raise _BadShard(f"tensor 'loss' is not of shape [{rows}]")
         zero = entry.get("zero_layers", ())
         unknown = [n for n in zero if n not in self._layers]
         if unknown:
@@ -244,6 +246,33 @@ class StoreReading:
                 eps_out.append(eps)
         empty = torch.empty(0, dtype=torch.int64)
         return (torch.cat(ids_out) if ids_out else empty), (torch.cat(eps_out) if eps_out else empty)
+
+    def losses(self, ranks: Iterable[int] | int | None = None, min_step: int | None = None,
+               max_step: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids, steps, loss)`` of the committed rows that carry a training loss (int64, int64,
+        float32 ``[n]``; read order), rows of steps in ``[min_step, max_step]`` when given; only
+        these tensors are read. Rows appended without a loss, and shards without one, are left out."""
+        min_step = None if min_step is None else _as_int(min_step, "min_step")
+        max_step = None if max_step is None else _as_int(max_step, "max_step")
+        out: list[list[Tensor]] = [[], [], []]
+        for _rank, entry in self._select(_int_set(ranks, "ranks"), None, min_step, max_step):
+            with self._open_shard(entry) as f:
+                if f is None or "loss" not in f.keys():
+                    continue
+                try:
+                    got = [f.get_tensor(n).clone() for n in ("ids", "steps", "loss")]
+                except Exception as e:
+                    self._mark_bad(entry, str(e))
+                    continue
+            keep = ~torch.isnan(got[2])
+            if min_step is not None:
+                keep &= got[1] >= min_step
+            if max_step is not None:
+                keep &= got[1] <= max_step
+            for part, t in zip(out, got):
+                part.append(t[keep])
+        empty = (torch.empty(0, dtype=torch.int64),) * 2 + (torch.empty(0, dtype=torch.float32),)
+        return tuple(torch.cat(p) if p else e for p, e in zip(out, empty))  # type: ignore[return-value]
 
     def damaged_shards(self, ranks: Iterable[int] | int | None = None, checksum: bool = False,
                        checksum_from: int | None = None) -> list[tuple[int, dict, str]]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 import warnings
@@ -155,6 +156,12 @@ class GraSSCallback(Callback):
             end of fit). The scalars (condition number, seconds per part, ...) go to W&B every
             period. 1: every period, as before (the tables cost seconds per period with hundreds
             of queries: ``benchmarks/period_cost_mlp.py``).
+        per_example_loss_key: when ``training_step`` returns a dict with this key (default
+            ``"per_example_loss"``) holding each example's own loss (a float ``[B]`` tensor in
+            batch order, e.g. ``F.cross_entropy(logits, y, reduction="none")``), the losses are
+            stored beside the rows; those of the first half of training, summed per example, are
+            :attr:`training_loss`, and :attr:`suspect` ranks by them too (flipped labels are found
+            better: README "Data value"). ``None`` ignores the key.
 
     Raises:
         ConfigError: an option out of range (at construction).
@@ -183,7 +190,8 @@ class GraSSCallback(Callback):
                  progress: bool = True, rows_per_shard: int = 8192, mask: str = "random",
                  selective_sample: int = 256, scorer: str = "block", ensemble: bool = True,
                  mask_run: int | str = "auto", ensemble_weighting: str = "uniform", ensemble_standardise: bool = True,
-                 report_every_n_periods: int = 10, plan_options: Mapping[str, Any] | None = None) -> None:
+                 report_every_n_periods: int = 10, plan_options: Mapping[str, Any] | None = None,
+                 per_example_loss_key: str | None = "per_example_loss") -> None:
         _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
                         rows_per_shard=rows_per_shard, report_every_n_periods=report_every_n_periods)
         if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:
@@ -204,6 +212,10 @@ class GraSSCallback(Callback):
         if mask_run != "auto" and (not isinstance(mask_run, int) or isinstance(mask_run, bool) or mask_run < 1):
             raise ConfigError(f"mask_run must be 'auto' or a positive integer (1: coordinate-wise masks), got {mask_run!r}.")
         self.plan_options = _check_plan_options(plan_options, k, mask)
+        if per_example_loss_key is not None and not isinstance(per_example_loss_key, str):
+            raise ConfigError(f"per_example_loss_key must be a string (a key of the dict training_step returns) "
+                              f"or None, got {per_example_loss_key!r}.")
+        self.per_example_loss_key = per_example_loss_key
         if loss_reduction == "token_mean" and token_counts is None:
             raise ConfigError("loss_reduction='token_mean' needs token_counts=fn(batch) -> [B] token counts.")
         self.include, self.exclude, self.k, self.seed = include, exclude, k, seed
@@ -243,6 +255,8 @@ class GraSSCallback(Callback):
         # per batch
         self._ids: BatchIds | None = None  # this batch's dataset indices, on their way to the host
         self._ids_hint, self._host_ids = "", None
+        self._rows: tuple[Tensor, dict[str, Tensor], Tensor | None] | None = None  # collected, not yet recorded
+        self._loss_window: int | None = None  # rows of batches before it add their loss to training_loss
         self._capture_seconds = 0.0
         self._captured_batches = 0
         self._pending_state: dict[str, Any] | None = None
@@ -369,6 +383,7 @@ class GraSSCallback(Callback):
             return
         self._index_key = resolve_index_key(trainer.train_dataloader, self.index_key)
         self._num_train = _dataset_len(trainer.train_dataloader)
+        self._loss_window = _loss_window(trainer)
         if self._pending_state is not None:
             self._resume(trainer)
             self._pending_state = None
@@ -387,7 +402,7 @@ class GraSSCallback(Callback):
                              batch_idx: int) -> None:
         if self.taps is None:
             return
-        self._ids = None
+        self._ids, self._rows = None, None
         self._period_lr.observe(trainer)  # the learning rate this step will use
         self.taps.clear()  # a backward whose rows were not stored must not leak into this batch
         self.taps.enabled = self._capturing(trainer)
@@ -427,6 +442,8 @@ class GraSSCallback(Callback):
             self._store_rows(trainer)
 
     def _store_rows(self, trainer: "pl.Trainer") -> None:
+        """Collect the batch's rows from the taps (admitted, replays left out); they are recorded
+        at the batch's end, with the per-example losses ``training_step`` returned."""
         start = time.perf_counter()
         grads = self.taps.collect()
         if grads is None:
@@ -437,14 +454,37 @@ class GraSSCallback(Callback):
         if self._host_ids is None and not self._admit(trainer):  # the indices landed during the step
             self._ids, self._keep = None, None
             return
-        ids = self._host_ids
-        if self._keep is not None:  # rows whose (id, epoch) the store already holds are left out
-            ids, grads = ids[self._keep], {n: g[self._keep.to(g.device)] for n, g in grads.items()}
-            self._keep = None
-        self.recorder.record(ids, grads, self.batches_seen, trainer.current_epoch)  # no host sync
+        self._rows = (self._host_ids, grads, self._keep)
+        self._keep = None
         self._capture_seconds += time.perf_counter() - start + self.taps.pop_compute_seconds()
         self._captured_batches += 1
         self._ids = None
+
+    def _record_rows(self, trainer: "pl.Trainer", outputs: Any) -> None:
+        """Record the collected rows (Fisher on the device, store in the background), with the
+        rows' losses when ``training_step`` returned ``per_example_loss_key`` (no host sync)."""
+        rows, self._rows = self._rows, None
+        if rows is None:
+            return
+        ids, grads, keep = rows
+        loss = self._batch_losses(outputs, len(ids))
+        if keep is not None:  # rows whose (id, epoch) the store already holds are left out
+            ids, grads = ids[keep], {n: g[keep.to(g.device)] for n, g in grads.items()}
+            loss = None if loss is None else loss[keep.to(loss.device)]
+        self.recorder.record(ids, grads, self.batches_seen, trainer.current_epoch, loss=loss)
+
+    def _batch_losses(self, outputs: Any, batch: int) -> Tensor | None:
+        """The batch's per-example losses from ``training_step``'s dict, checked: float ``[B]``."""
+        key = self.per_example_loss_key
+        if key is None or not isinstance(outputs, Mapping) or outputs.get(key) is None:
+            return None
+        loss = outputs[key]
+        if not isinstance(loss, Tensor) or not loss.is_floating_point() or loss.shape != (batch,):
+            got = f"{tuple(loss.shape)} {loss.dtype}" if isinstance(loss, Tensor) else type(loss).__name__
+            raise GraSSError(f"training_step returned {key!r} = {got}; it must be a floating tensor of shape "
+                             f"[{batch}], each example's own loss in batch order (e.g. F.cross_entropy(logits, y, "
+                             f"reduction='none')), or leave the key out (per_example_loss_key=None ignores it).")
+        return loss.detach()
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
@@ -453,6 +493,7 @@ class GraSSCallback(Callback):
             return
         if self._ids is not None:  # manual optimization, or no backward
             self._store_rows(trainer)
+        self._record_rows(trainer, outputs)
         self.batches_seen += 1
         self.last_batch_epoch = trainer.current_epoch
         if self.score_every_n_steps and self.batches_seen % self.score_every_n_steps == 0:
@@ -521,6 +562,7 @@ class GraSSCallback(Callback):
             self._add_to_ensemble(trainer, ensemble, result)
         result = _merge_across_ranks(trainer, result)
         self._add_data_value(result)
+        self._add_losses(trainer, min_step)
         self.last_result = result
         self.periods_scored += 1
         if ensemble is not None:
@@ -700,6 +742,24 @@ class GraSSCallback(Callback):
                         self_influence=(result.self_influence_ids, result.self_influence),
                         replace=self.keep_history == "all")  # "all": every row rescored, the latest replaces
 
+    def _add_losses(self, trainer: "pl.Trainer", min_step: int | None) -> None:
+        """Add the period's stored training losses of the first half of training (this rank's rows
+        from the store, gathered across ranks) to the running ``training_loss``. With
+        ``keep_history="all"`` the period reads every stored loss (``min_step`` None) into sums
+        that ``_add_data_value`` has just reset."""
+        window = self._loss_window
+        end = self.batches_seen if window is None else min(self.batches_seen, window)
+        ids, losses = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
+        if end > (min_step or 0):
+            ids, steps, losses = self.store.losses(ranks=[trainer.global_rank], min_step=min_step, max_step=end - 1)
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(gathered, (ids, losses))
+            ids, losses = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+        self._value_sums().add_losses(ids, losses)
+
     def _value_sums(self) -> DataValueSums:
         if "_data_value_sums" not in self.__dict__:
             self._data_value_sums = DataValueSums()
@@ -723,14 +783,16 @@ class GraSSCallback(Callback):
 
     def data_value_tensors(self) -> tuple[Tensor, Tensor]:
         """``(ids, values)`` of the running data value, highest first; the pair also carries
-        ``.suspects = (ids, suspect, data_value, self_influence)``, most suspect first."""
+        ``.suspects = (ids, suspect, data_value, self_influence)`` (and ``training_loss`` fifth
+        when the run records per-example losses), most suspect first."""
         sums = self._value_sums()
         ids, values = sums.tensors("value")
         s_ids, s_values = sums.suspects()
         value_of = dict(zip(ids.tolist(), values.tolist()))
-        own = sums.sums["self_influence"]
         table = (s_ids, s_values, torch.tensor([value_of[i] for i in s_ids.tolist()], dtype=torch.float64),
-                 torch.tensor([own.get(i, 0.0) for i in s_ids.tolist()], dtype=torch.float64))
+                 sums.column("self_influence", s_ids))
+        if sums.sums["training_loss"]:
+            table += (sums.column("training_loss", s_ids),)
         return ValueTable(ids, values, table)
 
     @property
@@ -746,10 +808,19 @@ class GraSSCallback(Callback):
         return self._value_sums().tensors("self_influence")
 
     @property
+    def training_loss(self) -> tuple[Tensor, Tensor]:
+        """``(ids, values)`` highest first: each example's training losses summed over the steps of
+        the first half of training that stored its row (as ``training_step`` returned them under
+        ``per_example_loss_key``; high = not learnt early). Empty when the run records none."""
+        return self._value_sums().tensors("training_loss")
+
+    @property
     def suspect(self) -> tuple[Tensor, Tensor]:
         """``(ids, values)`` most suspect first: 0.3 x the unit rank of ``-data_value`` + 0.7 x that
-        of :attr:`self_influence`, in ``[0, 1]`` (:func:`grass_callback.data_value.suspect`);
-        the examples to look at, fix or drop first."""
+        of :attr:`self_influence`, in ``[0, 1]`` (:func:`grass_callback.data_value.suspect`); when
+        the run records per-example losses, the mean of the unit rank of that and the unit rank of
+        :attr:`training_loss` (:func:`grass_callback.data_value.suspect_with_loss`). The examples
+        to look at, fix or drop first."""
         return self._value_sums().suspects()
 
     def _query_source(self, trainer: "pl.Trainer") -> Iterable:
@@ -993,6 +1064,19 @@ class GraSSCallback(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _loss_window(trainer: "pl.Trainer") -> int | None:
+    """The first batch after the first half of training (rows before it add their loss to
+    ``training_loss``): half of the fit's batches, from Lightning's estimate of its optimizer steps;
+    ``None`` (every batch) when the fit has no end (``max_epochs=-1`` without ``max_steps``)."""
+    try:
+        steps = float(trainer.estimated_stepping_batches)
+    except Exception:  # noqa: BLE001 - no estimate (e.g. an iterable loader without a length)
+        return None
+    if not math.isfinite(steps) or steps <= 0:
+        return None
+    return int(math.ceil(steps * max(1, int(trainer.accumulate_grad_batches)) / 2))
 
 
 def _check_positive(**values: Any) -> None:

@@ -17,12 +17,19 @@ Signals (each a vector over training ids; the ranking direction is stated with i
 * :func:`rank_mean` -- mean over periods and queries of the centred unit rank of ``S_p[q, i]``
   among ``seen_p`` (``(rank - 1) / (|seen_p| - 1) - 1/2``, ties averaged). Low = hurts.
 * self-influence -- ``SI_P[i]`` (last period) or ``Σ_p w_p SI_p[i]``. High = unusual or mislabelled.
+* the training loss -- ``L[i] = Σ_t loss_t(i)`` over the steps ``t`` of the first half of training
+  that stored a row of ``i`` (its loss in that training step, as ``training_step`` returned it;
+  about the area under the example's early loss curve). High = not learnt early: mislabelled or
+  hard. Only when the run records per-example losses (the callback's ``per_example_loss_key``).
 * :func:`rank_combine` / :func:`weighted_rank_combine` -- the (weighted) mean of the unit ranks of
   several signals oriented alike; the ``suspect`` ranking is :func:`suspect` of the standardised
   data value and the summed self-influence: ``0.3 x`` the unit rank of ``-data_value`` ``+ 0.7 x``
   the unit rank of ``Σ_p w_p SI_p`` (:data:`SUSPECT_VALUE_WEIGHT`; high = suspect). Self-influence
   is the stronger detector of flipped labels alone, so it gets the larger weight (0.3 chosen on the
-  benchmark's tuning half; equal weights before).
+  benchmark's tuning half; equal weights before). With a training loss, :func:`suspect_with_loss`:
+  ``0.5 x`` the unit rank of that suspect ``+ 0.5 x`` the unit rank of ``L``
+  (:data:`SUSPECT_LOSS_WEIGHT`, chosen on the tuning half too: larger weights found the flips
+  better there but removed clean examples that helped).
 
 The callback keeps the running sums of :class:`DataValueSums` (one float64 per training id and
 signal), so the values need no per-period matrices once a period is added, and they travel in
@@ -41,12 +48,14 @@ from torch import Tensor
 from .errors import GraSSError
 
 __all__ = ["standardise", "centred_ranks", "plain_sum", "standardised_sum", "rank_mean", "unit_ranks",
-           "rank_combine", "weighted_rank_combine", "suspect", "candidate_signals", "DataValueSums", "ValueTable",
-           "DEFAULT_NAME", "SUSPECT_NAME", "SUSPECT_VALUE_WEIGHT"]
+           "rank_combine", "weighted_rank_combine", "suspect", "suspect_with_loss", "candidate_signals",
+           "DataValueSums", "ValueTable", "DEFAULT_NAME", "SUSPECT_NAME", "SUSPECT_VALUE_WEIGHT",
+           "SUSPECT_LOSS_WEIGHT"]
 
 DEFAULT_NAME = "standardised per query"  # the callback's data_value
 SUSPECT_NAME = "suspect 0.3/0.7: standardised + summed self-infl."  # the callback's suspect
 SUSPECT_VALUE_WEIGHT = 0.3  # the data value's weight in the suspect ranking (self-influence: the rest)
+SUSPECT_LOSS_WEIGHT = 0.5  # the early training loss's weight beside that suspect, when a run records losses
 
 
 class DataValueError(GraSSError, ValueError):
@@ -201,6 +210,17 @@ def suspect(data_value: Tensor, self_influence: Tensor, value_weight: float = SU
     return weighted_rank_combine([-data_value.to(torch.float64), self_influence.to(torch.float64)], [w, 1 - w])
 
 
+def suspect_with_loss(base: Tensor, training_loss: Tensor, loss_weight: float = SUSPECT_LOSS_WEIGHT) -> Tensor:
+    """The suspect ranking of a run that records per-example losses: ``1 - loss_weight`` x the unit
+    rank of ``base`` (:func:`suspect`) plus ``loss_weight`` x the unit rank of ``training_loss``
+    (the early training loss summed per example; high = not learnt early); in ``[0, 1]``, high =
+    suspect."""
+    w = float(loss_weight)
+    if not 0 <= w <= 1:
+        raise DataValueError(f"loss_weight must be in [0, 1], got {loss_weight!r}.")
+    return weighted_rank_combine([base.to(torch.float64), training_loss.to(torch.float64)], [1 - w, w])
+
+
 def candidate_signals(scores: Tensor, self_influence: Tensor, lrs: Tensor) -> dict[str, Tensor]:
     """Every data value studied by the removal benchmark from one run's periods: ``scores
     [P, m, n]``, ``self_influence [P, n]``, ``lrs [P]`` -> ``name -> [n]``, low = remove first
@@ -252,7 +272,9 @@ class DataValueSums:
 
     * ``standardised`` -- :func:`standardised_sum` over the periods added (the ``data_value``);
     * ``plain`` -- :func:`plain_sum` (the definition before standardisation);
-    * ``self_influence`` -- ``Σ_p w_p SI_p[i]`` (rows of one id in a period summed).
+    * ``self_influence`` -- ``Σ_p w_p SI_p[i]`` (rows of one id in a period summed);
+    * ``training_loss`` -- the rows' training losses in the first half of training, summed per id
+      (:meth:`add_losses`; empty when the run records none).
 
     :meth:`add_period` takes the period's plain data value per scored id and, when the period's
     full score matrix is at hand (the callback's checkpoint ensemble), the matrix: from it the
@@ -260,7 +282,7 @@ class DataValueSums:
     :attr:`value` is then the plain sum (standardising needs every score of the period).
     """
 
-    KEYS = ("standardised", "plain", "self_influence")
+    KEYS = ("standardised", "plain", "self_influence", "training_loss")
 
     def __init__(self) -> None:
         self.sums: dict[str, dict[int, float]] = {k: {} for k in self.KEYS}
@@ -313,6 +335,16 @@ class DataValueSums:
             self._add(self.sums["self_influence"], uniq.tolist(), (w * per_id).tolist())
         self.periods += 1
 
+    def add_losses(self, ids: Tensor, losses: Tensor) -> None:
+        """Add rows' training losses (``ids`` int ``[r]``, ``losses`` float ``[r]``) to the
+        ``training_loss`` sums (rows of one id summed)."""
+        if not isinstance(ids, Tensor) or not isinstance(losses, Tensor) or ids.shape != losses.shape or ids.ndim != 1:
+            raise DataValueError("add_losses needs ids [r] and losses [r] tensors of one shape.")
+        if ids.numel():
+            uniq, inv = torch.unique(ids.to(torch.int64), return_inverse=True)
+            per_id = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, losses.to(torch.float64))
+            self._add(self.sums["training_loss"], uniq.tolist(), per_id.tolist())
+
     def tensors(self, key: str) -> tuple[Tensor, Tensor]:
         """``(ids, values)`` of one running sum (or ``"value"``), highest value first."""
         d = self.value if key == "value" else self.sums[key]
@@ -326,15 +358,24 @@ class DataValueSums:
     def suspects(self) -> tuple[Tensor, Tensor]:
         """``(ids, suspect)`` over the ids with a data value, most suspect first: :func:`suspect` of
         the data value and the summed self-influence (0 for an id without one), weights
-        :data:`SUSPECT_VALUE_WEIGHT` / ``1 -`` it. Computed from the sums, so nothing more is saved."""
+        :data:`SUSPECT_VALUE_WEIGHT` / ``1 -`` it; with training losses recorded,
+        :func:`suspect_with_loss` of that and the loss sums (0 for an id without one). Computed
+        from the sums, so nothing more is saved."""
         ids, value = self.tensors("value")
         if ids.numel() < 2:
             return ids, torch.zeros(ids.numel(), dtype=torch.float64)
         summed = self.sums["self_influence"]
         own = torch.tensor([summed.get(i, 0.0) for i in ids.tolist()], dtype=torch.float64)
         score = suspect(value, own)
+        if self.sums["training_loss"]:
+            score = suspect_with_loss(score, self.column("training_loss", ids))
         order = score.argsort(descending=True, stable=True)
         return ids[order], score[order]
+
+    def column(self, key: str, ids: Tensor) -> Tensor:
+        """float64 ``[len(ids)]``: the running sum ``key`` of each id (0 for an id without one)."""
+        d = self.sums[key]
+        return torch.tensor([d.get(i, 0.0) for i in ids.tolist()], dtype=torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"periods": self.periods, "complete": self.complete}

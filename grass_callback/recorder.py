@@ -86,6 +86,7 @@ class _Batch:
     epoch: int
     rows: dict[str, Tensor]  # layer -> [B, k] in the storage dtype, host (pinned on CUDA)
     event: Any  # torch.cuda.Event after the copies, or None
+    loss: Tensor | None = None  # float [B], host (pinned on CUDA): each row's training loss, or None
 
 
 def finite_rows(rows: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> Tensor:
@@ -135,8 +136,10 @@ class StepRecorder:
     # ------------------------------------------------------------------ training thread
 
     @torch.no_grad()
-    def record(self, ids: Tensor, grads: Mapping[str, Tensor], step: int, epoch: int = 0) -> Tensor:
+    def record(self, ids: Tensor, grads: Mapping[str, Tensor], step: int, epoch: int = 0,
+               loss: Tensor | None = None) -> Tensor:
         """Add one batch: ``ids`` int ``[B]``, ``grads`` layer -> ``[B, k]``; returns ``keep`` bool ``[B]``.
+        ``loss`` (float ``[B]``, optional, on any device): the rows' training losses, stored beside them.
 
         ``keep`` (on the rows' device) marks the rows finite after the cast to the storage dtype:
         the ones the Fisher counts and the store keeps. Nothing is read back from the device.
@@ -149,19 +152,22 @@ class StepRecorder:
         if self.fisher is not None:
             self.fisher.update(cast, keep=keep)
         if self.store is not None:
-            self._submit(ids, step, epoch, cast)
+            loss = None if loss is None else loss.detach().to(torch.float32, copy=True)
+            self._submit(ids, step, epoch, cast, loss)
         return keep
 
-    def _submit(self, ids: Tensor, step: int, epoch: int, cast: dict[str, Tensor]) -> None:
+    def _submit(self, ids: Tensor, step: int, epoch: int, cast: dict[str, Tensor],
+                loss: Tensor | None = None) -> None:
         event = None
-        if any(t.is_cuda for t in cast.values()) or ids.is_cuda:
+        if any(t.is_cuda for t in cast.values()) or ids.is_cuda or (loss is not None and loss.is_cuda):
             cast = {n: _to_pinned(t) for n, t in cast.items()}
             ids = _to_pinned(ids)
+            loss = None if loss is None else _to_pinned(loss)
             event = torch.cuda.Event()
             event.record()
-        batch = _Batch(ids.detach(), int(step), int(epoch), cast, event)
+        batch = _Batch(ids.detach(), int(step), int(epoch), cast, event, loss)
         if not self.background:
-            self.store.append(batch.ids, batch.step, batch.rows, epoch=batch.epoch, owned=True)
+            self.store.append(batch.ids, batch.step, batch.rows, epoch=batch.epoch, owned=True, loss=batch.loss)
             return
         self._start()
         self._slots.acquire()  # back-pressure: wait while max_pending batches are in flight
@@ -237,7 +243,8 @@ class StepRecorder:
                 if self._error is None:  # after a failure the rest is dropped (until close)
                     if batch.event is not None:
                         batch.event.synchronize()
-                    self.store.append(batch.ids, batch.step, batch.rows, epoch=batch.epoch, owned=True)
+                    self.store.append(batch.ids, batch.step, batch.rows, epoch=batch.epoch, owned=True,
+                                      loss=batch.loss)
             except BaseException as e:  # reported on the training thread
                 self._error = e
             finally:

@@ -69,7 +69,9 @@ SIGN_CONVENTION = (
     "score < 0: training on train_id raises the query's loss (opponent); "
     "data_value = score summed over queries (the callback's running value: each query's scores divided "
     "by their standard deviation over the training rows, summed over periods); "
-    "suspect in [0, 1]: 0.3 x the unit rank of low data_value + 0.7 x that of high self-influence"
+    "suspect in [0, 1]: 0.3 x the unit rank of low data_value + 0.7 x that of high self-influence; "
+    "when training_step returns per-example losses, the mean of that and the unit rank of high "
+    "training_loss (each example's losses summed over the first half of training)"
 )
 
 # ----------------------------------------------------------------------------- W&B run
@@ -301,8 +303,9 @@ class InfluenceReporter:
     ``influence.csv`` (query_id, rank, train_id, score, kind; rank 1 = strongest, kind
     proponent / opponent, padding skipped), ``self_influence.csv`` (train_id,
     self_influence, highest first), ``data_value.csv`` (train_id, data_value, highest first),
-    ``suspects.csv`` (train_id, suspect, data_value, self_influence, most suspect first; when the
-    data value carries a suspect table, as the callback's does),
+    ``suspects.csv`` (train_id, suspect, data_value, self_influence, and training_loss when the run
+    recorded per-example losses; most suspect first; when the data value carries a suspect table,
+    as the callback's does),
     ``layers.csv`` (one row of per-layer figures per layer, when given), ``scalars.json`` (step,
     period, sign_convention, scalars).
 
@@ -371,7 +374,7 @@ class InfluenceReporter:
             "scalars.json": _scalars_json(step, period, scalar_values),
         }
         if suspects is not None:
-            files["suspects.csv"] = _csv_text(["train_id", "suspect", "data_value", "self_influence"], suspects)
+            files["suspects.csv"] = _csv_text(_SUSPECT_COLUMNS[: len(suspects[0]) if suspects else 4], suspects)
         if layer_rows:
             files["layers.csv"] = _csv_text(layer_header, layer_rows)
         for filename, text in files.items():
@@ -471,9 +474,9 @@ class InfluenceReporter:
             "data_value": ["group", "train_id", "train_example", "train_label", "data_value"],
         }
         if suspects is not None:  # the most suspect examples, with both signals behind the ranking
-            rows["suspects"] = [[t, *train(t), s, v, own] for t, s, v, own in suspects[: self.max_rows]]
-            columns["suspects"] = ["train_id", "train_example", "train_label", "suspect", "data_value",
-                                   "self_influence"]
+            rows["suspects"] = [[r[0], *train(r[0]), *r[1:]] for r in suspects[: self.max_rows]]
+            columns["suspects"] = ["train_id", "train_example", "train_label",
+                                   *_SUSPECT_COLUMNS[1: len(suspects[0]) if suspects else 4]]
         out = {}
         for name, cols in columns.items():
             drop = [c for c, col in enumerate(cols) if col.endswith("_label")
@@ -530,16 +533,20 @@ class InfluenceReporter:
         run.log_artifact(artifact)
 
 
+_SUSPECT_COLUMNS = ["train_id", "suspect", "data_value", "self_influence", "training_loss"]
+
+
 def _suspect_rows(table: Any) -> list[list[Any]] | None:
-    """``[train_id, suspect, data_value, self_influence]`` rows of a suspect table
-    ``(ids, suspect, data_value, self_influence)`` (most suspect first), or ``None``."""
+    """``[train_id, suspect, data_value, self_influence(, training_loss)]`` rows of a suspect table
+    ``(ids, suspect, data_value, self_influence)``, with a fifth tensor ``training_loss`` when the
+    run recorded per-example losses (most suspect first), or ``None``."""
     if table is None:
         return None
-    ids, score, value, own = (torch.as_tensor(t) for t in table)
-    if not (ids.shape == score.shape == value.shape == own.shape) or ids.ndim != 1:
-        raise ValueError(f"the suspect table needs four [n] tensors, got {[tuple(t.shape) for t in (ids, score, value, own)]}.")
-    return [[int(i), float(a), float(b), float(c)]
-            for i, a, b, c in zip(ids.tolist(), score.tolist(), value.tolist(), own.tolist())]
+    parts = [torch.as_tensor(t) for t in table]
+    if len(parts) not in (4, 5) or parts[0].ndim != 1 or any(t.shape != parts[0].shape for t in parts):
+        raise ValueError(f"the suspect table needs four or five [n] tensors, got {[tuple(t.shape) for t in parts]}.")
+    columns = [parts[0].tolist(), *(t.double().tolist() for t in parts[1:])]
+    return [[int(row[0]), *map(float, row[1:])] for row in zip(*columns)]
 
 
 def _layer_rows(layers: Mapping[str, Mapping[str, float]]) -> tuple[list[str], list[list[Any]]]:

@@ -22,7 +22,9 @@ Everything lives in one directory, readable with standard tools (``json`` and
       shard-r000-000001.safetensors    "g/<layer name>" [n, k_l] per layer in the storage dtype
                                        (a layer whose rows in a shard are all zero is not
                                        written: the manifest entry lists it in "zero_layers"
-                                       and readers give zeros; e.g. a pooler the loss ignores)
+                                       and readers give zeros; e.g. a pooler the loss ignores),
+                                       and "loss" (float32 [n]: each row's training loss, NaN
+                                       where none was given) when a row of the shard has one
       manifest-r001.json               rank 1 of a DDP run, and so on: each rank writes only
       shard-r001-000000.safetensors    its own manifest and shards
       .<name>.<pid>-<hex>.tmp          a file being written (or left by a crash)
@@ -99,6 +101,7 @@ from grass_callback._store_format import (
     StoreChunk,
     _as_ids,
     _as_int,
+    _as_losses,
     _atomic_write,
     _config_hash,
     _cpu_tensors,
@@ -534,6 +537,7 @@ class GradientStore(StoreReading):
         self._buf_ids: list[Tensor] = []
         self._buf_steps: list[Tensor] = []
         self._buf_epochs: list[Tensor] = []
+        self._buf_loss: list[Tensor] = []  # float32 [n] per piece, NaN where a row has no loss
         self._buf_grads: dict[str, list[Tensor]] = {}
         self._buf_nonzero: dict[str, list[Tensor]] = {}  # bool [n] per piece: the row is not all zero
         self._buffered = 0
@@ -545,9 +549,13 @@ class GradientStore(StoreReading):
             raise StoreError(f"the gradient store at {self._path} is closed")
 
     def append(
-        self, ids: Tensor, step: int, grads: Mapping[str, Tensor], epoch: int = 0, *, owned: bool = False
+        self, ids: Tensor, step: int, grads: Mapping[str, Tensor], epoch: int = 0, *, owned: bool = False,
+        loss: Tensor | None = None,
     ) -> Tensor:
         """Buffer one batch: ``ids`` int [B], ``grads`` layer -> [B, k_l] (any float dtype/device).
+
+        ``loss`` (float [B], optional): each row's training loss at this step, kept beside the rows
+        as float32 (a shard's ``"loss"`` tensor; NaN for rows given none) and read by :meth:`losses`.
 
         ``owned=True`` hands over CPU tensors already in the storage dtype that nobody else will
         write to (the :class:`~grass_callback.recorder.StepRecorder`'s fresh copies): they are
@@ -579,6 +587,7 @@ class GradientStore(StoreReading):
                 f"(the store has {_few(self._layers)})"
             )
         batch = ids_t.numel()
+        loss_t = _as_losses(loss, batch)
         cast: dict[str, Tensor] = {}
         for name, k in self._layers.items():
             g = grads[name]
@@ -631,6 +640,7 @@ class GradientStore(StoreReading):
                     stacklevel=2,
                 )
             ids_t = ids_t[finite]
+            loss_t = loss_t[finite]
             cast = {n: t[finite] for n, t in cast.items()}
             nonzero = {n: t[finite] for n, t in nonzero.items()}
         n = ids_t.numel()
@@ -639,6 +649,7 @@ class GradientStore(StoreReading):
         self._buf_ids.append(ids_t)
         self._buf_steps.append(torch.full((n,), step, dtype=torch.int64))
         self._buf_epochs.append(torch.full((n,), epoch, dtype=torch.int64))
+        self._buf_loss.append(loss_t)
         for name, t in cast.items():
             self._buf_grads.setdefault(name, []).append(t)
             self._buf_nonzero.setdefault(name, []).append(nonzero[name])
@@ -653,6 +664,7 @@ class GradientStore(StoreReading):
             self._buf_ids = [torch.cat(self._buf_ids)]
             self._buf_steps = [torch.cat(self._buf_steps)]
             self._buf_epochs = [torch.cat(self._buf_epochs)]
+            self._buf_loss = [torch.cat(self._buf_loss)]
             self._buf_grads = {n: [torch.cat(ts)] for n, ts in self._buf_grads.items()}
             self._buf_nonzero = {n: [torch.cat(ts)] for n, ts in self._buf_nonzero.items()}
 
@@ -660,16 +672,18 @@ class GradientStore(StoreReading):
         """Commit the first ``n`` buffered rows as one shard; they leave the buffer on success."""
         self._consolidate()
         ids, steps, epochs = self._buf_ids[0], self._buf_steps[0], self._buf_epochs[0]
+        loss = self._buf_loss[0]
         grads = {name: self._buf_grads[name][0] for name in self._layers}
         nonzero = {name: self._buf_nonzero[name][0] for name in self._layers}
         written = {k: v[:n] for k, v in grads.items() if bool(nonzero[k][:n].any())}  # all-zero layers: listed only
-        self._commit_rows(ids[:n], steps[:n], epochs[:n], written)
+        self._commit_rows(ids[:n], steps[:n], epochs[:n], written, loss[:n])
         if n >= ids.numel():
             self._clear_buffer()
         else:  # clone the remainder so the committed rows' memory is released
             self._buf_ids = [ids[n:].clone()]
             self._buf_steps = [steps[n:].clone()]
             self._buf_epochs = [epochs[n:].clone()]
+            self._buf_loss = [loss[n:].clone()]
             self._buf_grads = {k: [v[n:].clone()] for k, v in grads.items()}
             self._buf_nonzero = {k: [v[n:].clone()] for k, v in nonzero.items()}
             self._buffered = int(self._buf_ids[0].numel())
@@ -681,8 +695,11 @@ class GradientStore(StoreReading):
         return seq
 
     def _write_shard(self, seq: int, ids: Tensor, steps: Tensor, epochs: Tensor,
-                     grads: Mapping[str, Tensor]) -> dict:
+                     grads: Mapping[str, Tensor], loss: Tensor | None = None) -> dict:
         """Write one shard file (temp, fsync, rename); returns its manifest entry.
+
+        ``loss`` (float32 [n], NaN where a row has none) is written as the ``"loss"`` tensor unless
+        no row has one.
 
         A store layer missing from ``grads`` is all zero in these rows: it is not written, and the
         entry lists it in ``zero_layers`` (readers give zeros).
@@ -691,6 +708,8 @@ class GradientStore(StoreReading):
         final = self._path / name
         tensors = {"ids": ids.contiguous(), "steps": steps.contiguous(),
                    "epochs": epochs.contiguous()}
+        if loss is not None and not bool(torch.isnan(loss).all()):
+            tensors["loss"] = loss.to(torch.float32).contiguous()
         zero_layers = [layer for layer in self._layers if layer not in grads]
         for layer in self._layers:
             if layer in grads:
@@ -743,8 +762,8 @@ class GradientStore(StoreReading):
         self._manifest = manifest
 
     def _commit_rows(self, ids: Tensor, steps: Tensor, epochs: Tensor,
-                     grads: Mapping[str, Tensor]) -> None:
-        entry = self._write_shard(self._next_seq(), ids, steps, epochs, grads)
+                     grads: Mapping[str, Tensor], loss: Tensor | None = None) -> None:
+        entry = self._write_shard(self._next_seq(), ids, steps, epochs, grads, loss)
         manifest = copy.deepcopy(self._manifest)
         manifest["shards"].append(entry)
         manifest["next_seq"] = entry["seq"] + 1
@@ -813,7 +832,8 @@ class GradientStore(StoreReading):
                 keep = data["steps"] <= step
                 new = self._write_shard(
                     self._next_seq(next_seq), data["ids"][keep], data["steps"][keep],
-                    data["epochs"][keep], {n: data[f"g/{n}"][keep] for n in self._layers if f"g/{n}" in data})
+                    data["epochs"][keep], {n: data[f"g/{n}"][keep] for n in self._layers if f"g/{n}" in data},
+                    data["loss"][keep] if "loss" in data else None)
                 written.append(new)
                 next_seq = new["seq"] + 1
                 kept.append(new)
@@ -844,11 +864,13 @@ class GradientStore(StoreReading):
             ids = self._buf_ids[0][keep]
             steps = self._buf_steps[0][keep]
             epochs = self._buf_epochs[0][keep]
+            loss = self._buf_loss[0][keep]
             grads = {n: self._buf_grads[n][0][keep] for n in self._layers}
             nonzero = {n: self._buf_nonzero[n][0][keep] for n in self._layers}
             self._clear_buffer()
             if ids.numel():
                 self._buf_ids, self._buf_steps, self._buf_epochs = [ids], [steps], [epochs]
+                self._buf_loss = [loss]
                 self._buf_grads = {n: [t] for n, t in grads.items()}
                 self._buf_nonzero = {n: [t] for n, t in nonzero.items()}
                 self._buffered = int(ids.numel())

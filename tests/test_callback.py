@@ -208,6 +208,7 @@ def test_demo_finds_flipped_labels_better_than_chance(tmp_path):
     out = digits_mlp.main(["--epochs", "4", "--k", "64", "--quick", "--out", str(tmp_path / "demo")])
     # chance: 10% of the top-n; a binomial tail of >= 2.5x chance has probability < 1e-6
     assert out["caught"] >= 0.25 * out["n_flipped"], out["caught"]
+    assert out["caught_suspect"] >= 0.25 * out["n_flipped"], out["caught_suspect"]  # the loss is in suspect
     # the sign convention: a flipped label raises the loss of queries of its true class, so flipped
     # examples are opponents more often than proponents and their data value is negative on average
     # (seed 0 with the damping rule damping_ratio="auto": 78% of the opponent slots vs 54% of the

@@ -165,7 +165,8 @@ def reference(server: ForkServer, tmp_path_factory: pytest.TempPathFactory) -> d
     assert sorted(pairs) == [(i, e) for i in range(N_TRAIN) for e in range(EPOCHS)]
     value = dict(zip(ref["ids"].tolist(), ref["values"].tolist()))
     assert len(value) == N_TRAIN
-    return {"rows": rows, "pairs": pairs, "value": value}
+    assert sorted(ref["training_loss"][0].tolist()) == list(range(N_TRAIN))  # the steps' losses were kept
+    return {"rows": rows, "pairs": pairs, "value": value, "training_loss": ref["training_loss"], "suspect": ref["suspect"]}
 
 
 def assert_matches_reference(workdir: Path, reference: dict, what: object) -> tuple[dict, int]:
@@ -187,6 +188,13 @@ def assert_matches_reference(workdir: Path, reference: dict, what: object) -> tu
     want_v = torch.tensor([reference["value"][i] for i in ids], dtype=torch.float64)
     torch.testing.assert_close(got_v, want_v, rtol=1e-5, atol=1e-6 * float(want_v.abs().max()),
                                msg=lambda m: f"{what}: {m}")
+    if "training_loss" in reference:  # each step's losses once, from the store beside the rows
+        for key in ("training_loss", "suspect"):
+            got_ids, got = res[key]
+            want_ids, want = reference[key]
+            assert sorted(got_ids.tolist()) == sorted(want_ids.tolist()), (what, key)
+            torch.testing.assert_close(got[got_ids.argsort()], want[want_ids.argsort()], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{what} {key}: {m}")
     return res, orphans
 
 
@@ -224,7 +232,8 @@ def dual_reference(server: ForkServer, tmp_path_factory: pytest.TempPathFactory)
     assert server.run(ref_dir, "ref", k=DUAL_K) == {"exitcode": 0, "signal": None}, log_tail(ref_dir)
     ref = torch.load(ref_dir / "result.pt")
     _, rows, pairs, _ = read_store(ref_dir)
-    return {"rows": rows, "pairs": pairs, "value": dict(zip(ref["ids"].tolist(), ref["values"].tolist()))}
+    return {"rows": rows, "pairs": pairs, "value": dict(zip(ref["ids"].tolist(), ref["values"].tolist())),
+            "training_loss": ref["training_loss"], "suspect": ref["suspect"]}
 
 
 @pytest.mark.parametrize("crashes", DUAL_CASES, ids=["+".join(c) for c in DUAL_CASES])

@@ -291,6 +291,6 @@ def test_the_reporter_logs_the_suspect_table_to_the_run_and_rejects_a_ragged_one
     assert step == 3 and logged.columns == ["train_id", "train_example", "suspect", "data_value", "self_influence"]
     assert [row[0] for row in logged.data] == [4, 0]  # max_rows, most suspect first
     assert [row[2:] for row in logged.data] == [[0.9, -3.0, 4.0], [0.7, -0.25, 1.0]]
-    with pytest.raises(ValueError, match="four \\[n\\] tensors"):
+    with pytest.raises(ValueError, match="four or five \\[n\\] tensors"):
         reporter.report(make_result(), step=4, period="epoch-1",
                         data_value=ValueTable(value[0], value[1], (table[0], table[1][:2], table[2], table[3])))

@@ -243,3 +243,25 @@ def test_data_value_and_ranking_equal_a_hand_reference_from_the_ddp_store(runs: 
     last = r0["reports"][-1]["result"]  # ranked by the ensemble: scores summed over both epochs
     assert torch.equal(last["top_ids"], total.argsort(dim=1, descending=True)[:, :3])
     assert torch.equal(last["bottom_ids"], total.argsort(dim=1)[:, :3])
+
+
+def test_training_loss_equals_one_process_and_the_losses_at_the_fixed_weights(runs: dict[str, Path]) -> None:
+    """Each rank stores its own rows' losses; a period gathers them, so both ranks hold every
+    example's loss. Two epochs: the first half of training is epoch 0, where (lr 0) each example's
+    loss is its cross-entropy at the initial weights, computed here by plain torch."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import ddp_train
+
+    r0, r1, single = _records(runs)
+    module = ddp_train.TinyModule()
+    module.load_state_dict(r0["weights"])
+    train = ddp_train.data(4)[0].dataset
+    x = torch.stack([train[i][0] for i in range(N_TRAIN)])
+    y = torch.stack([train[i][1] for i in range(N_TRAIN)])
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(module.net(x), y, reduction="none").double()
+    for rec in (r0, r1, single):
+        ids, values = _by_id(*rec["training_loss"])
+        assert ids.tolist() == list(range(N_TRAIN))
+        torch.testing.assert_close(values, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(_by_id(*r1["suspect"])[1], _by_id(*r0["suspect"])[1])  # both ranks: one suspect ranking

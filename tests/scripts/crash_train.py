@@ -125,9 +125,10 @@ class TinyModule(L.LightningModule):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         x, y, _ = batch
-        return F.cross_entropy(self.net(x), y)
+        losses = F.cross_entropy(self.net(x), y, reduction="none")  # the callback's training_loss
+        return {"loss": losses.mean(), "per_example_loss": losses}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -218,7 +219,8 @@ def run(workdir: str | Path, resume: bool = False, loader: str = "ordered", ckpt
     ckpt_path = str(last) if resume and last.exists() else None
     trainer.fit(TinyModule(), train, ckpt_path=ckpt_path)
     ids, values = callback.data_value_tensors()
-    result = {"ids": ids, "values": values, "batches_seen": callback.batches_seen,
+    result = {"ids": ids, "values": values, "training_loss": callback.training_loss, "suspect": callback.suspect,
+              "batches_seen": callback.batches_seen,
               "periods_scored": callback.periods_scored, "resumed_from": ckpt_path,
               "replayed_rows": callback.replayed_rows, "missed_rows": callback.missed_rows}
     torch.save(result, workdir / "result.pt.tmp")

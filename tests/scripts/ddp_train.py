@@ -49,9 +49,10 @@ class TinyModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
-        loss = F.cross_entropy(self.net(x), y)
+        losses = F.cross_entropy(self.net(x), y, reduction="none")
+        loss = losses.mean()
         self.log("loss", loss)
-        return loss
+        return {"loss": loss, "per_example_loss": losses}  # the callback's training_loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y, _ = batch
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     ids, values = callback.data_value_tensors()
     torch.save({**RECORD, "rank": trainer.global_rank, "world_size": trainer.world_size,
                 "store_dir": callback.store_dir, "data_value": (ids, values),
+                "training_loss": callback.training_loss, "suspect": callback.suspect,
                 "weights": {k: v.detach().clone() for k, v in trainer.lightning_module.state_dict().items()}},
                out / f"rank{trainer.global_rank}.pt")
 
