@@ -164,3 +164,63 @@ def test_store_keeps_losses_beside_the_rows_through_drops_shards_and_truncation(
     assert reopened.losses()[2].tolist() == [1.0, 2.0, 5.0]
     with pytest.raises(StoreInputError, match=r"loss must be a floating Tensor\[2\]"):
         store.append(torch.tensor([8, 9]), 4, {"a": rows}, loss=torch.tensor([1.0]))
+
+
+class StopAt(L.Callback):
+    """Stops the fit with an error when ``global_step`` reaches ``step`` (a crash mid-epoch)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("crash")
+
+
+class RowLosses(L.Callback):
+    """``(batch number, id) -> loss`` of every training step (the batch number is the callback's
+    step: ``global_step`` before the step's update)."""
+
+    def __init__(self) -> None:
+        self.loss: dict[tuple[int, int], float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for i, v in zip(batch[2].tolist(), outputs["per_example_loss"].tolist()):
+            self.loss[(trainer.global_step - 1, i)] = v
+
+
+def test_a_resume_that_replays_part_of_an_epoch_keeps_each_stored_row_with_its_own_loss(tmp_path):
+    """A crash in epoch 2 resumed from a mid-epoch checkpoint with a plain (not resumable) loader:
+    the epoch restarts, its batches mix rows stored before the checkpoint (replays, left out) with
+    new ones. Every stored row keeps the loss of the step that stored it, and ``training_loss`` is
+    the sum of those of the first half."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, queries = _data()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_last=True)
+    seen = RowLosses()
+
+    def trainer(*extra):
+        return L.Trainer(max_epochs=EPOCHS, callbacks=[grass(), *extra, seen, ckpt], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+
+    def grass():
+        return GraSSCallback(k=16, num_queries=8, query_loader=queries, log_to_wandb=False, progress=False,
+                             store_dir=tmp_path / "grass")
+
+    module = LossModule()
+    with pytest.raises(RuntimeError, match="crash"):
+        trainer(StopAt(8)).fit(module, train)
+    second = trainer()
+    with pytest.warns(UserWarning):  # the replayed epoch's rows were skipped and the rest missed: said so
+        second.fit(LossModule(), train, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    callback = second.callbacks[0]
+    assert callback.replayed_rows > 0  # the case under test: batches with rows left out
+    store = GradientStore(tmp_path / "grass" / "train", readonly=True)
+    ids, steps, losses = store.losses()
+    assert ids.numel() == store.num_rows  # every stored row has its loss
+    for i, step, loss in zip(ids.tolist(), steps.tolist(), losses.tolist()):
+        assert loss == pytest.approx(seen.loss[(step, i)], rel=1e-6), (i, step)
+    first_half = steps < 6
+    want = torch.zeros(N, dtype=torch.float64).index_add_(0, ids[first_half], losses[first_half].double())
+    torch.testing.assert_close(_dense(callback.training_loss), want, rtol=1e-6, atol=1e-6)

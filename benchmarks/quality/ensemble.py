@@ -62,14 +62,16 @@ class _EpochOrder(torch.utils.data.Sampler):
         return math.ceil(len(self.orders[0]) / self.batch)
 
 
-def _module(cfg: dict, n: int, net: torch.nn.Module | None = None, step_loss=None):
+def _module(cfg: dict, n: int, net: torch.nn.Module | None = None, step_loss=None, losses: bool = False):
     """``net`` trained by the workload's recipe (AdamW, one warm-up epoch, cosine to zero by step):
     ``step_loss(net, batch)`` is the minibatch's loss, the mean of its examples' own losses.
-    Without them: the MLP workload's network from its initialisation, cross-entropy on ``(x, y)``."""
+    Without them: the MLP workload's network from its initialisation, cross-entropy on ``(x, y)``.
+    ``losses=True`` (the MLP only): ``training_step`` returns ``{"loss", "per_example_loss"}``, the
+    examples' own losses for the callback's ``training_loss``."""
     import lightning as L
 
     if net is None:
-        net, step_loss = mlp.to_module(cfg, mlp.init_params(cfg)), _mlp_loss
+        net, step_loss = mlp.to_module(cfg, mlp.init_params(cfg)), (_mlp_losses if losses else _mlp_loss)
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -97,6 +99,11 @@ def recipe_optimizers(cfg: dict, n: int, params) -> dict:
 
 def _mlp_loss(net, batch):
     return F.cross_entropy(net(batch[0]), batch[1])
+
+
+def _mlp_losses(net, batch):
+    per_example = F.cross_entropy(net(batch[0]), batch[1], reduction="none")
+    return {"loss": per_example.mean(), "per_example_loss": per_example}
 
 
 def _lm_loss(net, batch):

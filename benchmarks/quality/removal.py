@@ -8,7 +8,9 @@ For each workload (teacher-MLP data; clean labels, and 20% of the training label
 workload's MLP is trained once through :class:`GraSSCallback` (every validation query scored at
 each epoch end, uniform ensemble) and a recorder keeps every period's score matrix ``[m, n]``, its
 self-influence ``[n]`` and mean learning rate, so every signal of :mod:`grass_callback.data_value`
-is computed offline from one run. Each signal ranks the training set; the lowest ``f`` (5, 10, 20,
+is computed offline from one run. ``training_step`` returns its examples' losses, which a second
+recorder keeps per epoch: the callback's ``training_loss`` (their sum over the first half of the
+epochs) and the ``suspect`` with it are computed offline too, at loss weights 0.2-0.7. Each signal ranks the training set; the lowest ``f`` (5, 10, 20,
 30%) are removed and the MLP is retrained from scratch on the rest with ``--seeds`` seeds
 (initialisation and minibatch order; the models of one seed and fraction train at once, batched).
 Reported: held-out test accuracy (a test split neither trained on nor used as queries), its
@@ -59,7 +61,7 @@ WORKLOADS: dict[str, dict] = {
     "r-flip20": {**_REPORT, "half": "reporting", "flip_fraction": 0.2, "flip_seed": 6},
 }
 FRACTIONS = (0.05, 0.10, 0.20, 0.30)
-_RUN_VERSION, _RETRAIN_VERSION = 2, 2
+_RUN_VERSION, _RETRAIN_VERSION = 4, 2  # 3: training_step returns per-example losses; 4: their weight 0.5
 
 
 def _hash(obj) -> str:
@@ -107,20 +109,40 @@ def _recorder(grass):
     return PeriodRecorder()
 
 
-def callback_run(cfg: dict, data: dict) -> dict:
-    """Train the workload's MLP through the callback; every period's matrices, the callback's own
-    data value / self-influence / suspect, the final model's per-example training loss."""
+def _step_losses(n: int):
     import lightning as L
 
+    class StepLosses(L.Callback):
+        """Each epoch's per-example losses as ``training_step`` returned them (``[epochs, n]``)."""
+
+        def __init__(self) -> None:
+            self.per_epoch: list[torch.Tensor] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.per_epoch.append(torch.zeros(n, dtype=torch.float64))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.per_epoch[-1].index_add_(0, batch[2], outputs["per_example_loss"].double())
+
+    return StepLosses()
+
+
+def callback_run(cfg: dict, data: dict) -> dict:
+    """Train the workload's MLP through the callback (``training_step`` returning the examples'
+    losses); every period's matrices, the callback's own data value / self-influence / training
+    loss / suspect, each epoch's step losses, the final model's per-example training loss."""
     Xtr, ytr = data["Xtr"], data["ytr"]
     n = len(Xtr)
-    module = _module(cfg, n)
-    grass, rec, seconds = train_through_callback(cfg, module, (Xtr, ytr), (data["Xval"], data["yval"]), 256)
+    module = _module(cfg, n, losses=True)
+    steps = _step_losses(n)
+    grass, rec, seconds = train_through_callback(cfg, module, (Xtr, ytr), (data["Xval"], data["yval"]), 256,
+                                                 extra=[steps])
     with torch.no_grad():
         logits = module.net(Xtr)
         loss = F.cross_entropy(logits, ytr, reduction="none")
         test_acc = float((module.net(data["Xte"]).argmax(1) == data["yte"]).float().mean())
-    return {**recorded(grass, rec, n), "loss": loss, "test_acc": test_acc, "seconds": seconds}
+    return {**recorded(grass, rec, n), "loss": loss, "step_losses": torch.stack(steps.per_epoch), "test_acc": test_acc,
+            "seconds": seconds}
 
 
 def train_through_callback(cfg: dict, module, train: tuple, queries: tuple, query_batch: int, extra=()):
@@ -150,9 +172,10 @@ def recorded(grass, rec, n: int) -> dict:
     out = {"scores": torch.stack(rec.scores), "self_influence": torch.stack(rec.self_influence),
            "lrs": torch.tensor(rec.lrs, dtype=torch.float64)}
     for name, pair in (("data_value", grass.data_value_tensors()), ("self_influence", grass.self_influence),
-                       ("suspect", grass.suspect)):
+                       ("suspect", grass.suspect), ("training_loss", grass.training_loss)):
         out[f"callback_{name}"] = torch.zeros(n, dtype=torch.float64).index_put_((pair[0],), pair[1].double())
-    out["suspect_value_weight"] = dv.SUSPECT_VALUE_WEIGHT  # the weight the callback's suspect was made with
+    out["suspect_value_weight"] = dv.SUSPECT_VALUE_WEIGHT  # the weights the callback's suspect was made with
+    out["suspect_loss_weight"] = dv.SUSPECT_LOSS_WEIGHT
     return out
 
 
@@ -235,6 +258,11 @@ def signals(run: dict) -> dict[str, torch.Tensor]:
     S, SI, lrs, loss = run["scores"], run["self_influence"], run["lrs"], run["loss"].double()
     out = dv.candidate_signals(S, SI, lrs)
     out["final training loss (high removed)"] = -loss
+    if "step_losses" in run:  # the steps' own losses, summed over the first half of the epochs
+        early = early_loss(run)
+        out["early training loss (high removed)"] = -early
+        for w in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7):  # the loss's weight beside the influence suspect
+            out[f"suspect + early loss {1 - w:.1f}/{w:.1f}"] = -dv.suspect_with_loss(-out[dv.SUSPECT_NAME], early, w)
     out["suspect (last self-infl.) + loss"] = -dv.rank_combine([-out[dv.DEFAULT_NAME], SI[-1], loss])
     if "callback_suspect" in run:  # the library's default rankings, as the callback computed them
         out["callback .data_value (default)"] = run["callback_data_value"].double()
@@ -242,6 +270,13 @@ def signals(run: dict) -> dict[str, torch.Tensor]:
         label = "default" if w == dv.SUSPECT_VALUE_WEIGHT else f"as recorded, value weight {w:g}"
         out[f"callback .suspect ({label})"] = -run["callback_suspect"].double()
     return out
+
+
+def early_loss(run: dict) -> torch.Tensor:
+    """Each example's step losses summed over the first half of the epochs (offline definition of
+    the callback's ``training_loss``)."""
+    L_ = run["step_losses"]
+    return L_[: len(L_) // 2].sum(0)
 
 
 def study_signals(run: dict) -> dict[str, torch.Tensor]:
@@ -327,10 +362,16 @@ def callback_check(run: dict) -> str:
     want = dv.standardised_sum(run["scores"])
     own = run["self_influence"].double().sum(0)
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    base = dv.suspect(want, own, run_suspect_weight(run))
+    extra = ""
+    if "step_losses" in run and "callback_training_loss" in run:
+        early = early_loss(run)
+        base = dv.suspect_with_loss(base, early, run["suspect_loss_weight"])
+        extra = f", training_loss max rel diff {rel(run['callback_training_loss'], early):.1e} (with it in suspect)"
     return (f"callback vs offline definitions: data_value max rel diff {rel(run['callback_data_value'], want):.1e}, "
             f"self_influence {rel(run['callback_self_influence'], own):.1e}, suspect max abs diff "
-            f"{float((run['callback_suspect'] - dv.suspect(want, own, run_suspect_weight(run))).abs().max()):.1e}"
-            f" (value weight {run_suspect_weight(run):g})")
+            f"{float((run['callback_suspect'] - base).abs().max()):.1e}"
+            f" (value weight {run_suspect_weight(run):g}){extra}")
 
 
 def auroc(value: torch.Tensor, flipped: torch.Tensor) -> float:
