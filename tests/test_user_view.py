@@ -82,6 +82,17 @@ def test_demo_tables_hold_digit_images_labels_and_the_csv_values(demo: dict) -> 
     most = [(r[1], r[4]) for r in table.rows if r[0] == "most"]
     assert most == [(int(r["train_id"]), pytest.approx(float(r["data_value"]), rel=1e-6)) for r in rows[: len(most)]]
 
+    # the demo's training_step returns its losses: the suspect table carries them (first half: epoch 0)
+    table = logged_tables(demo["run"], "grass/suspects", records)[-1]
+    assert table.columns == ["train_id", "train_example", "train_label", "suspect", "data_value", "self_influence",
+                             "training_loss"]
+    check_images(table, "train_id", "train_example", train)
+    rows = _csv(folder / "suspects.csv")[: len(table.rows)]
+    assert table.column("train_id") == [int(r["train_id"]) for r in rows]
+    for key in ("suspect", "training_loss"):
+        assert table.column(key) == pytest.approx([float(r[key]) for r in rows], rel=1e-6)
+    assert min(table.column("training_loss")) > 0
+
     layers = logged_tables(demo["run"], "grass/layers", records)[-1]
     assert layers.column("layer") == ["net.0", "net.2", "net.4"]
     assert all(1.0 <= c <= 1 + 64 / 0.01 for c in layers.column("condition_number"))

@@ -17,7 +17,8 @@ finding the flipped labels only. Printed:
 2. **The training loss.** The per-example loss summed over epochs (the area under its curve, as in
    loss- and margin-based mislabel detection), over the first half of them, and at the last
    epoch alone, each alone and joined with the default ``suspect`` by unit rank (loss weight 0.2,
-   1/3, 0.5). The callback cannot compute these: it never sees a per-example loss.
+   1/3, 0.5). Here the loss is re-evaluated at each epoch end by a second callback; what the library
+   built from this study (``GraSSCallback.training_loss``) takes the training steps' own losses instead.
 """
 
 from __future__ import annotations

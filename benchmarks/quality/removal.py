@@ -122,7 +122,7 @@ def _step_losses(n: int):
             self.per_epoch.append(torch.zeros(n, dtype=torch.float64))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.per_epoch[-1].index_add_(0, batch[2], outputs["per_example_loss"].double())
+            self.per_epoch[-1].index_add_(0, batch[2], outputs["per_example_loss"].detach().double())
 
     return StepLosses()
 
