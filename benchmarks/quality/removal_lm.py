@@ -57,12 +57,12 @@ from grass_callback import data_value as dv  # noqa: E402
 
 from . import lm as lm_mod  # noqa: E402
 from .ensemble import recipe_optimizers  # noqa: E402
-from .removal import (_mean_se, auroc, cached_torch, callback_check, fraction_cells, kept_rows, random_value,  # noqa: E402
-                      recorded, score_scales, train_through_callback)
+from .removal import (_mean_se, _step_losses, auroc, cached_torch, callback_check, early_loss,  # noqa: E402
+                      fraction_cells, kept_rows, random_value, recorded, score_scales, train_through_callback)
 from .workloads import WORKLOADS as SUITE  # noqa: E402
 
 FRACTIONS = (0.05, 0.10, 0.20, 0.30)
-_RUN_VERSION, _RETRAIN_VERSION = 4, 1  # run 4: the vocabulary head's 4 x 1024 masks and 0.1 x "auto" damping
+_RUN_VERSION, _RETRAIN_VERSION = 5, 1  # 4: the vocabulary head's 4 x 1024 masks and 0.1 x "auto" damping; 5: losses
 # the suite's gpt2-pydoc (model, data, recipe); "models" is its ground truth's, unused here
 _BASE = {**{k: v for k, v in SUITE["gpt2-pydoc"].items() if k not in ("models", "n_queries")},
          "n_val": 60, "n_test": 300, "test_spare": 100, "k": 1024}
@@ -72,7 +72,8 @@ WORKLOADS: dict[str, dict] = {
 }
 # the rankings retrained, low = removed first (built by signals())
 RANKINGS = ("data_value (standardised, default)", "self-influence summed (high removed)", "suspect (default)",
-            "plain sum", "final training loss (high removed)")
+            "plain sum", "final training loss (high removed)", "early training loss (high removed)",
+            "suspect without the training loss")
 FIRST_TOKEN = 2  # ids 0 and 1 are the BPE's <|endoftext|> and <pad>: corruption maps into [2, vocab)
 
 
@@ -168,7 +169,8 @@ def unigram_loss(data: dict) -> float:
 
 def _module(cfg: dict, vocab: int, n: int):
     """The workload's GPT-2 and recipe (:func:`lm.train_lm`'s) as a LightningModule; a batch is
-    ``(ids, mask[, index])`` and its loss the mean over passages of their mean token loss."""
+    ``(ids, mask[, index])`` and its loss the mean over passages of their mean token loss; each
+    passage's own loss is returned too (``per_example_loss``, the callback's ``training_loss``)."""
     import lightning as L
 
     class Module(L.LightningModule):
@@ -177,7 +179,8 @@ def _module(cfg: dict, vocab: int, n: int):
             self.lm = lm_mod.build_lm(cfg, vocab)
 
         def training_step(self, batch, batch_idx):
-            return lm_mod.token_losses(self.lm, batch[0], batch[1]).mean()
+            losses = lm_mod.token_losses(self.lm, batch[0], batch[1])
+            return {"loss": losses.mean(), "per_example_loss": losses}
 
         def configure_optimizers(self):
             return recipe_optimizers(cfg, n, self.parameters())
@@ -191,11 +194,14 @@ def callback_run(cfg: dict, data: dict) -> dict:
     ids, mask = data["ids"], data["mask"]
     n = len(ids)
     module = _module(cfg, data["vocab"], n)
-    grass, rec, seconds = train_through_callback(cfg, module, (ids, mask), (data["val_ids"], data["val_mask"]), 64)
+    steps = _step_losses(n)
+    grass, rec, seconds = train_through_callback(cfg, module, (ids, mask), (data["val_ids"], data["val_mask"]), 64,
+                                                 extra=[steps])
     module.lm.eval()
     loss = lm_mod.passage_losses(module.lm, ids, mask)
     test_loss = float(lm_mod.passage_losses(module.lm, data["test_ids"], data["test_mask"]).mean())
-    return {**recorded(grass, rec, n), "loss": loss, "test_loss": test_loss, "seconds": seconds}
+    return {**recorded(grass, rec, n), "loss": loss, "step_losses": torch.stack(steps.per_epoch), "test_loss": test_loss,
+            "seconds": seconds}
 
 
 def cached_run(name: str, cache: Path, log=print, cfg: dict | None = None) -> dict:
@@ -237,8 +243,10 @@ def signals(run: dict) -> dict[str, torch.Tensor]:
     recorded periods by :mod:`grass_callback.data_value`'s definitions."""
     S, SI, lrs = run["scores"], run["self_influence"], run["lrs"]
     cand = dv.candidate_signals(S, SI, lrs)
-    values = [cand[dv.DEFAULT_NAME], -SI.double().sum(0), cand[dv.SUSPECT_NAME], dv.plain_sum(S),
-              -run["loss"].double()]
+    early = early_loss(run)
+    with_loss = -dv.suspect_with_loss(-cand[dv.SUSPECT_NAME], early)
+    values = [cand[dv.DEFAULT_NAME], -SI.double().sum(0), with_loss, dv.plain_sum(S), -run["loss"].double(), -early,
+              cand[dv.SUSPECT_NAME]]
     return dict(zip(RANKINGS, values))
 
 
