@@ -289,12 +289,16 @@ def test_close_joins_the_writer_and_a_later_record_starts_a_new_one(tmp_path):
 
 
 class Tiny(L.LightningModule):
-    def __init__(self):
+    def __init__(self, losses: bool = False):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.losses = losses
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
+        if self.losses:  # each example's loss too: the callback stores it beside the rows
+            per_example = F.cross_entropy(self.net(x), y, reduction="none")
+            return {"loss": per_example.mean(), "per_example_loss": per_example}
         return F.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
@@ -307,12 +311,12 @@ def _loader(n=40, batch=8):
     return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=batch)
 
 
-def _train(tmp_path, callbacks, **kw):
+def _train(tmp_path, callbacks, module=None, **kw):
     loader = _loader()
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=callbacks,
                         default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, **kw)
-    trainer.fit(Tiny(), loader)
+    trainer.fit(module or Tiny(), loader)
 
 
 def _callback(tmp_path):
@@ -372,20 +376,27 @@ def test_the_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypa
     assert calls == ["__bool__"]
     calls.clear()
     cb = _callback(tmp_path)
-    real, ran = cb._store_rows, []
+    ran = []
 
-    def watched(trainer):
-        active["on"] = True
-        try:
-            real(trainer)
-        finally:
-            active["on"] = False
-        ran.append(True)
+    def watch(name):  # the rows are collected after backward and recorded, with their losses, at the batch end
+        real = getattr(cb, name)
 
-    monkeypatch.setattr(cb, "_store_rows", watched)
-    _train(tmp_path, [cb])
-    assert len(ran) == 5 and calls == [], calls
-    assert GradientStore(cb.store.path, readonly=True).num_rows == 40
+        def watched(*args):
+            active["on"] = True
+            try:
+                real(*args)
+            finally:
+                active["on"] = False
+            ran.append(name)
+
+        monkeypatch.setattr(cb, name, watched)
+
+    watch("_store_rows")
+    watch("_record_rows")
+    _train(tmp_path, [cb], module=Tiny(losses=True))
+    assert sorted(ran) == ["_record_rows"] * 5 + ["_store_rows"] * 5 and calls == [], calls
+    store = GradientStore(cb.store.path, readonly=True)
+    assert store.num_rows == 40 and store.losses()[2].numel() == 40
     # the per-example scale from a GradScaler's scale tensor stays a tensor too
     active["on"] = True
     scale = per_example_scale(4, "mean", accumulate_grad_batches=2, grad_scale=torch.tensor(1024.0))
