@@ -39,6 +39,7 @@ numbers for GPT-2 small, ``B = 32``, ``L = 49``, ``k = 1024``, float16 storage):
     copy to pinned host memory    -                       s B L k = 3.2 MB over PCIe      0
                                                           (async, on the current stream)
     event record                  -                       -                               0
+    per-example losses (given)    -                       8 B (copy, then pinned)         0
     writer thread (host)          finite check, shard writes: off the training thread     0
 
 About 2.1 GFLOP of float32 GEMM (some 40 us on an H100) and 140 MB of device traffic (about
