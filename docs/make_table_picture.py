@@ -1,9 +1,10 @@
-"""Screenshot the ``grass/influence`` table that the digits demo's W&B run holds (README picture).
+"""Screenshot a table that the digits demo's W&B run holds (the README's pictures).
 
     python examples/digits_mlp.py && python docs/make_table_picture.py
+    python docs/make_table_picture.py --table grass/suspects --out docs/suspects_table.png
     python docs/make_table_picture.py --run runs/digits/wandb/offline-run-...  --rows 16
 
-It reads the run's last ``grass/influence`` table as W&B will show it (the ``run_table``
+It reads the run's last ``--table`` (default ``grass/influence``) as W&B will show it (the ``run_table``
 artifact's JSON and the PNGs its image cells point to, see ``grass_callback.offline_run``),
 writes it as a plain HTML page (one row per table row, the cells as the JSON holds them) and
 takes a screenshot with headless Chromium (Debian: ``apt-get install -y chromium``). Nothing is
@@ -56,7 +57,11 @@ def cell_html(table: LoggedTable, column: str, value: Any, images: Path) -> str:
         f"<td>{html.escape(str(value))}</td>"
 
 
-def page(table: LoggedTable, run: Path, period: int, rows: int, folder: Path) -> Path:
+NOTES = {"grass/influence": "score &gt; 0: training on train_id lowers the query's loss",
+         "grass/suspects": "most suspect first: the examples to look at, fix or drop first"}
+
+
+def page(table: LoggedTable, run: Path, period: int, rows: int, folder: Path, key: str = "grass/influence") -> Path:
     images = folder / "images"
     images.mkdir()
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
@@ -64,10 +69,10 @@ def page(table: LoggedTable, run: Path, period: int, rows: int, folder: Path) ->
                    for row in table.rows[:rows])
     n_images = sum(table.image_file(v) is not None for row in table.rows for v in row)
     text = (f"<!doctype html><html><head><meta charset='utf-8'><style>{STYLE}</style></head><body>"
-            f"<h1>W&amp;B table grass/influence (logged table {period + 1}, the last)</h1>"
+            f"<h1>W&amp;B table {html.escape(key)} (logged table {period + 1}, the last)</h1>"
             f"<p>from the run_table artifact of {html.escape(run.name)}: rows 1-{min(rows, len(table.rows))} of "
-            f"{len(table.rows)}, {n_images} image cells in all; score &gt; 0: training on train_id lowers the "
-            f"query's loss</p><table><tr>{head}</tr>{body}</table></body></html>")
+            f"{len(table.rows)}, {n_images} image cells in all; {NOTES.get(key, '')}</p>"
+            f"<table><tr>{head}</tr>{body}</table></body></html>")
     out = folder / "page.html"
     out.write_text(text, encoding="utf-8")
     return out
@@ -76,19 +81,20 @@ def page(table: LoggedTable, run: Path, period: int, rows: int, folder: Path) ->
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=None, help="offline run folder (default: newest in runs/digits)")
+    parser.add_argument("--table", default="grass/influence", help="the W&B table's key")
     parser.add_argument("--out", type=Path, default=Path("docs/influence_table.png"))
     parser.add_argument("--rows", type=int, default=10)
     parser.add_argument("--html", type=Path, default=None, help="also keep the HTML page here")
     args = parser.parse_args(argv)
     run = args.run or newest_run(Path("runs/digits"))
-    tables = logged_tables(run, "grass/influence")
+    tables = logged_tables(run, args.table)
     if not tables:
-        raise SystemExit(f"{run} logged no grass/influence table")
+        raise SystemExit(f"{run} logged no {args.table} table")
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise SystemExit("headless Chromium is needed: apt-get install -y chromium")
     with tempfile.TemporaryDirectory() as tmp:
-        html_page = page(tables[-1], run, len(tables) - 1, args.rows, Path(tmp))
+        html_page = page(tables[-1], run, len(tables) - 1, args.rows, Path(tmp), args.table)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         height = 120 + 105 * min(args.rows, len(tables[-1].rows))
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
