@@ -63,12 +63,13 @@ def _data():
     return train, queries
 
 
-def _fit(tmp_path: Path, module: LossModule, *, extra=(), **kwargs) -> GraSSCallback:
+def _fit(tmp_path: Path, module: LossModule, *, extra=(), accumulate: int = 1, **kwargs) -> GraSSCallback:
     train, queries = _data()
     grass = GraSSCallback(k=16, num_queries=8, query_loader=queries, log_to_wandb=False, progress=False,
                           store_dir=tmp_path / "grass", **kwargs)
     trainer = L.Trainer(max_epochs=EPOCHS, callbacks=[grass, *extra], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        accumulate_grad_batches=accumulate)
     trainer.fit(module, train)
     return grass
 
@@ -78,10 +79,11 @@ def _dense(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return torch.zeros(N, dtype=torch.float64).index_put_((ids,), values.double())
 
 
-@pytest.mark.parametrize("keep_history", ["period", "all"])
-def test_training_loss_sums_the_steps_own_losses_over_the_first_half(tmp_path, keep_history):
+@pytest.mark.parametrize("keep_history,accumulate", [("period", 1), ("all", 1), ("period", 3)])
+def test_training_loss_sums_the_steps_own_losses_over_the_first_half(tmp_path, keep_history, accumulate):
+    """Half of the fit's batches, also when 3 batches make an optimizer step (6 batches: 2 steps)."""
     steps = StepLosses()
-    grass = _fit(tmp_path, LossModule(), extra=[steps], keep_history=keep_history)
+    grass = _fit(tmp_path, LossModule(), extra=[steps], keep_history=keep_history, accumulate=accumulate)
     window = math.ceil(EPOCHS * math.ceil(N / BATCH) / 2)
     want = torch.zeros(N, dtype=torch.float64)
     for index, ids, losses in steps.batches:
