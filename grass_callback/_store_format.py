@@ -222,13 +222,16 @@ def _as_ids(ids: Any, what: str = "ids") -> Tensor:
     return ids.detach().to(device="cpu", dtype=torch.int64, copy=True)
 
 
-def _as_losses(loss: Any, batch: int) -> Tensor:
-    """A batch's per-row training losses as float32 ``[batch]`` on the CPU (NaN for ``None``)."""
+def _as_losses(loss: Any, batch: int, owned: bool = False) -> Tensor:
+    """A batch's per-row training losses as float32 ``[batch]`` on the CPU (NaN for ``None``);
+    ``owned``: a float32 CPU tensor nobody else writes to is kept without a copy."""
     if loss is None:
         return torch.full((batch,), float("nan"), dtype=torch.float32)
     if not isinstance(loss, Tensor) or not loss.is_floating_point() or loss.shape != (batch,):
         got = (list(loss.shape), loss.dtype) if isinstance(loss, Tensor) else type(loss).__name__
         raise StoreInputError(f"loss must be a floating Tensor[{batch}] (one loss per row), got {got}")
+    if owned and loss.device.type == "cpu" and loss.dtype == torch.float32:
+        return loss.detach()
     return loss.detach().to(device="cpu", dtype=torch.float32, copy=True)
 
 

@@ -265,10 +265,9 @@ class StoreReading:
                     self._mark_bad(entry, str(e))
                     continue
             keep = ~torch.isnan(got[2])
-            if min_step is not None:
-                keep &= got[1] >= min_step
-            if max_step is not None:
-                keep &= got[1] <= max_step
+            in_range = self._row_mask(got[1], got[1], None, min_step, max_step)
+            if in_range is not None:
+                keep &= in_range
             for part, t in zip(out, got):
                 part.append(t[keep])
         empty = (torch.empty(0, dtype=torch.int64),) * 2 + (torch.empty(0, dtype=torch.float32),)

@@ -364,9 +364,7 @@ class DataValueSums:
         ids, value = self.tensors("value")
         if ids.numel() < 2:
             return ids, torch.zeros(ids.numel(), dtype=torch.float64)
-        summed = self.sums["self_influence"]
-        own = torch.tensor([summed.get(i, 0.0) for i in ids.tolist()], dtype=torch.float64)
-        score = suspect(value, own)
+        score = suspect(value, self.column("self_influence", ids))
         if self.sums["training_loss"]:
             score = suspect_with_loss(score, self.column("training_loss", ids))
         order = score.argsort(descending=True, stable=True)

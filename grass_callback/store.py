@@ -557,9 +557,9 @@ class GradientStore(StoreReading):
         ``loss`` (float [B], optional): each row's training loss at this step, kept beside the rows
         as float32 (a shard's ``"loss"`` tensor; NaN for rows given none) and read by :meth:`losses`.
 
-        ``owned=True`` hands over CPU tensors already in the storage dtype that nobody else will
-        write to (the :class:`~grass_callback.recorder.StepRecorder`'s fresh copies): they are
-        buffered without another copy.
+        ``owned=True`` hands over CPU tensors already in the storage dtype (float32 for ``loss``)
+        that nobody else will write to (the :class:`~grass_callback.recorder.StepRecorder`'s fresh
+        copies): they are buffered without another copy.
 
         Rows are cast to the storage dtype; rows with NaN/Inf in any layer (after the cast) are
         dropped and counted in ``skipped_nonfinite``. Returns the kept rows as a bool mask [B]. A shard is committed whenever
@@ -587,7 +587,7 @@ class GradientStore(StoreReading):
                 f"(the store has {_few(self._layers)})"
             )
         batch = ids_t.numel()
-        loss_t = _as_losses(loss, batch)
+        loss_t = _as_losses(loss, batch, owned)
         cast: dict[str, Tensor] = {}
         for name, k in self._layers.items():
             g = grads[name]
