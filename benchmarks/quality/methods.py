@@ -54,7 +54,13 @@ METHODS: dict[str, tuple[str, dict]] = {
     "factgrass-prop": ("factgrass", {"split": "proportional"}),  # each factor keeps the same fraction
     "factgrass-wide": ("factgrass", {"split": "wide"}),  # the wider factor kept whole, the other masked
     "logra": ("logra", {}),
+    # the default sizes, masks learned from the first SELECTIVE_SAMPLE training examples' factors at the
+    # scored weights (grass_callback.selective, the paper's selective mask) instead of drawn at random
+    "factgrass-selective": ("factgrass_selective", {}),
 }
+
+#: training examples whose factors a selective method learns its masks from (the callback's default)
+SELECTIVE_SAMPLE = 256
 
 
 def _split_sizes(split: str, s: LayerShape, k: int, budget: float = 4.0) -> dict:
@@ -104,9 +110,12 @@ def plan_signature(method: str, shapes: Mapping[str, LayerShape], k: int, seed: 
     else:
         layers = {name: _make(kind, s, k, seed, name, options).config()
                   for name, s in shapes.items()}
-    code = hashlib.sha256("".join(inspect.getsource(obj) for obj in (
-        projection.PLAN_KINDS[kind], projection.derive_generator, projection.run_mask, projection.sjlt_tables)
-    ).encode()).hexdigest()[:16]
+    sources = [projection.PLAN_KINDS[kind], projection.derive_generator, projection.run_mask, projection.sjlt_tables]
+    if kind == "factgrass_selective":  # the masks are learned, not drawn: the learner is part of them
+        from grass_callback import selective
+
+        sources.append(selective)
+    code = hashlib.sha256("".join(inspect.getsource(obj) for obj in sources).encode()).hexdigest()[:16]
     return {"method": method, "kind": kind, "options": options, "k": k, "seed": seed, "layers": layers, "code": code}
 
 
@@ -126,10 +135,20 @@ def compress(plans: Mapping[str, object], factors: Mapping[str, tuple[Tensor, Te
 def method_grads(method: str, shapes: Mapping[str, LayerShape], factors, k: int, seed: int) -> tuple[dict, dict]:
     """``({layer: [N, k] float32}, info)``: every example's compressed gradient under ``method``."""
     kind, options = METHODS[method]
-    plans = {name: _make(kind, s, k, seed, name, options) for name, s in shapes.items()}
+    if kind == "factgrass_selective":
+        from grass_callback.selective import selective_plans
+
+        t0 = time.perf_counter()
+        plans = selective_plans({name: (x[:SELECTIVE_SAMPLE], d[:SELECTIVE_SAMPLE]) for name, (x, d) in factors.items()},
+                                shapes, k=k, seed=seed, **options)
+        learn_s = time.perf_counter() - t0
+    else:
+        plans = {name: _make(kind, s, k, seed, name, options) for name, s in shapes.items()}
     grads, seconds = compress(plans, factors)
     info = {"compress_s": seconds}
-    if kind == "factgrass":
+    if kind == "factgrass_selective":
+        info["learn_s"] = learn_s
+    if kind.startswith("factgrass"):
         info["k_prime"] = sum(p.k_prime for p in plans.values() if isinstance(p, FactGraSSPlan))
     return {m: g.to(torch.float32) for m, g in grads.items()}, info
 
