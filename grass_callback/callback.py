@@ -758,6 +758,12 @@ class GraSSCallback(Callback):
             gathered: list[Any] = [None] * trainer.world_size
             dist.all_gather_object(gathered, (ids, losses))
             ids, losses = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+        periods_without = self.__dict__.pop("_losses_missing_before", 0) if ids.numel() else 0
+        if periods_without:
+            rank_zero_warn(f"grass_callback: the checkpoint this run resumed from was written by a grass_callback "
+                           f"that did not sum training losses, so its {periods_without} scoring "
+                           f"period(s) add none: training_loss, and the loss part of suspect, count only the "
+                           f"steps recorded since the resume.")
         self._value_sums().add_losses(ids, losses)
 
     def _value_sums(self) -> DataValueSums:
@@ -984,6 +990,9 @@ class GraSSCallback(Callback):
         sums = self._value_sums()
         if state_dict.get("data_values") is not None:
             sums.load_state_dict(state_dict["data_values"])
+            # written before training losses were summed: its periods' losses are not in the sums
+            missing = "training_loss_ids" not in state_dict["data_values"]
+            self._losses_missing_before = sums.periods if missing else 0  # the periods without losses
         elif sums.value:  # written before the standardised data value: its data value was the plain sum
             plain = dict(sums.value)
             sums.reset()

@@ -226,3 +226,40 @@ def test_a_resume_that_replays_part_of_an_epoch_keeps_each_stored_row_with_its_o
     first_half = steps < 6
     want = torch.zeros(N, dtype=torch.float64).index_add_(0, ids[first_half], losses[first_half].double())
     torch.testing.assert_close(_dense(callback.training_loss), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_checkpoint_without_loss_sums_warns_and_counts_the_steps_after_the_resume(tmp_path):
+    """A checkpoint written by a version that kept no ``training_loss`` sums (its ``data_values``
+    lack the key): the resumed run says that its earlier periods add no losses, and
+    ``training_loss`` is the first half's losses from the resume on, not a silently short sum."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, queries = _data()
+    seen = RowLosses()  # the resumed run's steps (made anew for it)
+
+    def trainer(*extra):
+        return L.Trainer(max_epochs=EPOCHS, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[
+                             GraSSCallback(k=16, num_queries=8, query_loader=queries, log_to_wandb=False,
+                                           progress=False, store_dir=tmp_path / "grass"),
+                             *extra, seen, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+
+    with pytest.raises(RuntimeError, match="crash"):
+        trainer(StopAt(4)).fit(LossModule(), train)  # last.ckpt: the end of epoch 0 (steps 0-2, one period)
+    path = tmp_path / "ckpt" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("GraSSCallback")]
+    assert state["data_values"]["periods"] == 1 and state["data_values"]["training_loss_ids"].numel() == N
+    for key in ("training_loss", "training_loss_ids"):
+        del state["data_values"][key]
+    torch.save(ckpt, path)
+    seen = RowLosses()
+    second = trainer()
+    with pytest.warns(UserWarning, match="did not sum training losses, so its 1 scoring period"):
+        second.fit(LossModule(), train, ckpt_path=str(path))
+    losses = {(step, i): v for (step, i), v in seen.loss.items() if 3 <= step < 6}  # after the resume, first half
+    want = torch.zeros(N, dtype=torch.float64)
+    for (_, i), v in losses.items():
+        want[i] += v
+    assert len(losses) == N  # the resumed epoch 1 stored every example once
+    torch.testing.assert_close(_dense(second.callbacks[0].training_loss), want, rtol=1e-6, atol=1e-6)
