@@ -269,6 +269,15 @@ MUTANTS: list[Mutant] = [
     Mutant("loss-dropped-by-truncation", "grass_callback/store.py",
            'data["loss"][keep] if "loss" in data else None)', "None)",
            (T_LOSS,), "a resume's truncation loses the losses of the shard it cuts"),
+    Mutant("old-loss-sums-unsaid", "grass_callback/callback.py",
+           'missing = "training_loss_ids" not in state_dict["data_values"]', "missing = False",
+           (T_LOSS + "::test_a_checkpoint_without_loss_sums_warns_and_counts_the_steps_after_the_resume",),
+           "a checkpoint without loss sums gives a short training_loss without a word"),
+    # ------------------------------------------------------------------ one callback object, two fits
+    Mutant("second-fit-keeps-the-first", "grass_callback/callback.py",
+           'if stage == "fit" and self.__dict__.get("_fit_ended"):', "if False:",
+           ("tests/test_resume_cases.py::test_a_second_fit_with_the_same_callback_taps_the_new_module",),
+           "a second fit keeps the first fit's taps and closed store"),
 ]
 
 

@@ -192,6 +192,7 @@ class GraSSCallback(Callback):
                  mask_run: int | str = "auto", ensemble_weighting: str = "uniform", ensemble_standardise: bool = True,
                  report_every_n_periods: int = 10, plan_options: Mapping[str, Any] | None = None,
                  per_example_loss_key: str | None = "per_example_loss") -> None:
+        self._arguments = {name: value for name, value in locals().items() if name != "self"}  # for a second fit
         _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
                         rows_per_shard=rows_per_shard, report_every_n_periods=report_every_n_periods)
         if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:
@@ -279,6 +280,8 @@ class GraSSCallback(Callback):
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and self.__dict__.get("_fit_ended"):
+            self._start_over()
         if stage != "fit" or self.taps is not None:
             return
         if not pl_module.automatic_optimization and self.query_loss_fn is None:
@@ -1048,7 +1051,18 @@ class GraSSCallback(Callback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._close()
 
+    def _start_over(self) -> None:
+        """A second ``fit`` with this callback: its first fit closed the store and tapped another
+        module (or the same one, in another trainer), so it starts as a new ``GraSSCallback`` with the
+        same arguments would. The first fit's results stay on disk; a resume (``ckpt_path``) then
+        continues from the checkpoint, and a fit without one meets the store_dir's usual checks (a
+        finished run's store is refused, a killed run's rows are dropped, each with its message)."""
+        arguments = self._arguments
+        self.__dict__.clear()
+        self.__init__(**arguments)
+
     def _close(self) -> None:
+        self._fit_ended = True  # the next fit starts over (setup)
         try:
             if self.taps is not None:
                 self.taps.remove()

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import warnings
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from grass_callback import GraSSCallback, IndexedDataset
-from grass_callback.errors import ScoringError
+from grass_callback.errors import ConfigError, ScoringError
 from grass_callback.store import GradientStore
 from test_bad_inputs import BATCH, N, Tiny, callback, committed, fit, loader, tensors, tiny_loss
 
@@ -58,6 +59,69 @@ def test_fit_on_a_finished_run_still_holds_its_data_value(tmp_path):
     got_ids, got_values = again.data_value_tensors()
     assert ids.numel() == N
     assert torch.equal(got_ids, ids) and torch.equal(got_values, values)
+
+
+# ---------------------------------------------------------------------- one callback object, two fits
+
+
+class CrashAt(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("crash")
+
+
+def _values(cb):
+    ids, values = cb.data_value_tensors()
+    order = ids.argsort()
+    return ids[order], values[order]
+
+
+def test_a_second_fit_with_the_same_callback_taps_the_new_module(tmp_path):
+    """The same callback in a second trainer, on another module: it kept the first fit's taps (on the
+    old module) and closed store, and stopped with "the gradient store is closed". Now it scores
+    the new module exactly as a callback made for it does."""
+    cb = callback(tmp_path, store_dir=None)  # each trainer's store under its own default_root_dir
+    fit(tmp_path / "first", cb)
+    torch.manual_seed(3)
+    fit(tmp_path / "second", cb, module=Tiny(hidden=5))
+    fresh = callback(tmp_path, store_dir=None)
+    torch.manual_seed(3)
+    fit(tmp_path / "fresh", fresh, module=Tiny(hidden=5))
+    assert cb.periods_scored == fresh.periods_scored == 1
+    ids, values = _values(cb)
+    want_ids, want = _values(fresh)
+    assert ids.numel() == N and torch.equal(ids, want_ids)
+    torch.testing.assert_close(values, want, rtol=1e-6, atol=1e-9)
+    assert cb.taps.layer_dims == fresh.taps.layer_dims  # the new module's layers (width 5)
+
+
+def test_a_second_fit_on_a_finished_store_with_the_same_callback_is_the_usual_clear_error(tmp_path):
+    cb = callback(tmp_path)
+    fit(tmp_path, cb)
+    with pytest.raises(ConfigError, match="already holds 24 rows of a finished run"):
+        fit(tmp_path, cb)
+
+
+def test_a_crashed_fit_resumes_with_the_same_callback_object(tmp_path):
+    """A notebook's way: the fit crashes, and the same callback object goes into ``fit(...,
+    ckpt_path=...)``. The result is the uninterrupted run's."""
+    torch.manual_seed(0)
+    reference = callback(tmp_path / "ref")
+    fit(tmp_path / "ref", reference, module=Tiny(), epochs=2)
+    cb = callback(tmp_path)
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="crash"):  # epoch 0 ends with last.ckpt; epoch 1 dies
+        fit(tmp_path, cb, module=Tiny(), epochs=2, callbacks=[ckpt_cb(tmp_path), CrashAt(6)])
+    fit(tmp_path, cb, module=Tiny(), epochs=2, callbacks=[ckpt_cb(tmp_path)], ckpt_path=last_ckpt(tmp_path))
+    assert cb.periods_scored == reference.periods_scored == 2
+    ids, values = _values(cb)
+    want_ids, want = _values(reference)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(values, want, rtol=1e-5, atol=1e-8)
+    assert committed(tmp_path / "grass" / "train") == committed(tmp_path / "ref" / "grass" / "train")
 
 
 # ---------------------------------------------------------------------- what the state records
