@@ -57,6 +57,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     # the default sizes, masks learned from the first SELECTIVE_SAMPLE training examples' factors at the
     # scored weights (grass_callback.selective, the paper's selective mask) instead of drawn at random
     "factgrass-selective": ("factgrass_selective", {}),
+    # experiment: the default masks, then a dense Gaussian k' -> k instead of the SJLT (mask loss vs sketch loss)
+    "factgrass-dense2": ("factgrass_dense2", {}),
 }
 
 #: training examples whose factors a selective method learns its masks from (the callback's default)
@@ -105,10 +107,13 @@ def plan_signature(method: str, shapes: Mapping[str, LayerShape], k: int, seed: 
     from grass_callback import projection
 
     kind, options = METHODS[method]
+    if kind == "factgrass_dense2":  # the default masks (their config), then a dense sketch
+        kind = "factgrass"
+        options = {**options, "dense2": 1}
     if kind == "gaussian":  # building the plans would draw the k x D matrices
         layers = {name: {"dim": s.numel, "k": k, "seed": seed} for name, s in shapes.items()}
     else:
-        layers = {name: _make(kind, s, k, seed, name, options).config()
+        layers = {name: _make(kind, s, k, seed, name, {o: v for o, v in options.items() if o != "dense2"}).config()
                   for name, s in shapes.items()}
     sources = [projection.PLAN_KINDS[kind], projection.derive_generator, projection.run_mask, projection.sjlt_tables]
     if kind == "factgrass_selective":  # the masks are learned, not drawn: the learner is part of them
@@ -135,6 +140,8 @@ def compress(plans: Mapping[str, object], factors: Mapping[str, tuple[Tensor, Te
 def method_grads(method: str, shapes: Mapping[str, LayerShape], factors, k: int, seed: int) -> tuple[dict, dict]:
     """``({layer: [N, k] float32}, info)``: every example's compressed gradient under ``method``."""
     kind, options = METHODS[method]
+    if kind == "factgrass_dense2":
+        return _dense_second_stage(shapes, factors, k, seed), {"compress_s": float("nan")}
     if kind == "factgrass_selective":
         from grass_callback.selective import selective_plans
 
@@ -151,6 +158,27 @@ def method_grads(method: str, shapes: Mapping[str, LayerShape], factors, k: int,
     if kind.startswith("factgrass"):
         info["k_prime"] = sum(p.k_prime for p in plans.values() if isinstance(p, FactGraSSPlan))
     return {m: g.to(torch.float32) for m, g in grads.items()}, info
+
+
+def _dense_second_stage(shapes, factors, k: int, seed: int) -> dict:
+    """The default plan's masked outer products summed over tokens, projected by a dense Gaussian."""
+    from grass_callback.projection import derive_generator
+
+    out = {}
+    for name, s in shapes.items():
+        plan = _make("factgrass", s, k, seed, name, {})
+        x, d = factors[name]
+        x3 = x.unsqueeze(1) if x.dim() == 2 else x
+        d3 = d.unsqueeze(1) if d.dim() == 2 else d
+        if s.bias:
+            x3 = torch.cat([x3, x3.new_ones(*x3.shape[:2], 1)], -1)
+        xs, ds = x3[:, :, plan.in_idx].double(), d3[:, :, plan.out_idx].double()
+        gen = derive_generator(seed, name, "dense2")
+        proj = torch.randn(plan.k_in * plan.k_out, plan.k, generator=gen, dtype=torch.float64) / math.sqrt(plan.k)
+        rows = [torch.einsum("nto,nti->noi", ds[i:i + 256], xs[i:i + 256]).flatten(1) @ proj
+                for i in range(0, len(xs), 256)]
+        out[name] = torch.cat(rows).to(torch.float32)
+    return out
 
 
 def kernel_from(grads: Mapping[str, Tensor], n: int) -> KernelInfluence:
