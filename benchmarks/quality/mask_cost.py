@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python -m benchmarks.quality.mask_cost            # every shape and candidate
     nice -n 10 .venv/bin/python -m benchmarks.quality.mask_cost --heads    # wide_output_skew on vocabulary heads
+    nice -n 10 .venv/bin/python -m benchmarks.quality.mask_cost --whole    # one-token layers kept whole, c = 1 / 2 / 4
 
 For each layer shape of the suite's workloads (and ``T`` tokens per example), the candidate
 mask sizes are timed side by side (interleaved rounds, median, CPU time of this process on one
@@ -45,6 +46,9 @@ SHAPES = [(64, 256, 1, 1024), (256, 256, 1, 1024), (24, 512, 1, 1024), (48, 256,
 EXPLICIT = [(128, 1024, False, 48, 64, [(64, 64), (16, 256), (8, 512), (4, 1024)])]
 # vocabulary heads (no bias) under wide_output_skew: the suite's LM heads, the overhead benchmark's
 # GPT-2/Llama head (256 x 8192, T = 128) and GPT-2 small's (768 x 50257, T = 64), B = 8
+# a one-token (MLP) layer's whole gradient, sketched with c non-zeros per coordinate (the quality
+# suite's factgrass-all, -all-c2, -all-c4), against the default masks
+WHOLE = {"default": {}, **{f"whole, c={c}": {"oversample": 1024.0, "keep_narrow": False, "c": c} for c in (1, 2, 4)}}
 HEADS = [(96, 1024, 48, 64), (128, 1024, 48, 64), (256, 8192, 128, 8), (768, 50257, 64, 8)]
 SKEWS = (1.0, 4.0, 8.0, 16.0)
 
@@ -66,10 +70,16 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heads", action="store_true", help="only the vocabulary heads' wide_output_skew rows")
+    parser.add_argument("--whole", action="store_true", help="only the one-token layers kept whole (c = 1, 2, 4)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     print("layer (d_in x d_out, T, B) | masks | k_in' x k_out' = k' | ms per call | x the first (2sqrt(k))")
+    if args.whole:
+        for d_in, d_out, T, B in [s for s in SHAPES if s[2] == 1]:
+            plans = {label: FactGraSSPlan(d_in, d_out, True, k=1024, name="l", **opt) for label, opt in WHOLE.items()}
+            _time_plans(f"{d_in}x{d_out}, T={T}, B={B}", plans, B, T, d_in, d_out, base="default")
+        return
     for d_in, d_out, T, B in ([] if args.heads else SHAPES):
         plans = {label: FactGraSSPlan(d_in, d_out, True, k=1024, name="l", **opt) for label, opt in VARIANTS.items()}
         _time_plans(f"{d_in}x{d_out}, T={T}, B={B}", plans, B, T, d_in, d_out, base="2sqrt(k)")

@@ -46,6 +46,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     "factgrass-x2": ("factgrass", {"oversample": 8.0, "keep_narrow": False}),  # k' = 8 k
     "factgrass-x2-narrow": ("factgrass", {"oversample": 8.0, "keep_narrow": True}),
     "factgrass-x4": ("factgrass", {"oversample": 16.0, "keep_narrow": False}),  # k' = 16 k: masks of 4 sqrt(k)
+    "factgrass-all": ("factgrass", {"oversample": 1024.0, "keep_narrow": False}),  # masks keep layers <= 1024 wide whole: the SJLT alone
+    "factgrass-all-c4": ("factgrass", {"oversample": 1024.0, "keep_narrow": False, "c": 4}),  # and 4 non-zeros per coordinate
+    "factgrass-all-c2": ("factgrass", {"oversample": 1024.0, "keep_narrow": False, "c": 2}),
     "factgrass-coord": ("factgrass", {"mask_run": 1}),  # the default sizes, coordinate-wise masks
     "factgrass-skew8": ("factgrass", {"wide_output_skew": 8.0}),  # a vocabulary head's masks 8 x 512 at k = 1024
     "factgrass-skew16": ("factgrass", {"wide_output_skew": 16.0}),  # 4 x 1024
