@@ -278,6 +278,15 @@ MUTANTS: list[Mutant] = [
            'if stage == "fit" and self.__dict__.get("_fit_ended"):', "if False:",
            ("tests/test_resume_cases.py::test_a_second_fit_with_the_same_callback_taps_the_new_module",),
            "a second fit keeps the first fit's taps and closed store"),
+    # ------------------------------------------------------------------ one-token layers
+    Mutant("one-token-plan-ignored", "grass_callback/capture.py",
+           "plan = plan.input_plan(token_axis=x.dim() > 2)", "plan = plan",
+           ("tests/test_capture.py::test_one_token_layers_keep_their_whole_gradient_with_two_nonzeros_and_token_layers_the_masks",),
+           "layers without a token axis are compressed with the masks"),
+    Mutant("one-token-sizes-not-saved", "grass_callback/projection.py",
+           'out["one_token"] = dict(self._one_token)', "pass",
+           ("tests/test_projection.py::test_one_token_plan_survives_a_save_and_plans_saved_before_it_keep_their_masks",),
+           "a store's plans forget their one-token sizes, so its readers compress queries with the masks"),
 ]
 
 

@@ -1108,7 +1108,7 @@ def _check_positive(**values: Any) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
 
 
-_PLAN_OPTIONS = ("oversample", "keep_narrow", "wide_output_skew", "c")
+_PLAN_OPTIONS = ("oversample", "keep_narrow", "wide_output_skew", "c", "one_token")
 
 
 def _check_plan_options(options: Mapping[str, Any] | None, k: int, mask: str) -> dict[str, Any]:

@@ -230,8 +230,19 @@ class LayerTaps:
         self._scale: Tensor | float | None = None
         self._compute_seconds = 0.0
         self._skipped: set[str] = set()
+        # per layer: whether its inputs had a token axis ([B, T, d]) when it was first compressed
+        self.token_axis: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ life cycle
+
+    def plan_for(self, name: str) -> Plan:
+        """The plan that compresses layer ``name``'s inputs: a FactGraSS plan's one-token plan once
+        the layer has been seen with inputs without a token axis (:meth:`FactGraSSPlan.input_plan`),
+        else the layer's plan."""
+        plan = self.plans[name]
+        if isinstance(plan, FactGraSSPlan) and name in self.token_axis:
+            return plan.input_plan(self.token_axis[name])
+        return plan
 
     @property
     def layer_dims(self) -> dict[str, int]:
@@ -341,6 +352,9 @@ class LayerTaps:
     def _add(self, name: str, x: Tensor, grad: Tensor) -> None:
         start = time.perf_counter()
         plan = self.plans[name]
+        if isinstance(plan, FactGraSSPlan):  # inputs without a token axis get the plan made for them
+            self.token_axis.setdefault(name, x.dim() > 2)
+            plan = plan.input_plan(token_axis=x.dim() > 2)
         B = x.shape[0]
         x3 = x.reshape(B, -1, x.shape[-1])
         g3 = grad.detach().reshape(B, -1, grad.shape[-1])

@@ -451,12 +451,13 @@ def test_resume_with_another_configuration(tmp_path):
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"bogus": 1}, r"plan_options takes \['oversample', 'keep_narrow', 'wide_output_skew', 'c'\], got \['bogus'\]"),
+    ({"bogus": 1}, r"plan_options takes \['oversample', 'keep_narrow', 'wide_output_skew', 'c', 'one_token'\], got \['bogus'\]"),
     ({"mask_run": 1}, r"use GraSSCallback\(mask_run=\.\.\.\)"),
     ([("oversample", 2)], "must be a mapping"),
     ({"oversample": -1}, r"plan_options \{'oversample': -1\} are not valid for k=8: oversample must be a positive number"),
     ({"c": 3}, r"not valid for k=8: the SJLT needs c >= 1 dividing k"),
     ({"wide_output_skew": 0.5}, "wide_output_skew must be a number >= 1"),
+    ({"one_token": "yes"}, "one_token must be True, False or None"),
 ])
 def test_bad_plan_options_are_refused_when_the_callback_is_made(tmp_path, options, match):
     with pytest.raises(ConfigError, match=match):

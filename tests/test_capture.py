@@ -23,7 +23,7 @@ def exact_compressed(model, taps, loss_fn, batches):
                 shape = layer_shape(module)
                 w = module.weight.grad if isinstance(module, nn.Linear) else module.weight.grad.T
                 g = torch.cat([w, module.bias.grad[:, None]], 1) if shape.bias else w
-                rows[name].append(taps.plans[name].project_gradient(g[None].double()))
+                rows[name].append(taps.plan_for(name).project_gradient(g[None].double()))
     model.zero_grad()
     return {name: torch.cat(r) for name, r in rows.items()}
 
@@ -74,6 +74,45 @@ def test_linear_taps_equal_exact_per_example_gradients(bias, T, tied):
         got = taps.collect()
     want = exact_compressed(model, taps, ce_mean, [(x[i:i + 1], y[i:i + 1]) for i in range(B)])
     assert_rel_close(got, want)
+
+
+@pytest.mark.parametrize("T", [None, 5])
+def test_one_token_layers_keep_their_whole_gradient_with_two_nonzeros_and_token_layers_the_masks(T):
+    """A layer whose input has no token axis (``[B, d]``, an MLP's) is compressed by its whole
+    gradient through an SJLT with 2 non-zeros per coordinate, drawn from the layer's (seed, name);
+    with a token axis (``[B, T, d]``) by the default masks. The reference plans are built here
+    from their sizes, not through ``input_plan``."""
+    from grass_callback.projection import FactGraSSPlan
+
+    torch.manual_seed(0)
+    model = MLP(bias=True).double()
+    B, k = 6, 32
+    x = torch.randn(B, 10, dtype=torch.float64) if T is None else torch.randn(B, T, 10, dtype=torch.float64)
+    y = torch.randint(0, 3, (B,) if T is None else (B, T))
+    taps = LayerTaps(model, k=k, seed=3)
+    with taps:
+        taps.set_scale(per_example_scale(B, "mean"))
+        ce_mean(model, (x, y)).backward()
+        got = taps.collect()
+    assert taps.token_axis == {name: T is not None for name in taps.plans}
+    refs, masked = {}, 0
+    for name, module in taps.layers.items():
+        base = taps.plans[name]
+        if T is None and layer_shape(module).numel > k:
+            refs[name] = FactGraSSPlan(module.in_features, module.out_features, True, k=k, k_in=module.in_features + 1,
+                                       k_out=module.out_features, c=2, seed=3, name=name, mask_run=1, one_token=False)
+            masked += base.k_prime < refs[name].k_prime  # the default masks would keep less of it
+        else:
+            refs[name] = base
+    assert masked >= (2 if T is None else 0)  # fc1 and fc2: the case under test
+    rows = {name: [] for name in taps.plans}
+    for i in range(B):
+        model.zero_grad()
+        ce_mean(model, (x[i:i + 1], y[i:i + 1])).backward()
+        for name, module in taps.layers.items():
+            g = torch.cat([module.weight.grad, module.bias.grad[:, None]], 1)
+            rows[name].append(refs[name].project_gradient(g[None]))
+    assert_rel_close(got, {name: torch.cat(r) for name, r in rows.items()})
 
 
 def test_conv1d_taps_and_padding_equal_exact():

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from grass_callback import GraSSCallback, IndexedDataset
 from grass_callback.attribution import query_gradients
 from grass_callback.capture import LayerTaps
+from grass_callback.projection import FactGraSSPlan
 
 N_TRAIN, N_VAL, NUM_QUERIES, K, RATIO = 48, 12, 6, 16, 0.1
 
@@ -70,13 +71,15 @@ def exact_query_rows(module: nn.Module, plans: dict, examples: list[tuple[Tensor
 
     The gradients are taken one example at a time by plain autograd on a float64 copy of
     ``module.<net>`` (``module`` itself when ``net`` is ``None``) in eval mode, then multiplied by
-    :func:`dense_sketch` of the layer's plan.
+    :func:`dense_sketch` of the layer's plan. The examples go in alone as ``[1, d]``, without a
+    token axis, so a FactGraSS plan projects them with its one-token plan (``input_plan(False)``).
     """
     model = copy.deepcopy(getattr(module, net) if net else module).double().eval()
     layers = linear_layers(model)
     prefix = f"{net}." if net else ""
     out: dict[str, list[Tensor]] = {f"{prefix}{n}": [] for n in layers}
-    sketches = {name: dense_sketch(plans[name]) for name in out}
+    sketches = {name: dense_sketch(plans[name].input_plan(False) if isinstance(plans[name], FactGraSSPlan)
+                                   else plans[name]) for name in out}
     for x, y in examples:
         loss = F.cross_entropy(model(x[None].double()), y[None])
         params = [p for m in layers.values() for p in (m.weight, m.bias)]

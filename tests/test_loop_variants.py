@@ -10,6 +10,7 @@ autograd in float64 on a copy of the model holding the recorded weights.
 
 from __future__ import annotations
 
+from functools import partial
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ from grass_callback import GraSSCallback, IndexedDataset
 from grass_callback.attribution import plans_from_store, query_gradients
 from grass_callback.capture import LayerTaps, clean_layer_name
 from grass_callback.errors import ConfigError, GraSSError
+from grass_callback.projection import FactGraSSPlan
 from grass_callback.store import GradientStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,14 +78,25 @@ def layer_gradient(module):
 
 
 def exact_rows(ref, plans, loss_fn, batch, layer_grad=None):
-    """Each example alone through ``ref`` (float64), its layer gradients projected with ``plans``."""
+    """Each example alone through ``ref`` (float64), its layer gradients projected with ``plans``
+    (a FactGraSS plan's one-token plan for a layer whose input, seen here, has no token axis)."""
     out = {name: [] for name in plans}
+    token_axis = {}
+
+    def seen(name, module, inputs):  # returns None: the inputs go on unchanged
+        token_axis.setdefault(name, inputs[0].dim() > 2)
+
+    hooks = [ref.get_submodule(name).register_forward_pre_hook(partial(seen, name)) for name in plans]
     for i in range(_batch_size(batch)):
         ref.zero_grad(set_to_none=True)
         loss_fn(ref, _example(batch, i)).backward()
         for name, plan in plans.items():
+            if isinstance(plan, FactGraSSPlan) and name in token_axis:
+                plan = plan.input_plan(token_axis[name])
             g = layer_grad(ref, name) if layer_grad is not None else layer_gradient(ref.get_submodule(name))
             out[name].append(plan.project_gradient(g[None].double()))
+    for h in hooks:
+        h.remove()
     ref.zero_grad(set_to_none=True)
     return {name: torch.cat(rows) for name, rows in out.items()}
 

@@ -303,3 +303,24 @@ def test_vocabulary_head_plan_matches_the_dense_reference() -> None:
         plan = FactGraSSPlan(32, 512, k=64, seed=1, name="head", wide_output_skew=skew)
         assert (plan.k_in, plan.k_out) == sizes
         torch.testing.assert_close(plan.compress(x, g).double(), plan.project_gradient(exact), rtol=1e-6, atol=1e-8)
+
+
+def test_one_token_plan_survives_a_save_and_plans_saved_before_it_keep_their_masks():
+    """``to_state`` carries the one-token sizes, so a store's readers compress a one-token layer's
+    queries as its rows were; a plan saved before one-token plans existed (no key) loads with
+    none, so its one-token inputs keep the masks its rows were made with."""
+    plan = FactGraSSPlan(48, 256, True, k=1024, seed=1, name="fc1")
+    one = plan.input_plan(token_axis=False)
+    assert (one.k_in, one.k_out, one.c) == (49, 256, 2) and plan.input_plan(token_axis=True) is plan
+    config, tensors = plan.to_state()
+    again = plan_from_state(config, tensors)
+    assert again == plan and again.input_plan(token_axis=False) == one
+    old = {key: value for key, value in config.items() if key != "one_token"}
+    before = plan_from_state(old, tensors)
+    assert before.input_plan(token_axis=False) is before
+    off = FactGraSSPlan(48, 256, True, k=1024, seed=1, name="fc1", one_token=False)
+    assert off.input_plan(token_axis=False) is off and "one_token" not in off.config()
+    pinned = FactGraSSPlan(48, 256, True, k=1024, k_in=49, k_out=84, seed=1, name="fc1")
+    assert pinned.input_plan(token_axis=False) is pinned  # sizes given: used for every input
+    small = FactGraSSPlan(10, 8, True, k=1024)  # kept exactly anyway
+    assert small.input_plan(token_axis=False) is small

@@ -67,7 +67,7 @@ def _exact(model, taps, x, y):
             F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
             for name, m in taps.layers.items():
                 g = torch.cat([m.weight.grad, m.bias.grad[:, None]], 1) if layer_shape(m).bias else m.weight.grad
-                out[name].append(taps.plans[name].project_gradient(g[None].double()))
+                out[name].append(taps.plan_for(name).project_gradient(g[None].double()))
     return {name: torch.cat(r) for name, r in out.items()}
 
 

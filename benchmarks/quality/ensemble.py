@@ -26,6 +26,7 @@ seed, then each weighting's mean ± SE and its gain over the last period paired 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -192,7 +193,8 @@ def _recorder(grass):
     return PeriodRecorder()
 
 
-def callback_run(name: str, gt: dict, periods_per_epoch: int, weighting: str, seed: int = 0) -> dict:
+def callback_run(name: str, gt: dict, periods_per_epoch: int, weighting: str, seed: int = 0,
+                 plan_options: dict | None = None) -> dict:
     import lightning as L
 
     from grass_callback import GraSSCallback, IndexedDataset
@@ -207,7 +209,8 @@ def callback_run(name: str, gt: dict, periods_per_epoch: int, weighting: str, se
     store = tempfile.mkdtemp(prefix="quality-ensemble-")
     grass = GraSSCallback(k=1024, seed=seed, num_queries=m, query_loader=queries, log_to_wandb=False, progress=False,
                           store_dir=store, score_every_n_steps=every, ensemble_weighting=weighting,
-                          ensemble_standardise=False)  # raw sums: the recorder reads each period off them
+                          ensemble_standardise=False,  # raw sums: the recorder reads each period off them
+                          plan_options=plan_options)
     rec = _recorder(grass)
     module = _module(cfg, n, net, step_loss)
     trainer = quiet_trainer(cfg["epochs"], [grass, rec], store)
@@ -259,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the callback's projection seeds (one run each); with several, a mean ± SE summary")
     parser.add_argument("--cache", default="runs/quality-cache")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plan-options", type=json.loads, default=None, metavar="JSON",
+                        help="the callback's plan_options, e.g. '{\"oversample\": 1024, \"c\": 2}'")
     args = parser.parse_args(argv)
     if min(args.periods_per_epoch) < 1:
         parser.error("--periods-per-epoch must be at least 1")
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         for ppe in args.periods_per_epoch:
             table: dict[str, list[float]] = {}
             for seed in args.plan_seeds:
-                run = callback_run(name, gt, ppe, "lr", seed=seed)
+                run = callback_run(name, gt, ppe, "lr", seed=seed, plan_options=args.plan_options)
                 results = weightings(run["periods"], run["lrs"], run["seen"])
                 check = _relative(run["ensemble"], results["lr-weighted (TracIn)"])
                 std_check = _relative(library_standardised_sum(run["periods"], run["seen"]),

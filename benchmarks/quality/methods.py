@@ -39,23 +39,25 @@ GRID: tuple[float, ...] = tuple(float(f"{10 ** (e / 2):.4g}") for e in range(-8,
 METHODS: dict[str, tuple[str, dict]] = {
     "gaussian": ("gaussian", {}),
     "factgrass": ("factgrass", {}),
+    # the default masks on every layer: the default before one-token layers got their own plan
+    "factgrass-masks": ("factgrass", {"one_token": False}),
     # masks of 2 sqrt(k), square on every layer (the default before vocabulary heads got wide_output_skew)
-    "factgrass-2sqrtk": ("factgrass", {"oversample": 4.0, "keep_narrow": False, "wide_output_skew": 1.0}),
-    "factgrass-narrow": ("factgrass", {"oversample": 4.0, "keep_narrow": True}),  # narrow factors kept whole
-    "factgrass-x1.5": ("factgrass", {"oversample": 6.0, "keep_narrow": False}),  # k' = 6 k: 1.5x the budget
-    "factgrass-x2": ("factgrass", {"oversample": 8.0, "keep_narrow": False}),  # k' = 8 k
-    "factgrass-x2-narrow": ("factgrass", {"oversample": 8.0, "keep_narrow": True}),
-    "factgrass-x4": ("factgrass", {"oversample": 16.0, "keep_narrow": False}),  # k' = 16 k: masks of 4 sqrt(k)
-    "factgrass-all": ("factgrass", {"oversample": 1024.0, "keep_narrow": False}),  # masks keep layers <= 1024 wide whole: the SJLT alone
-    "factgrass-all-c4": ("factgrass", {"oversample": 1024.0, "keep_narrow": False, "c": 4}),  # and 4 non-zeros per coordinate
-    "factgrass-all-c2": ("factgrass", {"oversample": 1024.0, "keep_narrow": False, "c": 2}),
-    "factgrass-coord": ("factgrass", {"mask_run": 1}),  # the default sizes, coordinate-wise masks
-    "factgrass-skew8": ("factgrass", {"wide_output_skew": 8.0}),  # a vocabulary head's masks 8 x 512 at k = 1024
-    "factgrass-skew16": ("factgrass", {"wide_output_skew": 16.0}),  # 4 x 1024
-    "factgrass-c2": ("factgrass", {"c": 2}),  # the default masks, 2 non-zeros per coordinate in the SJLT
+    "factgrass-2sqrtk": ("factgrass", {"oversample": 4.0, "keep_narrow": False, "wide_output_skew": 1.0, "one_token": False}),
+    "factgrass-narrow": ("factgrass", {"oversample": 4.0, "keep_narrow": True, "one_token": False}),  # narrow factors kept whole
+    "factgrass-x1.5": ("factgrass", {"oversample": 6.0, "keep_narrow": False, "one_token": False}),  # k' = 6 k: 1.5x the budget
+    "factgrass-x2": ("factgrass", {"oversample": 8.0, "keep_narrow": False, "one_token": False}),  # k' = 8 k
+    "factgrass-x2-narrow": ("factgrass", {"oversample": 8.0, "keep_narrow": True, "one_token": False}),
+    "factgrass-x4": ("factgrass", {"oversample": 16.0, "keep_narrow": False, "one_token": False}),  # k' = 16 k: masks of 4 sqrt(k)
+    "factgrass-all": ("factgrass", {"oversample": 1024.0, "keep_narrow": False, "one_token": False}),  # masks keep layers <= 1024 wide whole: the SJLT alone
+    "factgrass-all-c4": ("factgrass", {"oversample": 1024.0, "keep_narrow": False, "c": 4, "one_token": False}),  # and 4 non-zeros per coordinate
+    "factgrass-all-c2": ("factgrass", {"oversample": 1024.0, "keep_narrow": False, "c": 2, "one_token": False}),
+    "factgrass-coord": ("factgrass", {"mask_run": 1, "one_token": False}),  # the default sizes, coordinate-wise masks
+    "factgrass-skew8": ("factgrass", {"wide_output_skew": 8.0, "one_token": False}),  # a vocabulary head's masks 8 x 512 at k = 1024
+    "factgrass-skew16": ("factgrass", {"wide_output_skew": 16.0, "one_token": False}),  # 4 x 1024
+    "factgrass-c2": ("factgrass", {"c": 2, "one_token": False}),  # the default masks, 2 non-zeros per coordinate in the SJLT
     # the same budget k' = 4k split otherwise (explicit k_in, k_out per layer, see _split_sizes):
-    "factgrass-prop": ("factgrass", {"split": "proportional"}),  # each factor keeps the same fraction
-    "factgrass-wide": ("factgrass", {"split": "wide"}),  # the wider factor kept whole, the other masked
+    "factgrass-prop": ("factgrass", {"split": "proportional", "one_token": False}),  # each factor keeps the same fraction
+    "factgrass-wide": ("factgrass", {"split": "wide", "one_token": False}),  # the wider factor kept whole, the other masked
     "logra": ("logra", {}),
     # the default sizes, masks learned from the first SELECTIVE_SAMPLE training examples' factors at the
     # scored weights (grass_callback.selective, the paper's selective mask) instead of drawn at random
@@ -132,6 +134,8 @@ def compress(plans: Mapping[str, object], factors: Mapping[str, tuple[Tensor, Te
     out, seconds = {}, 0.0
     for name, plan in plans.items():
         x, d = factors[name]
+        if isinstance(plan, FactGraSSPlan):  # as the taps choose: one token an example (an MLP) or several
+            plan = plan.input_plan(token_axis=x.dim() > 2 and x.shape[1] > 1)
         plan.compress(x[:4], d[:4])  # warm-up: kernel load, allocations
         t0 = time.perf_counter()
         parts = [plan.compress(x[i:i + 512], d[i:i + 512]) for i in range(0, len(x), 512)]
@@ -169,7 +173,7 @@ def _dense_second_stage(shapes, factors, k: int, seed: int) -> dict:
 
     out = {}
     for name, s in shapes.items():
-        plan = _make("factgrass", s, k, seed, name, {})
+        plan = _make("factgrass", s, k, seed, name, {"one_token": False})
         x, d = factors[name]
         x3 = x.unsqueeze(1) if x.dim() == 2 else x
         d3 = d.unsqueeze(1) if d.dim() == 2 else d

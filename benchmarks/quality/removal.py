@@ -158,7 +158,8 @@ def train_through_callback(cfg: dict, module, train: tuple, queries: tuple, quer
     query_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*queries), batch_size=query_batch)
     store = tempfile.mkdtemp(prefix="quality-removal-")
     grass = GraSSCallback(k=cfg["k"], num_queries=len(queries[0]), query_loader=query_loader, log_to_wandb=False,
-                          progress=False, store_dir=store, ensemble_standardise=False)
+                          progress=False, store_dir=store, ensemble_standardise=False,
+                          plan_options=cfg.get("plan_options"))
     rec = _recorder(grass)
     trainer = quiet_trainer(cfg["epochs"], [grass, rec, *extra], store)
     t0 = time.perf_counter()
@@ -213,7 +214,7 @@ def cached_run(name: str, cache: Path, log=print) -> dict:
 
 def retrain(cfg: dict, data: dict, kept: list[torch.Tensor], seed: int, cache: Path) -> list[float]:
     """Test accuracy of the MLP retrained on each kept subset (all the same size) with ``seed``."""
-    key = {**{k: v for k, v in cfg.items() if k != "half"}, "_seed": seed, "_v": _RETRAIN_VERSION}
+    key = {**{k: v for k, v in cfg.items() if k not in ("half", "plan_options")}, "_seed": seed, "_v": _RETRAIN_VERSION}
     out: list[float | None] = []
     todo = []
     paths = []
@@ -457,9 +458,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-only", action="store_true", help="only the callback runs (cached)")
     parser.add_argument("--auroc-only", action="store_true",
                         help="only the flip-detection AUROC of every signal and study ranking (no retraining)")
+    parser.add_argument("--plan-options", type=json.loads, default=None, metavar="JSON",
+                        help='the callback\'s plan_options for every workload, e.g. \'{"oversample": 1024, "c": 2}\' '
+                             "(part of the run's cache key)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
+    if args.plan_options:
+        for name in args.workloads:
+            WORKLOADS[name] = {**WORKLOADS[name], "plan_options": args.plan_options}
     print(f"data removal, teacher MLPs: {_BASE['n_train']} train / {_BASE['n_val']} validation queries / "
           f"{_BASE['n_test']} test, {_BASE['epochs']} epochs, k = {_BASE['k']}; retrained with {args.seeds} seeds; "
           "test accuracy in %, differences paired on the seed (± SE over seeds)")
