@@ -275,8 +275,7 @@ class GraSSCallback(Callback):
         """What must match for a resumed run to continue the same store."""
         return {"k": self.k, "seed": self.seed, "include": self.include, "exclude": self.exclude,
                 "loss_reduction": self.loss_reduction, "storage_dtype": self.storage_dtype, "mask": self.mask,
-                "scorer": self.scorer, "mask_run": self.mask_run,
-                **({"plan_options": self.plan_options} if self.plan_options else {})}
+                "scorer": self.scorer, "mask_run": self.mask_run, **_plan_options_config(self.plan_options)}
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -1131,6 +1130,14 @@ def _check_plan_options(options: Mapping[str, Any] | None, k: int, mask: str) ->
     except (PlanError, TypeError) as e:
         raise ConfigError(f"plan_options {dict(options)!r} are not valid for k={k}: {e}") from e
     return dict(options)
+
+
+def _plan_options_config(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``plan_options`` as the run's config records them. ``one_token`` is left out: the store's
+    plan configs already say whether each layer has a one-token plan, and a store written before
+    there were any is continued with ``one_token=False`` under the config it was written with."""
+    kept = {key: value for key, value in options.items() if key != "one_token"}
+    return {"plan_options": kept} if kept else {}
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

@@ -124,6 +124,38 @@ def test_a_crashed_fit_resumes_with_the_same_callback_object(tmp_path):
     assert committed(tmp_path / "grass" / "train") == committed(tmp_path / "ref" / "grass" / "train")
 
 
+def test_a_store_from_before_one_token_plans_names_the_option_that_continues_it(tmp_path):
+    """A store written before layers without a token axis got their own plan (its plan configs lack
+    ``one_token``): resuming into it stops with the option that continues it, and with
+    ``plan_options={"one_token": False}`` the run goes on with the masks its rows were made with."""
+    import json
+
+    from grass_callback.errors import StoreMismatchError
+
+    fit(tmp_path, callback(tmp_path), callbacks=[ckpt_cb(tmp_path)])
+    meta = tmp_path / "grass" / "train" / "meta.json"
+    stored = json.loads(meta.read_text())
+    assert all("one_token" in cfg for cfg in stored["plan_config"].values())  # the case: MLP layers
+    for cfg in stored["plan_config"].values():  # as an earlier version wrote it
+        del cfg["one_token"]
+    from grass_callback._store_format import _config_hash
+
+    layers = [[str(e["name"]), int(e["k"])] for e in stored["layers"]]
+    stored["config_hash"] = _config_hash(layers, stored["dtype"], stored["plan_config"], stored["config"])
+    meta.write_text(json.dumps(stored))
+    for manifest in meta.parent.glob("manifest-r*.json"):  # each manifest names the hash it was written for
+        entry = json.loads(manifest.read_text())
+        entry["config_hash"] = stored["config_hash"]
+        manifest.write_text(json.dumps(entry))
+    with pytest.raises(StoreMismatchError, match=r"plan_options=\{'one_token': False\}"):
+        fit(tmp_path, callback(tmp_path), epochs=2, callbacks=[ckpt_cb(tmp_path)], ckpt_path=last_ckpt(tmp_path))
+    old = callback(tmp_path, plan_options={"one_token": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the resume's usual notes (loader, finished epochs)
+        fit(tmp_path, old, epochs=2, callbacks=[ckpt_cb(tmp_path)], ckpt_path=last_ckpt(tmp_path))
+    assert old.periods_scored == 2 and GradientStore(tmp_path / "grass" / "train", readonly=True).num_rows == 2 * N
+
+
 # ---------------------------------------------------------------------- what the state records
 
 
