@@ -353,7 +353,13 @@ class LayerTaps:
         start = time.perf_counter()
         plan = self.plans[name]
         if isinstance(plan, FactGraSSPlan):  # inputs without a token axis get the plan made for them
-            self.token_axis.setdefault(name, x.dim() > 2)
+            token_axis = x.dim() > 2
+            first = self.token_axis.setdefault(name, token_axis)
+            if first != token_axis and plan.input_plan(False) is not plan:
+                raise CaptureError(
+                    f"layer {name!r} was first seen with inputs {'with' if first else 'without'} a token axis "
+                    f"and now gets {tuple(x.shape)}: its rows would be compressed by two plans. Feed it one "
+                    "kind of input, or keep the masks for both with plan_options={'one_token': False}.")
             plan = plan.input_plan(token_axis=x.dim() > 2)
         B = x.shape[0]
         x3 = x.reshape(B, -1, x.shape[-1])

@@ -27,9 +27,9 @@ Signals (each a vector over training ids; the ranking direction is stated with i
   the unit rank of ``Σ_p w_p SI_p`` (:data:`SUSPECT_VALUE_WEIGHT`; high = suspect). Self-influence
   is the stronger detector of flipped labels alone, so it gets the larger weight (0.3 chosen on the
   benchmark's tuning half; equal weights before). With a training loss, :func:`suspect_with_loss`:
-  ``0.5 x`` the unit rank of that suspect ``+ 0.5 x`` the unit rank of ``L``
+  ``0.6 x`` the unit rank of that suspect ``+ 0.4 x`` the unit rank of ``L``
   (:data:`SUSPECT_LOSS_WEIGHT`, chosen on the tuning half too: larger weights found the flips
-  better there but removed clean examples that helped).
+  better there but removed clean examples that helped; 0.5 before the one-token plans).
 
 The callback keeps the running sums of :class:`DataValueSums` (one float64 per training id and
 signal), so the values need no per-period matrices once a period is added, and they travel in
@@ -55,7 +55,7 @@ __all__ = ["standardise", "centred_ranks", "plain_sum", "standardised_sum", "ran
 DEFAULT_NAME = "standardised per query"  # the callback's data_value
 SUSPECT_NAME = "suspect 0.3/0.7: standardised + summed self-infl."  # the callback's suspect
 SUSPECT_VALUE_WEIGHT = 0.3  # the data value's weight in the suspect ranking (self-influence: the rest)
-SUSPECT_LOSS_WEIGHT = 0.5  # the early training loss's weight beside that suspect, when a run records losses
+SUSPECT_LOSS_WEIGHT = 0.4  # the early training loss's weight beside that suspect, when a run records losses
 
 
 class DataValueError(GraSSError, ValueError):

@@ -48,6 +48,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
+from grass_callback.data_value import SUSPECT_LOSS_WEIGHT, SUSPECT_VALUE_WEIGHT
 from grass_callback.render import _truncate, example_label, make_renderer, render_example
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,8 +70,9 @@ SIGN_CONVENTION = (
     "score < 0: training on train_id raises the query's loss (opponent); "
     "data_value = score summed over queries (the callback's running value: each query's scores divided "
     "by their standard deviation over the training rows, summed over periods); "
-    "suspect in [0, 1]: 0.3 x the unit rank of low data_value + 0.7 x that of high self-influence; "
-    "when training_step returns per-example losses, the mean of that and the unit rank of high "
+    f"suspect in [0, 1]: {SUSPECT_VALUE_WEIGHT:g} x the unit rank of low data_value + "
+    f"{1 - SUSPECT_VALUE_WEIGHT:g} x that of high self-influence; when training_step returns per-example "
+    f"losses, {1 - SUSPECT_LOSS_WEIGHT:g} x that + {SUSPECT_LOSS_WEIGHT:g} x the unit rank of high "
     "training_loss (each example's losses summed over the first half of training)"
 )
 

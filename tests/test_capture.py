@@ -115,6 +115,22 @@ def test_one_token_layers_keep_their_whole_gradient_with_two_nonzeros_and_token_
     assert_rel_close(got, {name: torch.cat(r) for name, r in rows.items()})
 
 
+def test_a_layer_fed_inputs_with_and_without_a_token_axis_is_a_clear_error():
+    """Two input ranks would put one layer's rows in two compressed spaces: the taps refuse it,
+    and name the option that keeps one plan for both."""
+    torch.manual_seed(0)
+    model = MLP(bias=True)
+    taps = LayerTaps(model, k=32)
+    with taps:
+        F.cross_entropy(model(torch.randn(4, 10)), torch.randint(0, 3, (4,))).backward()
+        with pytest.raises(CaptureError, match=r"first seen with inputs without a token axis.*one_token"):
+            model(torch.randn(4, 5, 10)).sum().backward()
+    same = LayerTaps(model, k=32, plan_options={"one_token": False})
+    with same:  # one plan for both: no question which
+        F.cross_entropy(model(torch.randn(4, 10)), torch.randint(0, 3, (4,))).backward()
+        model(torch.randn(4, 5, 10)).sum().backward()
+
+
 def test_conv1d_taps_and_padding_equal_exact():
     from transformers.pytorch_utils import Conv1D
 

@@ -61,7 +61,7 @@ WORKLOADS: dict[str, dict] = {
     "r-flip20": {**_REPORT, "half": "reporting", "flip_fraction": 0.2, "flip_seed": 6},
 }
 FRACTIONS = (0.05, 0.10, 0.20, 0.30)
-_RUN_VERSION, _RETRAIN_VERSION = 5, 2  # 3: training_step returns per-example losses; 4: their weight 0.5; 5: one-token plans
+_RUN_VERSION, _RETRAIN_VERSION = 6, 2  # 3: training_step returns per-example losses; 4: their weight 0.5; 5: one-token plans; 6: weight 0.4
 
 
 def _hash(obj) -> str:

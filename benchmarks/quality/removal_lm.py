@@ -62,7 +62,7 @@ from .removal import (_mean_se, _step_losses, auroc, cached_torch, callback_chec
 from .workloads import WORKLOADS as SUITE  # noqa: E402
 
 FRACTIONS = (0.05, 0.10, 0.20, 0.30)
-_RUN_VERSION, _RETRAIN_VERSION = 5, 1  # 4: the vocabulary head's 4 x 1024 masks and 0.1 x "auto" damping; 5: losses
+_RUN_VERSION, _RETRAIN_VERSION = 6, 1  # 4: the vocabulary head's 4 x 1024 masks and 0.1 x "auto" damping; 5: losses; 6: loss weight 0.4
 # the suite's gpt2-pydoc (model, data, recipe); "models" is its ground truth's, unused here
 _BASE = {**{k: v for k, v in SUITE["gpt2-pydoc"].items() if k not in ("models", "n_queries")},
          "n_val": 60, "n_test": 300, "test_spare": 100, "k": 1024}
