@@ -192,7 +192,7 @@ class GraSSCallback(Callback):
                  mask_run: int | str = "auto", ensemble_weighting: str = "uniform", ensemble_standardise: bool = True,
                  report_every_n_periods: int = 10, plan_options: Mapping[str, Any] | None = None,
                  per_example_loss_key: str | None = "per_example_loss") -> None:
-        self._arguments = {name: value for name, value in locals().items() if name != "self"}  # for a second fit
+        self._arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}  # a second fit
         _check_positive(k=k, num_queries=num_queries, topk=topk, query_batch_size=query_batch_size,
                         rows_per_shard=rows_per_shard, report_every_n_periods=report_every_n_periods)
         if not isinstance(capture_every_n_steps, int) or capture_every_n_steps < 0:

@@ -315,7 +315,7 @@ def _mask_runs(mask_run: Any, k_in: int, k_out: int, d_in_eff: int, d_out: int) 
     return int(runs[0]), int(runs[1])
 
 
-ONE_TOKEN_OVERSAMPLE = 128.0  # a one-token layer's mask budget k' <= 128 k (whole up to 362 x 362 at k = 1024)
+ONE_TOKEN_OVERSAMPLE = 128.0  # a one-token layer's mask budget k' <= 128 k (at k = 1024 a layer of about 360 x 360 whole)
 ONE_TOKEN_C = 2  # and its sketch's non-zeros per coordinate
 
 
@@ -368,7 +368,7 @@ class FactGraSSPlan(Plan):
         one_token: the plan for inputs without a token axis (``[B, d_in]``, as an MLP's layers
             see them; :meth:`input_plan`): there a layer's whole gradient is only its
             ``d_out x d_in_eff`` entries, so the masks keep up to ``ONE_TOKEN_OVERSAMPLE · k``
-            of them (every layer up to 362 wide whole at ``k = 1024``) and the sketch puts
+            of them (a layer up to about 360 wide kept whole at ``k = 1024``) and the sketch puts
             ``ONE_TOKEN_C = 2`` non-zeros per coordinate: within 0.005 LDS of a dense Gaussian on
             every MLP of the quality suite, where the default masks lose 0.008-0.013 (README
             "Attribution quality"). ``None`` (default): on, unless the sizes are given or the
