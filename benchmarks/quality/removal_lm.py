@@ -278,11 +278,17 @@ def oracle_check(cfg: dict, seeds: int, cache: Path) -> None:
           f"{m:+.3f} ± {se:.3f}", flush=True)
 
 
-def evaluate(name: str, seeds: int, cache: Path, log=print, cfg: dict | None = None) -> dict:
+def evaluate(name: str, seeds: int, cache: Path, log=print, cfg: dict | None = None,
+             only: list[str] | None = None) -> dict:
+    """Retrain every ranking (``only``: just these; the AUROCs cover all of them)."""
     cfg = cfg if cfg is not None else WORKLOADS[name]
     data = load(cfg)
     run = cached_run(name, cache, log, cfg)
-    sig = signals(run)
+    every = signals(run)
+    unknown = sorted(set(only or ()) - set(every))
+    if unknown:
+        raise SystemExit(f"unknown signals {unknown}; choose from {list(every)}")
+    sig = {label: value for label, value in every.items() if only is None or label in only}
     n = len(data["ids"])
     t0 = time.perf_counter()
     full = [retrain(cfg, data, torch.arange(n), s, cache) for s in range(seeds)]
@@ -292,7 +298,7 @@ def evaluate(name: str, seeds: int, cache: Path, log=print, cfg: dict | None = N
     if corrupted.any():
         clean_rows = torch.nonzero(~corrupted).squeeze(1)
         res["oracle"] = [retrain(cfg, data, clean_rows, s, cache) for s in range(seeds)]
-        res["auroc"] = {label: auroc(value, corrupted) for label, value in sig.items()}
+        res["auroc"] = {label: auroc(value, corrupted) for label, value in every.items()}
     for f in FRACTIONS:
         for s in range(seeds):
             res.setdefault("random", {}).setdefault(f, []).append(
@@ -331,6 +337,9 @@ def print_table(name: str, res: dict) -> None:
             denom = full_m - statistics.fmean(res["oracle"])
             gap = f"{100 * (full_m - best) / denom:.0f}%" if gap_ok and denom > 0 else "-"
         print(f"{label} | {losses} | {diffs} | {'' if au is None else f'{au:.3f}'} | {gap}", flush=True)
+    for label, au in res["auroc"].items():
+        if label not in res["signals"]:
+            print(f"{label} | not retrained (--signals) | AUROC {au:.3f}")
     print(f"({res['check']})")
     print(f"({res['scales']})")
 
@@ -342,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default="runs/quality-cache/removal_lm")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs-only", action="store_true", help="only the callback runs (cached)")
+    parser.add_argument("--signals", nargs="*", default=None, help="retrain only these rankings (names as printed)")
     parser.add_argument("--epochs", type=int, default=None, help="train this many epochs instead (default: 4)")
     parser.add_argument("--corrupt", choices=CORRUPTIONS, default=None, help="another corruption (default: cipher)")
     parser.add_argument("--oracle-only", action="store_true",
@@ -367,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.runs_only:
             cached_run(name, cache, cfg=cfg)
             continue
-        print_table(name, evaluate(name, args.seeds, cache, cfg=cfg))
+        print_table(name, evaluate(name, args.seeds, cache, cfg=cfg, only=args.signals))
 
 
 if __name__ == "__main__":
