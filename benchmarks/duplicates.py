@@ -50,9 +50,9 @@ def run(args: argparse.Namespace, plant: int) -> dict:
     raw = {}
     note = GraSSCallback._note_queries
 
-    def keep_raw(self, out):
-        raw["q"] = out
-        return note(self, out)
+    def keep_raw(self, ids, grads, pre):  # the period's query gradients, kept for the raw cosines
+        raw["q"] = (ids, grads)
+        return note(self, ids, grads, pre)
 
     try:
         GraSSCallback._note_queries = keep_raw
