@@ -300,14 +300,31 @@ class GraSSCallback(Callback):
         root = self._agreed_root(trainer)
         self.store_dir = str(root)
         _continuity.acquire_lock(self, trainer, root)  # one run per store_dir (rank 0 for all ranks)
-        self.store = open_store(root / "train", self.taps, dtype=self.storage_dtype, config=self.config,
-                                rank=trainer.global_rank, rows_per_shard=self.rows_per_shard)
+        self.store = self._open_train_store(root / "train", trainer.global_rank)
         self.fisher = self._new_fisher()
         self.recorder = StepRecorder(self.store, self.fisher)  # Fisher on the device, rows written in the background
         if trainer.is_global_zero:
             self.reporter = self._make_reporter(trainer, root)
         rank_zero_info(f"grass_callback: tapping {len(self.taps.layers)} layers "
                        f"(k={self.k} each, {self.mask} masks), store at {root}")
+
+    def _open_train_store(self, path: Path, rank: int) -> Any:
+        """The run's store; a store written before one-token plans existed gets a mismatch error that
+        names the option continuing it (its plans lack only the one-token sizes)."""
+        from grass_callback.errors import StoreMismatchError
+        from grass_callback.projection import only_one_token_added
+        from grass_callback.store import GradientStore
+
+        try:
+            return open_store(path, self.taps, dtype=self.storage_dtype, config=self.config, rank=rank,
+                              rows_per_shard=self.rows_per_shard)
+        except StoreMismatchError as e:
+            given = json.loads(json.dumps({n: p.to_state()[0] for n, p in self.taps.plans.items()}))
+            if not only_one_token_added(GradientStore(path, readonly=True).plan_config, given):
+                raise
+            raise StoreMismatchError(f"{e}\nThe store was written before layers without a token axis got their own "
+                                     "plan: continue it with GraSSCallback(plan_options={'one_token': False}) (the "
+                                     "masks it was written with), or start a new store_dir for the new plans.") from e
 
     def _new_fisher(self) -> FisherStats:
         if self.scorer == "joint":

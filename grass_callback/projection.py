@@ -337,6 +337,16 @@ def _one_token_sizes(one_token: Any, explicit: bool, shape: LayerShape, k: int, 
     return {"k_in": k_in, "k_out": k_out, "c": int(c_one), "mask_run": list(runs)}
 
 
+def only_one_token_added(stored: Mapping[str, Any], given: Mapping[str, Any]) -> bool:
+    """Whether plan configs ``given`` (layer -> config) differ from ``stored`` only by the one-token
+    sizes that plans saved before them lack (:class:`FactGraSSPlan`'s ``one_token``)."""
+    if set(stored) != set(given) or not any("one_token" in cfg and "one_token" not in stored[name]
+                                            for name, cfg in given.items()):
+        return False
+    return all({key: value for key, value in cfg.items() if key != "one_token"} == dict(stored[name])
+               for name, cfg in given.items())
+
+
 class FactGraSSPlan(Plan):
     """FactGraSS for one linear layer: mask both factors, sketch the ``k_out x k_in`` product.
 

@@ -82,7 +82,6 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -292,10 +291,6 @@ class GradientStore(StoreReading):
             pc = _normalize_json(plan_config, "plan_config")
             if pc != meta["plan_config"]:
                 diffs.append("plan_config: " + _describe_dict_diff(meta["plan_config"], pc))
-                if _one_token_is_new(meta["plan_config"], pc):
-                    diffs.append("the store was written before layers without a token axis got their own "
-                                 "plan; continue it with GraSSCallback(plan_options={'one_token': False}) (the "
-                                 "masks it was written with), or start a new store_dir for the new plans")
         cfg = meta["config"]
         if config is not None:
             cfg = _normalize_json(config, "config")
@@ -880,21 +875,3 @@ class GradientStore(StoreReading):
                 self._buf_nonzero = {n: [t] for n, t in nonzero.items()}
                 self._buffered = int(ids.numel())
         return dropped_rows
-
-
-def _one_token_is_new(stored: Mapping[str, Any], given: Mapping[str, Any]) -> bool:
-    """Whether the given plans differ from the stored ones only by the one-token sizes that plans
-    written before them lack (``FactGraSSPlan(one_token=...)``)."""
-    if set(stored) != set(given):
-        return False
-    differs = False
-    for name, cfg in given.items():
-        old = stored[name]
-        if not isinstance(cfg, Mapping) or not isinstance(old, Mapping):
-            return False
-        if "one_token" in cfg and "one_token" not in old:
-            cfg = {key: value for key, value in cfg.items() if key != "one_token"}
-            differs = True
-        if dict(cfg) != dict(old):
-            return False
-    return differs

@@ -324,3 +324,14 @@ def test_one_token_plan_survives_a_save_and_plans_saved_before_it_keep_their_mas
     assert pinned.input_plan(token_axis=False) is pinned  # sizes given: used for every input
     small = FactGraSSPlan(10, 8, True, k=1024)  # kept exactly anyway
     assert small.input_plan(token_axis=False) is small
+
+
+def test_only_one_token_added_tells_an_old_store_from_other_plans():
+    from grass_callback.projection import only_one_token_added
+
+    new = {"fc": FactGraSSPlan(48, 256, True, k=1024, seed=1, name="fc").config()}
+    old = {"fc": {key: value for key, value in new["fc"].items() if key != "one_token"}}
+    assert only_one_token_added(old, new)
+    assert not only_one_token_added(new, new)  # nothing differs
+    assert not only_one_token_added({"fc": {**old["fc"], "seed": 2}}, new)  # another seed as well
+    assert not only_one_token_added(old, {**new, "fc2": new["fc"]})  # other layers

@@ -34,30 +34,35 @@ __all__ = ["GRID", "METHODS", "compress", "exact_grams", "exact_kernel", "method
 #: Relative damping ratios of the grid (1e-4 .. 10, half decades).
 GRID: tuple[float, ...] = tuple(float(f"{10 ** (e / 2):.4g}") for e in range(-8, 3))
 
+def _masks(**options) -> tuple[str, dict]:
+    """A FactGraSS variant that measures its masks on every layer (no one-token plan)."""
+    return "factgrass", {**options, "one_token": False}
+
+
 #: method -> (plan kind, options); factgrass variants differ only in their mask sizes. ``factgrass``
 #: is the library's default plan (whatever its defaults are); the others pin their options.
 METHODS: dict[str, tuple[str, dict]] = {
     "gaussian": ("gaussian", {}),
     "factgrass": ("factgrass", {}),
     # the default masks on every layer: the default before one-token layers got their own plan
-    "factgrass-masks": ("factgrass", {"one_token": False}),
+    "factgrass-masks": _masks(),
     # masks of 2 sqrt(k), square on every layer (the default before vocabulary heads got wide_output_skew)
-    "factgrass-2sqrtk": ("factgrass", {"oversample": 4.0, "keep_narrow": False, "wide_output_skew": 1.0, "one_token": False}),
-    "factgrass-narrow": ("factgrass", {"oversample": 4.0, "keep_narrow": True, "one_token": False}),  # narrow factors kept whole
-    "factgrass-x1.5": ("factgrass", {"oversample": 6.0, "keep_narrow": False, "one_token": False}),  # k' = 6 k: 1.5x the budget
-    "factgrass-x2": ("factgrass", {"oversample": 8.0, "keep_narrow": False, "one_token": False}),  # k' = 8 k
-    "factgrass-x2-narrow": ("factgrass", {"oversample": 8.0, "keep_narrow": True, "one_token": False}),
-    "factgrass-x4": ("factgrass", {"oversample": 16.0, "keep_narrow": False, "one_token": False}),  # k' = 16 k: masks of 4 sqrt(k)
-    "factgrass-all": ("factgrass", {"oversample": 1024.0, "keep_narrow": False, "one_token": False}),  # masks keep layers <= 1024 wide whole: the SJLT alone
-    "factgrass-all-c4": ("factgrass", {"oversample": 1024.0, "keep_narrow": False, "c": 4, "one_token": False}),  # and 4 non-zeros per coordinate
-    "factgrass-all-c2": ("factgrass", {"oversample": 1024.0, "keep_narrow": False, "c": 2, "one_token": False}),
-    "factgrass-coord": ("factgrass", {"mask_run": 1, "one_token": False}),  # the default sizes, coordinate-wise masks
-    "factgrass-skew8": ("factgrass", {"wide_output_skew": 8.0, "one_token": False}),  # a vocabulary head's masks 8 x 512 at k = 1024
-    "factgrass-skew16": ("factgrass", {"wide_output_skew": 16.0, "one_token": False}),  # 4 x 1024
-    "factgrass-c2": ("factgrass", {"c": 2, "one_token": False}),  # the default masks, 2 non-zeros per coordinate in the SJLT
+    "factgrass-2sqrtk": _masks(oversample=4.0, keep_narrow=False, wide_output_skew=1.0),
+    "factgrass-narrow": _masks(oversample=4.0, keep_narrow=True),  # narrow factors kept whole
+    "factgrass-x1.5": _masks(oversample=6.0, keep_narrow=False),  # k' = 6 k: 1.5x the budget
+    "factgrass-x2": _masks(oversample=8.0, keep_narrow=False),  # k' = 8 k
+    "factgrass-x2-narrow": _masks(oversample=8.0, keep_narrow=True),
+    "factgrass-x4": _masks(oversample=16.0, keep_narrow=False),  # k' = 16 k: masks of 4 sqrt(k)
+    "factgrass-all": _masks(oversample=1024.0, keep_narrow=False),  # masks keep layers <= 1024 wide whole: the SJLT alone
+    "factgrass-all-c4": _masks(oversample=1024.0, keep_narrow=False, c=4),  # and 4 non-zeros per coordinate
+    "factgrass-all-c2": _masks(oversample=1024.0, keep_narrow=False, c=2),
+    "factgrass-coord": _masks(mask_run=1),  # the default sizes, coordinate-wise masks
+    "factgrass-skew8": _masks(wide_output_skew=8.0),  # a vocabulary head's masks 8 x 512 at k = 1024
+    "factgrass-skew16": _masks(wide_output_skew=16.0),  # 4 x 1024
+    "factgrass-c2": _masks(c=2),  # the default masks, 2 non-zeros per coordinate in the SJLT
     # the same budget k' = 4k split otherwise (explicit k_in, k_out per layer, see _split_sizes):
-    "factgrass-prop": ("factgrass", {"split": "proportional", "one_token": False}),  # each factor keeps the same fraction
-    "factgrass-wide": ("factgrass", {"split": "wide", "one_token": False}),  # the wider factor kept whole, the other masked
+    "factgrass-prop": _masks(split="proportional"),  # each factor keeps the same fraction
+    "factgrass-wide": _masks(split="wide"),  # the wider factor kept whole, the other masked
     "logra": ("logra", {}),
     # the default sizes, masks learned from the first SELECTIVE_SAMPLE training examples' factors at the
     # scored weights (grass_callback.selective, the paper's selective mask) instead of drawn at random
@@ -112,15 +117,15 @@ def plan_signature(method: str, shapes: Mapping[str, LayerShape], k: int, seed: 
     from grass_callback import projection
 
     kind, options = METHODS[method]
-    if kind == "factgrass_dense2":  # the default masks (their config), then a dense sketch
-        kind = "factgrass"
-        options = {**options, "dense2": 1}
+    extra = []
+    if kind == "factgrass_dense2":  # the default masks (their config; "method" tells it apart), then a dense sketch
+        kind, options, extra = "factgrass", {"one_token": False}, [_dense_second_stage]
     if kind == "gaussian":  # building the plans would draw the k x D matrices
         layers = {name: {"dim": s.numel, "k": k, "seed": seed} for name, s in shapes.items()}
     else:
-        layers = {name: _make(kind, s, k, seed, name, {o: v for o, v in options.items() if o != "dense2"}).config()
-                  for name, s in shapes.items()}
-    sources = [projection.PLAN_KINDS[kind], projection.derive_generator, projection.run_mask, projection.sjlt_tables]
+        layers = {name: _make(kind, s, k, seed, name, options).config() for name, s in shapes.items()}
+    sources = [projection.PLAN_KINDS[kind], projection.derive_generator, projection.run_mask, projection.sjlt_tables,
+               *extra]
     if kind == "factgrass_selective":  # the masks are learned, not drawn: the learner is part of them
         from grass_callback import selective
 
