@@ -287,6 +287,16 @@ MUTANTS: list[Mutant] = [
            'out["one_token"] = dict(self._one_token)', "pass",
            ("tests/test_projection.py::test_one_token_plan_survives_a_save_and_plans_saved_before_it_keep_their_masks",),
            "a store's plans forget their one-token sizes, so its readers compress queries with the masks"),
+    Mutant("blocked-cholesky-skips-the-update", "grass_callback/_linalg.py",
+           "trailing.addmm_(panel, panel.T, alpha=-1.0)", "pass",
+           ("tests/test_linalg.py::test_blocked_factor_equals_lapack",),
+           "the CPU Cholesky of a layer wider than a block leaves the trailing matrix un-updated"),
+    Mutant("self-influence-solves-the-wrong-triangle", "grass_callback/fisher.py",
+           "torch.linalg.solve_triangular(lower, rows.T, upper=False)",
+           "torch.linalg.solve_triangular(lower, rows.T, upper=True)",
+           ("tests/test_fisher.py::test_float32_factor_for_half_rows_solves_within_a_quarter_of_their_rounding",
+            "tests/test_period_cost.py::test_self_influence_of_half_precision_rows_matches_a_float64_reference"),
+           "self-influence solves the rows against the factor's zero upper triangle (its diagonal only)"),
 ]
 
 

@@ -18,7 +18,8 @@ epoch after the first of every repeat (the first pays one-off costs). A period t
 tables (CSVs, W&B tables and artifact: by default the first, every 10th and the last) is timed in
 one more run with ``report_every_n_periods=1``, and the period amortised over a 30-epoch fit.
 For scale, the period's dense algebra alone (per layer: Cholesky, query solves, row solves, score
-product) is timed on random matrices of the same shapes: no period can cost less than that.
+product) is timed on random matrices of the same shapes, the callback's way and LAPACK's side by
+side: no period can cost less than the first.
 Times are the process's CPU seconds (one torch thread), unless ``--wall``: other jobs on a shared
 machine do not add their own time to them, but they slow this one's (shared cores and caches; 2-3x
 between a quiet machine and a load of 4 on 2 cores), so compare runs made at the same load.
@@ -98,27 +99,42 @@ def run(cfg: dict, epochs: int, with_callback: bool, clock, root: Path, wandb: b
     return timer.epochs, timer.periods, (list(grass.taps.layer_dims.values()) if grass else [])
 
 
-def linear_algebra_floor(dims: list[int], n: int, m: int, clock) -> float:
-    """Seconds of a period's dense algebra alone, on random matrices of its shapes: per layer of
-    ``k`` a float32 Cholesky (the fit: float16 rows at the default damping get float32 factors,
-    ``fisher.factor_dtype``), a float32 ``cholesky_solve`` of the ``m`` queries, a float32
-    triangular solve of the ``n`` rows (self-influence) and the ``m x n`` score product (median of 3)."""
+def linear_algebra_floor(dims: list[int], n: int, m: int, clock) -> tuple[float, float]:
+    """Seconds of a period's dense algebra alone, on random matrices of its shapes, two ways: per
+    layer of ``k`` a float32 Cholesky (the fit: float16 rows at the default damping get float32
+    factors, ``fisher.factor_dtype``), a float32 ``cholesky_solve`` of the ``m`` queries, a float32
+    triangular solve of the ``n`` rows (self-influence) and the ``m x n`` score product (median of 3
+    each). First as the callback does them (the blocked Cholesky of ``grass_callback._linalg`` and
+    the rows solved as ``L⁻¹ Gᵀ``), then with LAPACK's Cholesky and the rows solved as ``G L⁻ᵀ``
+    (what the callback did before), interleaved layer by layer."""
+    from grass_callback._linalg import cholesky_ex
+
+    def ours(matrix, queries, rows):
+        factor = cholesky_ex(matrix)[0]
+        torch.cholesky_solve(queries.T, factor)
+        torch.linalg.solve_triangular(factor, rows.T, upper=False)
+        queries @ rows.T
+
+    def library(matrix, queries, rows):
+        factor = torch.linalg.cholesky(matrix)
+        torch.cholesky_solve(queries.T, factor)
+        torch.linalg.solve_triangular(factor.T.contiguous(), rows, upper=True, left=False)
+        queries @ rows.T
+
     gen = torch.Generator().manual_seed(0)
-    total = 0.0
+    totals = [0.0, 0.0]
     for k in dims:
         rows = torch.randn(n, k, generator=gen)
         queries = torch.randn(m, k, generator=gen)
         matrix = (rows.T @ rows) / n + torch.eye(k)
-        times = []
+        times: list[list[float]] = [[], []]
         for _ in range(3):
-            t0 = clock()
-            factor = torch.linalg.cholesky(matrix)
-            torch.cholesky_solve(queries.T, factor)
-            torch.linalg.solve_triangular(factor.T.contiguous(), rows, upper=True, left=False)
-            queries @ rows.T
-            times.append(clock() - t0)
-        total += statistics.median(times)
-    return total
+            for i, way in enumerate((ours, library)):
+                t0 = clock()
+                way(matrix, queries, rows)
+                times[i].append(clock() - t0)
+        totals = [t + statistics.median(ts) for t, ts in zip(totals, times)]
+    return totals[0], totals[1]
 
 
 def whole(args, clock, options: dict) -> None:
@@ -225,9 +241,11 @@ def main(argv: list[str] | None = None) -> None:
         amortised = p_med + (t_med - statistics.median([p["report"] for p in periods])) * written / fit_epochs
         print(f"{'period, amortised':<24}{'':>10}{amortised:>10.4f}{100 * amortised / e_med:>11.1f}%   (a "
               f"{fit_epochs}-epoch fit: tables in {written} of its {fit_epochs} periods)")
-    floor = linear_algebra_floor(layer_dims, CFG["n_train"], CFG["n_queries"], clock)
+    floor, lapack = linear_algebra_floor(layer_dims, CFG["n_train"], CFG["n_queries"], clock)
     print(f"{'  dense algebra alone':<24}{'':>10}{floor:>10.4f}{100 * floor / e_med:>11.1f}%   (fit, query solves, "
           f"row solves, score products of the {len(layer_dims)} layers at k = {layer_dims[0]}, on random matrices)")
+    print(f"{'  the same with LAPACK':<24}{'':>10}{lapack:>10.4f}{100 * lapack / e_med:>11.1f}%   (LAPACK's "
+          f"Cholesky and the rows solved as G L^-T, as before: {lapack / floor:.2f}x the callback's way)")
     share = p_med / e_med
     print(f"\nthe period costs {100 * share:.1f}% of the epoch with the callback ({100 * p_med / b_med:.0f}% of "
           f"one without): {'meets' if share <= 0.20 else 'misses'} the <= 20% target")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from grass_callback._linalg import cholesky_ex
 from grass_callback.errors import FisherError
 
 #: A layer's statistics keep their rows (for this solve) while the rows are at most this share of k.
@@ -76,7 +77,7 @@ class DualBlock:
             self.kernel = kernel.double()
             damped = self.kernel.clone()
             damped.diagonal().add_(self.count * self.lam)
-            chol, info = torch.linalg.cholesky_ex(damped)
+            chol, info = cholesky_ex(damped)
             if int(info) == 0:
                 break  # else the products' rounding outweighs N λ (a tiny damping): float64 products
         else:
@@ -149,7 +150,7 @@ class DualBlock:
             fisher = (self.rows.T @ self.rows) / self.count
         fisher = (fisher + fisher.T) / 2
         fisher.diagonal().add_(self.lam)
-        factor, info = torch.linalg.cholesky_ex(fisher)
+        factor, info = cholesky_ex(fisher)
         if int(info) != 0:  # float32 rounding of a badly conditioned block: float64
             fisher = self.rows.double().T @ self.rows.double() / self.count
             fisher.diagonal().add_(self.lam)

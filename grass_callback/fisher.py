@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._linalg import cholesky_ex
 from .dual_fisher import DualBlock, max_rows
 from .errors import FisherError, FisherValueError
 
@@ -724,7 +725,7 @@ def _factor(name: str, sums: Tensor, count: int, trace: float, k: int, ratio: fl
             else:  # the float32 factorisation failed: the sums' own dtype
                 matrix = _fisher_in(sums, count, precision, name)
             matrix.diagonal().add_(lam)
-            factor, info = torch.linalg.cholesky_ex(matrix)
+            factor, info = cholesky_ex(matrix)
             if int(info) == 0:
                 return factor, lam, ratio
         if attempt < max_retries:
@@ -844,7 +845,7 @@ class FittedFisher:
         """``Σ_l g_l^T (F_l + λ_l I)^{-1} g_l`` per row, float64 ``[n]`` (e.g. self-influence).
 
         With ``F + λI = L L^T`` this is ``‖L^{-1} g‖²``: one triangular solve of the rows against
-        ``L`` per layer (in float64 for float64 rows, else float32), ``n k²`` multiply-adds, the
+        ``L`` per layer (in float64 for float64 rows, else float32), ``n k² / 2`` multiply-adds, the
         cost of a product with a precomputed ``L^{-1}`` without the ``k³`` of forming it (which was
         most of a scoring period's self-influence when a period holds a few thousand rows).
         """
@@ -855,12 +856,23 @@ class FittedFisher:
                 total = part if total is None else total + part.to(total.device)
                 continue
             dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            upper = self._upper_factor(name, dtype)  # L^T: W L^T = x gives the rows of W = x L^{-T}
-            rows = x.detach().to(device=upper.device, dtype=dtype)
-            part = torch.linalg.solve_triangular(upper, rows, upper=True, left=False).square().sum(1)
+            lower = self._lower_factor(name, dtype)
+            rows = x.detach().to(device=lower.device, dtype=dtype)
+            # the columns of L^{-1} x^T: a left solve (2x the speed of x L^{-T} on one CPU thread)
+            part = torch.linalg.solve_triangular(lower, rows.T, upper=False).square().sum(0)
             part = part.to(torch.float64)
             total = part if total is None else total + part
         return (total if total is not None else torch.zeros(0, dtype=torch.float64)).cpu()
+
+    def _lower_factor(self, name: str, dtype: torch.dtype) -> Tensor:
+        """``L`` of a layer in ``dtype`` (the factor itself when it has that dtype), made once per fit."""
+        factor = self._factors[name]
+        if factor.dtype == dtype:
+            return factor
+        cache = self.__dict__.setdefault("_lower_factors", {})
+        if (name, dtype) not in cache:
+            cache[(name, dtype)] = factor.to(dtype)
+        return cache[(name, dtype)]
 
     def _upper_factor(self, name: str, dtype: torch.dtype) -> Tensor:
         """``L^T`` of a layer in ``dtype`` (contiguous), made once per fit and dtype."""

@@ -246,7 +246,22 @@ def test_a_kernel_float32_cannot_factor_is_redone_in_float64_and_a_failed_one_le
     rows = _rows(4, 64, seed=1)
     rows[1] = rows[0]
     rows[1, 3] += 1e-3  # two near-copies: GGᵀ has an eigenvalue 1e-9 of its largest
-    block = DualBlock(rows, 4, 1e-6, torch.float32)  # N λ below float32's rounding of GGᵀ
+    # N λ is below float32's rounding of GGᵀ, so whether the float32 products' kernel factors is
+    # up to the CPU's summation order (it failed on one machine and factored on another): the
+    # factorisation of the first kernel is made to fail, as the rounding does where it fails
+    import grass_callback.dual_fisher as dual_module
+
+    real, calls = dual_module.cholesky_ex, []
+
+    def first_fails(matrix, *args, **kwargs):
+        factor, info = real(matrix, *args, **kwargs)
+        calls.append(matrix.shape)
+        return (factor, torch.ones_like(info)) if len(calls) == 1 else (factor, info)
+
+    monkeypatch.setattr(dual_module, "cholesky_ex", first_fails)
+    block = DualBlock(rows, 4, 1e-6, torch.float32)
+    monkeypatch.setattr(dual_module, "cholesky_ex", real)
+    assert calls == [(4, 4), (4, 4)]
     assert block.dtype == torch.float64
     x = _rows(2, 64, seed=2)
     want = x @ torch.linalg.inv(_damped(rows, 4, 1e-6))
