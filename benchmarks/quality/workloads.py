@@ -21,7 +21,7 @@ import torch
 from . import lm as lm_mod
 from . import mlp
 
-__all__ = ["WORKLOADS", "TUNING", "REPORTING", "ground_truth", "config_hash"]
+__all__ = ["WORKLOADS", "TUNING", "REPORTING", "HELD_OUT", "ground_truth", "config_hash"]
 
 _RECIPE = {"init_seed": 0, "order_seed": 1, "lr": 3e-3, "weight_decay": 1e-2, "batch": 64, "epochs": 20}
 
@@ -45,9 +45,15 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "gpt2-pydoc": {"kind": "lm", "vocab": 1024, "context": 48, "min_tokens": 16, "split_seed": 0,
                    "n_train": 600, "n_queries": 60, "width": 128, "layers": 2, "heads": 4, "models": 20,
                    "init_seed": 0, "order_seed": 1, "lr": 3e-3, "weight_decay": 1e-2, "batch": 32, "epochs": 4},
+    # held out (in neither half: added after the defaults were chosen, never tuned on): one-token
+    # layers too wide to keep whole (257 x 1024 and 1025 x 512 entries: the one-token plan masks them)
+    "teacher-wide": {"kind": "mlp", "data": "teacher", "data_seed": 2, "dim": 256, "teacher_width": 128,
+                     "label_noise": 0.3, "split_seed": 3, "n_train": 3000, "n_queries": 200,
+                     "widths": [1024, 512], "classes": 10, "models": 48, **_RECIPE},
 }
 TUNING = ("digits-256x2", "teacher-512", "gpt2-pydoc-tune")
 REPORTING = ("teacher-deep", "digits-flip10", "gpt2-pydoc")
+HELD_OUT = ("teacher-wide",)  # reported as "reporting" by the suite: it was never tuned on
 _GT_VERSION = 1
 
 
