@@ -19,7 +19,7 @@ BLOCK = 256  # block columns of the CPU factorisation (128-512 timed within 20% 
 def cholesky_ex(matrix: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     """``(L, info)`` as :func:`torch.linalg.cholesky_ex` for a square symmetric matrix (only its
     lower triangle is read): ``L`` lower triangular with ``L Lᵀ = matrix``, ``info`` 0 on success,
-    else a positive int64 tensor (the order of a leading minor that is not positive definite, as
+    else a positive int32 tensor (the order of a leading minor that is not positive definite, as
     LAPACK's). On CPU, for matrices larger than ``block``, blocked: for each block column ``j``,
     factor the diagonal block, solve the panel below it against that factor and subtract the
     panel's outer product from the trailing matrix. The input is not modified."""
