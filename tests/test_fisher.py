@@ -407,3 +407,38 @@ def test_sums_beyond_float32_range_fall_back_to_float64_factors_not_an_error():
     fitted = stats.fit(1.0, rows_dtype=torch.bfloat16)
     assert fitted.factors["a"].dtype == torch.float64
     torch.testing.assert_close(fitted.factors["a"], stats.fit(1.0).factors["a"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows_dtype", [None, torch.float16])
+def test_layers_wider_than_a_factor_block_solve_as_the_dense_inverse(rows_dtype):
+    # k = 600 > _linalg.BLOCK (the CPU fit factors it in blocks; 600 is not a multiple of 256) and
+    # 1500 rows > k/2 (the k x k factor, not the rows' kernel): solve and self-influence against
+    # the float64 inverse of F + λI computed from the rows. Half-precision rows get float32
+    # factors at this damping (fisher.factor_dtype).
+    from grass_callback._linalg import BLOCK
+
+    dims = {"wide": 600, "narrow": 40}
+    assert dims["wide"] > BLOCK and dims["wide"] % BLOCK
+    gen = torch.Generator().manual_seed(11)
+    grads = {name: torch.randn(1500, k, generator=gen) * torch.linspace(0.1, 3.0, k) for name, k in dims.items()}
+    stats = FisherStats(dims)
+    stats.update(grads)
+    fitted = stats.fit(damping_ratio=1.0, rows_dtype=rows_dtype)
+    assert not fitted.duals
+    if rows_dtype is not None:
+        assert fitted.factors["wide"].dtype == torch.float32
+    q = {name: torch.randn(5, k, generator=gen) for name, k in dims.items()}
+    quad_want = torch.zeros(7, dtype=torch.float64)
+    for name, g in grads.items():
+        g = g.double()
+        damped = g.T @ g / len(g)
+        lam = float(damped.trace()) / dims[name]
+        assert fitted.damping[name] == pytest.approx(lam, rel=1e-9)
+        inverse = torch.linalg.inv(damped + lam * torch.eye(dims[name], dtype=torch.float64))
+        tol = 1e-10 if rows_dtype is None else 1e-5
+        got = fitted.solve({name: q[name].double()})[name]
+        want = q[name].double() @ inverse
+        assert float((got - want).abs().max() / want.abs().max()) < tol
+        quad_want += ((g[:7] @ inverse) * g[:7]).sum(1)
+    got = fitted.quadratic({name: g[:7].double() if rows_dtype is None else g[:7] for name, g in grads.items()})
+    assert float(((got - quad_want).abs() / quad_want).max()) < (1e-10 if rows_dtype is None else 1e-5)
