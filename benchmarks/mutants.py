@@ -154,7 +154,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_fisher.py::test_fisher_damping_and_solve_match_dense_reference",),
            "damping λ = r·trace instead of r·trace/k"),
     Mutant("quadratic-not-squared", "grass_callback/fisher.py",
-           "upper=True, left=False).square().sum(1)", "upper=True, left=False).sum(1)",
+           "rows.T, upper=False).square().sum(0)", "rows.T, upper=False).sum(0)",
            ("tests/test_scoring.py",), "self-influence ‖L⁻¹g‖ summed without squaring"),
     # ------------------------------------------------------------------ scoring
     Mutant("opponents-largest", "grass_callback/scoring.py",
