@@ -867,19 +867,18 @@ class FittedFisher:
     def _lower_factor(self, name: str, dtype: torch.dtype) -> Tensor:
         """``L`` of a layer in ``dtype`` (the factor itself when it has that dtype), made once per fit."""
         factor = self._factors[name]
-        if factor.dtype == dtype:
-            return factor
-        cache = self.__dict__.setdefault("_lower_factors", {})
-        if (name, dtype) not in cache:
-            cache[(name, dtype)] = factor.to(dtype)
-        return cache[(name, dtype)]
+        return factor if factor.dtype == dtype else self._cached(("lower", name, dtype), lambda: factor.to(dtype))
 
     def _upper_factor(self, name: str, dtype: torch.dtype) -> Tensor:
         """``L^T`` of a layer in ``dtype`` (contiguous), made once per fit and dtype."""
-        cache = self.__dict__.setdefault("_upper_factors", {})
-        if (name, dtype) not in cache:
-            cache[(name, dtype)] = self._factors[name].to(dtype).T.contiguous()
-        return cache[(name, dtype)]
+        return self._cached(("upper", name, dtype), lambda: self._lower_factor(name, dtype).T.contiguous())
+
+    def _cached(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+        """A copy of a factor, made on first use; cleared with the fit (``load_state_dict``)."""
+        cache = self.__dict__.setdefault("_factor_copies", {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     @torch.no_grad()
     def condition_numbers(self, exact: bool = False, iterations: int = 8) -> dict[str, float]:
