@@ -80,7 +80,60 @@ def test_the_default_path_is_the_path_factgrass_takes(needs_kernel):
 def test_a_bad_path_is_refused(needs_kernel):
     plan, x, d = _case(SHAPES[0], torch.float32, 1, False)
     with pytest.raises(RuntimeError, match="product must be -1"):
+        torch.ops.grass_callback._factgrass_cpu_path(x, d, *plan.tables(), plan.k, None, 3, 0, 0)
+    plan, x, d = _case(SHAPES[1], torch.float32, 1, False)  # T = 7: the groups are for one token
+    with pytest.raises(RuntimeError, match="needs T == 1"):
         torch.ops.grass_callback._factgrass_cpu_path(x, d, *plan.tables(), plan.k, None, 2, 0, 0)
+
+
+# one token (T == 1): examples in groups of a cache line's lanes (16 float32, 8 float64); batches
+# below, at and across a group, masks that keep the whole layer (as the one-token plans do) or not
+ONE_TOKEN = [  # B, d_in, d_out, k, k_in, k_out, c
+    (1, 40, 24, 64, 16, 12, 2),
+    (7, 33, 17, 64, 34, 17, 2),
+    (16, 48, 30, 128, 20, 13, 1),
+    (17, 96, 40, 256, 97, 40, 2),
+    (41, 64, 10, 100, 65, 10, 4),
+]
+
+
+@pytest.mark.parametrize("shape", ONE_TOKEN)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_token_groups_match_the_reference(needs_kernel, shape, dtype, bias):
+    B, d_in, d_out, k, k_in, k_out, c = shape
+    plan = FactGraSSPlan(d_in, d_out, bias, k=k, k_in=min(k_in, d_in + bias), k_out=k_out, c=c, seed=B, name="l",
+                         mask_run=1)
+    gen = torch.Generator().manual_seed(B)
+    x = torch.randn(B, 1, d_in, generator=gen, dtype=torch.float64).to(dtype)
+    d = torch.randn(B, 1, d_out, generator=gen, dtype=torch.float64).to(dtype)
+    scale = torch.rand(B, generator=gen) + 0.5
+    for s in (None, scale):
+        args = (x, d, *plan.tables(), plan.k, s)
+        want = factgrass_reference(*args)
+        got = torch.ops.grass_callback._factgrass_cpu_path(*args, 2, -1, 0)
+        assert torch.equal(torch.ops.grass_callback.factgrass(*args), got)  # T == 1 takes the groups
+        tol = TOLERANCES.get(dtype, 2e-5) * want.abs().max().clamp_min(1.0)
+        assert (got - want).abs().max() <= tol
+
+
+def test_a_one_token_row_does_not_depend_on_its_batch(needs_kernel):
+    """The lanes of a group are independent: each example's row, alone, in any group position
+    and on any number of threads, is the same to the bit."""
+    plan = FactGraSSPlan(96, 40, True, k=256, k_in=97, k_out=40, c=2, seed=0, name="l", mask_run=1)
+    gen = torch.Generator().manual_seed(0)
+    x, d = torch.randn(37, 1, 96, generator=gen), torch.randn(37, 1, 40, generator=gen)
+    tables = (*plan.tables(), plan.k, None)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        batch = torch.ops.grass_callback.factgrass(x, d, *tables)
+    finally:
+        torch.set_num_threads(threads)
+    for i in (0, 5, 15, 16, 36):
+        alone = torch.ops.grass_callback.factgrass(x[i:i + 1], d[i:i + 1], *tables)
+        shifted = torch.ops.grass_callback.factgrass(x[i:], d[i:], *tables)[:1]
+        assert torch.equal(alone[0], batch[i]) and torch.equal(shifted[0], batch[i])
 
 
 # ---- impl="auto" -------------------------------------------------------------------------------
