@@ -333,7 +333,7 @@ class GraSSCallback(Callback):
                 raise ConfigError(f"scorer='joint' needs a {total} x {total} Fisher over {len(self.taps.layers)} "
                                   f"layers (limit {_MAX_JOINT_K}); tap fewer layers, lower k or use scorer='block'.")
             return JointFisherStats(self.taps.layer_dims)
-        stats = FisherStats(self.taps.layer_dims)
+        stats = FisherStats(self.taps.layer_dims, compute_dtype=torch.float32)
         stats.auto_scales = auto_scales(self.taps.plans)  # a vocabulary head's smaller "auto" damping
         return stats
 

@@ -118,7 +118,9 @@ def test_fisher_blocks_are_sum_reduced_in_place(runs: dict[str, Path]) -> None:
         assert a["count"] == b["count"] == s["count"] == N_TRAIN, period
         for name, total in s["sums"].items():
             assert torch.equal(a["sums"][name], b["sums"][name]), (period, name)  # the same reduced block
-            torch.testing.assert_close(a["sums"][name] / a["count"], total / s["count"], rtol=1e-6, atol=1e-9)
+            # float32 products folded into float64 sums: the ranks' partial sums round apart
+            want = total / s["count"]
+            torch.testing.assert_close(a["sums"][name] / a["count"], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
     for rec in (r0, r1):
         calls = rec["collectives"]
         square = [c for c in calls if [K, K] in c[1]]
